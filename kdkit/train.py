@@ -1,0 +1,42 @@
+"""``kdkit-train``: the Hydra entry point. Imports nothing heavy until a run starts."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig, open_dict
+
+
+@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="train")
+def _hydra_main(cfg: DictConfig):
+    from hydra.core.hydra_config import HydraConfig
+
+    with open_dict(cfg):
+        if not cfg.paths.get("output_dir"):
+            cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
+    return run_or_explain(cfg)
+
+
+def run_or_explain(cfg: DictConfig):
+    """Run the pipeline; a user mistake (KdkitError) becomes one line on stderr and exit 2."""
+    from kdkit.errors import find_kdkit_error
+
+    try:
+        from kdkit.pipeline import run
+
+        return run(cfg)
+    except Exception as exc:  # noqa: BLE001 - we re-raise anything that is not ours
+        err = find_kdkit_error(exc)
+        if err is None:
+            raise
+        print(f"kdkit: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Whole runs on the offline digits demo: stages, results.json, export, resume, loading."""
+
+import json
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from kdkit.compose import compose
+from kdkit.pipeline import run
+
+
+def test_default_run_writes_results_for_every_stage(compose_run):
+    cfg, results = compose_run()
+    out = cfg.paths.output_dir
+    assert list(results) == ["teacher", "baseline", "student"]
+    for metrics in results.values():
+        assert 0.0 <= metrics["test/acc"] <= 1.0
+        assert metrics["params"] > 0 and metrics["latency_ms"] > 0
+    assert results["teacher"]["params"] > results["student"]["params"]
+    assert json.loads(open(f"{out}/results.json").read()) == results
+    assert "distiller" in open(f"{out}/config.yaml").read()
+
+
+def test_exported_student_loads_into_bare_class_without_teacher(compose_run):
+    cfg, _ = compose_run()
+    state = torch.load(f"{cfg.paths.output_dir}/export/student.pt")
+    student = instantiate(cfg.student.model)
+    student.load_state_dict(state)  # strict: exactly the student's keys
+    teacher_keys = set(instantiate(cfg.teacher.model).state_dict())
+    assert teacher_keys.isdisjoint(state) or set(state) == set(student.state_dict())
+
+
+def test_teacher_checkpoint_is_loaded_not_trained(compose_run, tmp_path):
+    cfg = compose(["stages.baseline=false", "stages.student=false", "trainer.max_epochs=1",
+                   "callbacks=none", "trainer.enable_progress_bar=false"],
+                  output_dir=str(tmp_path / "first"))
+    first = run(cfg)
+    ckpt = tmp_path / "first" / "teacher.pt"
+    assert ckpt.exists()
+    cfg2, second = compose_run(f"teacher.ckpt_path={ckpt}", "stages.baseline=false",
+                               "stages.student=false")
+    # evaluated on the full test set both times with the same weights: identical accuracy
+    assert second["teacher"]["test/acc"] == pytest.approx(first["teacher"]["test/acc"])
+    assert "fit_seconds" not in second["teacher"]
+
+
+def test_resume_skips_finished_stages_and_continues_the_interrupted_one(tmp_path):
+    base = ["trainer.max_epochs=2", "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
+            "report.latency_batch_size=8"]
+    out = str(tmp_path / "run")
+    run(compose(base, output_dir=out))
+    stages = tmp_path / "run" / "stages"
+    before = {p.name: p.stat().st_mtime_ns for p in stages.iterdir()}
+    (stages / "student.json").unlink()  # as if the job died during the student stage
+    last = tmp_path / "run" / "checkpoints" / "student" / "last.ckpt"
+    assert last.exists()
+    epoch_in_ckpt = torch.load(last, weights_only=False)["epoch"]
+    results = run(compose([*base, "ckpt_path=last", "trainer.max_epochs=3"], output_dir=out))
+    after = {p.name: p.stat().st_mtime_ns for p in stages.iterdir()}
+    assert after["teacher.json"] == before["teacher.json"]
+    assert after["baseline.json"] == before["baseline.json"]
+    assert torch.load(last, weights_only=False)["epoch"] == epoch_in_ckpt + 1  # one more epoch
+    assert "student" in results
