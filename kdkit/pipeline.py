@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from kdkit.checkpoint_io import AtomicCheckpointIO
+from kdkit.distributed import refuse_relaunch_in_sweep
 from kdkit.errors import KdkitError
 
 STAGES = ("teacher", "baseline", "student")
@@ -120,7 +121,9 @@ def make_task(cfg, student, teacher=None, distillers=None, role_of_student: str 
         from kdkit.cache import build_teacher_cache
 
         kwargs["teacher_cache"] = build_teacher_cache(cfg, teacher, datamodule)
-    return instantiate(cfg.task)(**kwargs)
+    task = instantiate(cfg.task)(**kwargs)
+    task.student_role = role_of_student
+    return task
 
 
 def make_trainer(cfg, out: Path, stage: str, max_epochs=None) -> L.Trainer:
@@ -140,6 +143,7 @@ def make_trainer(cfg, out: Path, stage: str, max_epochs=None) -> L.Trainer:
         default_root_dir=str(out),
         **overrides,
     )
+    refuse_relaunch_in_sweep(trainer)
     for logger in loggers:  # W&B and CSV get the whole resolved config once per stage
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return trainer

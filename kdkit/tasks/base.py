@@ -77,6 +77,7 @@ class DistillationTask(L.LightningModule):
         self.channels_last = channels_last
         self.compile = compile
         self._built = False
+        self.student_role = "student"  # "teacher" while the runner trains the teacher itself
         self.student_tap = FeatureTap(student, self._feature_names("student"), "student")
         self.teacher_tap = (
             FeatureTap(frozen.model, self._feature_names("teacher"), "teacher") if frozen else None
@@ -122,6 +123,9 @@ class DistillationTask(L.LightningModule):
 
     def compute_metrics(self, stage: str) -> dict[str, Tensor]:
         return {}
+
+    def check_outputs(self, outputs: Outputs, role: str) -> None:
+        """Raise KdkitError when one model's outputs do not fit the data (e.g. class count)."""
 
     def check_compatible(self, student: Outputs, teacher: Outputs) -> None:
         """Raise KdkitError when teacher and student cannot be paired (e.g. class counts)."""
@@ -188,7 +192,9 @@ class DistillationTask(L.LightningModule):
             s = self.student_outputs(example_batch)
             t = self.teacher_outputs(example_batch) if self.teacher is not None else None
         self.student.train(was_training)
+        self.check_outputs(s, self.student_role)
         if t is not None:
+            self.check_outputs(t, "teacher")
             self.check_compatible(s, t)
             context = DistillContext(num_samples=num_samples, num_classes=num_classes)
             for distiller in self.distillers.values():

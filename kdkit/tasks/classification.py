@@ -82,15 +82,11 @@ class ClassificationTask(DistillationTask):
             out.embedding = out.features.pop(name).flatten(1)
         return out
 
-    def check_compatible(self, student: Outputs, teacher: Outputs) -> None:
-        if student.logits.shape[-1] != teacher.logits.shape[-1]:
+    def check_outputs(self, outputs: Outputs, role: str) -> None:
+        if outputs.logits.shape[-1] != self.num_classes:
             raise KdkitError(
-                f"teacher predicts {teacher.logits.shape[-1]} classes but the student predicts "
-                f"{student.logits.shape[-1]}: set num_classes the same for both"
-            )
-        if student.logits.shape[-1] != self.num_classes:
-            raise KdkitError(
-                f"models predict {student.logits.shape[-1]} classes but the data has {self.num_classes}"
+                f"the {role} model predicts {outputs.logits.shape[-1]} classes but the data has "
+                f"{self.num_classes}: set its num_classes to {self.num_classes}"
             )
 
     def task_loss(self, outputs: Outputs, batch: dict) -> Tensor:

@@ -1,0 +1,28 @@
+"""Every experiment config composes, instantiates and runs a few steps of every stage."""
+
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("*.yaml"))
+
+# Experiments whose smoke run needs smaller data than their real one (kept here, next to the
+# smoke overrides, so the experiment files themselves stay what users run).
+SMALLER = {
+    "cifar10_resnet56_resnet8": ["data.train_limit=256", "data.val_size=32", "data.batch_size=16",
+                                 "data.eval_batch_size=32"],
+    "cifar10_resnet56_resnet20": ["data.train_limit=256", "data.val_size=32", "data.batch_size=16",
+                                  "data.eval_batch_size=32"],
+    "cifar10_resnet32x4_resnet8x4": ["data.train_limit=256", "data.val_size=32", "data.batch_size=8",
+                                     "data.eval_batch_size=8", "trainer.precision=32-true"],
+}
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_runs_a_few_steps(name, compose_run, data_dir):
+    extra = [*SMALLER.get(name, []), "teacher.max_epochs=1"]
+    cfg, results = compose_run(f"experiment={name}", *extra)
+    assert set(results) >= {"student"}
+    for stage, metrics in results.items():
+        assert metrics, stage
+        assert all(v == v for v in metrics.values() if isinstance(v, float)), f"NaN in {stage}"
