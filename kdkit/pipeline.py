@@ -72,16 +72,16 @@ def teacher_stage(cfg, datamodule, out: Path):
         load_weights(model, saved)
     else:
         task = make_task(cfg, student=model, role_of_student="teacher")
-        fit(cfg, task, datamodule, out, "teacher", max_epochs=cfg.teacher.get("max_epochs"))
+        results = fit_and_test(cfg, task, datamodule, out, "teacher", train=True,
+                               evaluate=cfg.stages.teacher, max_epochs=cfg.teacher.get("max_epochs"))
         _save_on_rank_zero(model.state_dict(), saved)
-        if cfg.stages.teacher:
-            return model, test(cfg, task, datamodule, out, "teacher", fitted=True)
+        return model, results
     if not cfg.stages.teacher:
         return model, None
     if _done(out, "teacher"):
         return model, _load_stage(out, "teacher")
     task = make_task(cfg, student=model, role_of_student="teacher")
-    return model, test(cfg, task, datamodule, out, "teacher")
+    return model, fit_and_test(cfg, task, datamodule, out, "teacher", train=False)
 
 
 def train_stage(cfg, datamodule, out: Path, stage: str, teacher) -> dict:
@@ -96,8 +96,7 @@ def train_stage(cfg, datamodule, out: Path, stage: str, teacher) -> dict:
             raise KdkitError("the student stage has no distillers: pick some with distiller=[kd,...]")
     task = make_task(cfg, student=student, teacher=teacher if distillers else None,
                      distillers=distillers, datamodule=datamodule)
-    fit(cfg, task, datamodule, out, stage)
-    results = test(cfg, task, datamodule, out, stage, fitted=True)
+    results = fit_and_test(cfg, task, datamodule, out, stage, train=True)
     if stage == "student" and rank_zero_only.rank == 0:
         task.export(out / "export", with_adapters=cfg.export.adapters)
     return results
@@ -149,31 +148,49 @@ def make_trainer(cfg, out: Path, stage: str, max_epochs=None) -> L.Trainer:
     return trainer
 
 
-def fit(cfg, task, datamodule, out: Path, stage: str, max_epochs=None) -> None:
+def fit_and_test(cfg, task, datamodule, out: Path, stage: str, train: bool,
+                 evaluate: bool = True, max_epochs=None) -> dict | None:
+    """Train (optionally) and test one stage with one Trainer, so its logs stay in one place.
+
+    Returns the stage's results (test metrics as logged + ``task.inference_report``), also
+    written to ``stages/<stage>.json``; None when ``evaluate`` is false.
+    """
     trainer = make_trainer(cfg, out, stage, max_epochs)
-    ckpt = None
-    last = out / "checkpoints" / stage / "last.ckpt"
-    if cfg.get("ckpt_path") == "last" and last.exists():
-        ckpt = str(last)
-    elif cfg.get("ckpt_path") not in (None, "last"):
-        ckpt = cfg.ckpt_path
-        if not Path(ckpt).exists():
-            raise KdkitError(f"ckpt_path not found: {ckpt}")
-    start = time.perf_counter()
-    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt)
-    task.fit_seconds = time.perf_counter() - start
-    task.fit_epochs = trainer.current_epoch
-
-
-def test(cfg, task, datamodule, out: Path, stage: str, fitted: bool = False) -> dict:
-    trainer = make_trainer(cfg, out, stage)
+    results: dict = {}
+    if train:
+        start = time.perf_counter()
+        trainer.fit(task, datamodule=datamodule, ckpt_path=_resume_from(cfg, out, stage))
+        results["fit_seconds"] = round(time.perf_counter() - start, 1)
+    if not evaluate:
+        _finish_wandb(trainer)
+        return None
     metrics = trainer.test(task, datamodule=datamodule, verbose=False)[0]
-    results = {k: float(v) for k, v in metrics.items()}
-    results.update(task.inference_report(_latency_batch(cfg, datamodule)))
-    if fitted:
-        results["fit_seconds"] = round(task.fit_seconds, 1)
+    results = {**{k: float(v) for k, v in metrics.items()},
+               **task.inference_report(_latency_batch(cfg, datamodule)), **results}
     _write_on_rank_zero(out / "stages" / f"{stage}.json", json.dumps(results, indent=2))
+    _finish_wandb(trainer)
     return results
+
+
+def _finish_wandb(trainer) -> None:
+    """End this stage's W&B run; wandb would otherwise log every later stage into it."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+        import wandb
+
+        wandb.finish()
+
+
+def _resume_from(cfg, out: Path, stage: str) -> str | None:
+    last = out / "checkpoints" / stage / "last.ckpt"
+    if cfg.get("ckpt_path") == "last":
+        return str(last) if last.exists() else None
+    if cfg.get("ckpt_path"):
+        if not Path(cfg.ckpt_path).exists():
+            raise KdkitError(f"ckpt_path not found: {cfg.ckpt_path}")
+        return cfg.ckpt_path
+    return None
 
 
 # ---- helpers ------------------------------------------------------------------------------

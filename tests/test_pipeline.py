@@ -62,3 +62,17 @@ def test_resume_skips_finished_stages_and_continues_the_interrupted_one(tmp_path
     assert after["baseline.json"] == before["baseline.json"]
     assert torch.load(last, weights_only=False)["epoch"] == epoch_in_ckpt + 1  # one more epoch
     assert "student" in results
+
+
+def test_timm_student_export_loads_with_timm_checkpoint_path(compose_run):
+    import timm
+
+    name = "test_resnet"
+    cfg, results = compose_run("student=timm", f"student.model.name={name}", "+student.model.in_chans=1",
+                               "student.normalize=null", "stages.baseline=false")
+    path = f"{cfg.paths.output_dir}/export/student.pt"
+    model = timm.create_model(name, num_classes=10, in_chans=1, checkpoint_path=path)
+    saved = torch.load(path)
+    assert set(model.state_dict()) == set(saved)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    assert 0.0 <= results["student"]["test/acc"] <= 1.0

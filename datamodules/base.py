@@ -1,0 +1,152 @@
+"""Loader plumbing shared by the image datamodules.
+
+Every batch is a dict ``{"image": float [B, C, H, W] in [0, 1], "label": long [B],
+"index": long [B]}``; images are *not* normalised (the task normalises per model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from kdkit.distributed import FixedShardSampler, eval_sampler, world
+from kdkit.errors import KdkitError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class TensorImageDataset(Dataset):
+    """Images held in memory as one tensor, served as dict samples.
+
+    Args:
+        images: ``uint8`` (0..255) or float (0..1) tensor ``[N, C, H, W]``.
+        labels: class indices ``[N]``.
+        transform: optional ``float [C, H, W] -> float [C, H, W]`` augmentation.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, transform: Callable | None = None):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels.long()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        image = self.images[index]
+        image = image.float().div_(255) if image.dtype == torch.uint8 else image.float()
+        if self.transform is not None:
+            image = self.transform(image)
+        return {"image": image, "label": self.labels[index], "index": torch.tensor(index)}
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Base of the image datamodules: loaders, ``example_batch`` and dataset facts.
+
+    Subclasses fill ``self.train_set``, ``self.val_set``, ``self.test_set`` and
+    ``self.plain_train_set`` (the train set without augmentation, same order) in ``setup``.
+
+    Args:
+        batch_size: training batch size.
+        eval_batch_size: validation/test batch size (default: ``batch_size``).
+        num_workers: loader worker processes (0 loads in the main process).
+        pin_memory: page-locked host memory for faster GPU copies.
+        seed: seeds the training shuffle (a fresh ``torch.Generator`` per loader).
+        num_classes: expected class count (from the config, checked against the data).
+        mean, std: per-channel statistics of this data, read by the task for normalisation.
+    """
+
+    def __init__(self, batch_size: int = 128, eval_batch_size: int | None = None,
+                 num_workers: int = 0, pin_memory: bool = False, seed: int = 0,
+                 num_classes: int | None = None, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None):
+        super().__init__()
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.seed = int(seed)
+        self.expected_num_classes = num_classes
+        self.mean = tuple(mean) if mean is not None else None
+        self.std = tuple(std) if std is not None else None
+        self.fixed_shards = False  # set by kdkit.cache for per-rank teacher caches under DDP
+        self.train_set = self.val_set = self.test_set = self.plain_train_set = None
+        self.classes: list[str] = []
+
+    # ---- facts the task and the pipeline read ------------------------------------------------
+    def _require_setup(self) -> None:
+        if self.train_set is None:
+            self.setup("fit")
+
+    @property
+    def num_classes(self) -> int:
+        self._require_setup()
+        return len(self.classes)
+
+    @property
+    def num_train_samples(self) -> int:
+        self._require_setup()
+        return len(self.train_set)
+
+    @property
+    def static_for_teacher(self) -> bool:
+        """True when a train sample is the same every epoch (teacher outputs can be cached)."""
+        return not getattr(self, "augment", False)
+
+    def check_num_classes(self) -> None:
+        expected = self.expected_num_classes
+        if expected is not None and int(expected) != len(self.classes):
+            raise KdkitError(f"data.num_classes={expected} but the data has {len(self.classes)} "
+                             f"classes ({', '.join(self.classes[:5])}, ...)")
+
+    def example_batch(self, n: int = 4) -> dict[str, Tensor]:
+        """The first ``n`` train samples, without augmentation: a small deterministic batch."""
+        self._require_setup()
+        n = min(n, len(self.plain_train_set))
+        return default_collate([self.plain_train_set[i] for i in range(n)])
+
+    # ---- loaders -----------------------------------------------------------------------------
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        # Under DDP: eval shards without repeated samples (exact metrics over the full set),
+        # and fixed training shards when a per-rank teacher cache asks for them (Lightning
+        # keeps a DistributedSampler it finds instead of injecting its own).
+        sampler = None
+        if not train:
+            sampler = eval_sampler(dataset)
+        elif self.fixed_shards and world()[1] > 1:
+            sampler = FixedShardSampler(dataset, seed=self.seed)
+        generator = torch.Generator().manual_seed(self.seed) if train and sampler is None else None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            # Equal batch shapes on every rank: cross-rank gathers in contrastive losses need it.
+            drop_last=train,
+            generator=generator,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self._require_setup()
+        if len(self.train_set) < self.batch_size:
+            raise KdkitError(f"batch_size={self.batch_size} exceeds the {len(self.train_set)} "
+                             "training samples (train batches drop the remainder)")
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self._require_setup()
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        self._require_setup()
+        return self._loader(self.test_set, train=False)

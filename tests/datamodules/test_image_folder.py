@@ -1,0 +1,98 @@
+"""ImageFolder datamodule on a tiny tree of PNGs written here: schema, transforms, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.image_folder import ImageFolderDataModule
+from kdkit.errors import KdkitError
+
+COLORS = {"ant": (255, 0, 0), "bee": (0, 128, 255), "cat": (10, 200, 30)}
+
+
+def write_tree(root: Path, per_class: dict[str, int], classes=COLORS) -> Path:
+    """One flat colour per class, odd sizes so that resizing and cropping are exercised."""
+    for split, n in per_class.items():
+        for name, color in classes.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (40 + 7 * i, 30 + 5 * i), color).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def root(tmp_path):
+    return write_tree(tmp_path / "data", {"train": 4, "val": 2})
+
+
+def test_batches_follow_the_schema_and_class_folders(root):
+    dm = ImageFolderDataModule(root, image_size=16, batch_size=4, num_classes=3)
+    dm.setup()
+    assert dm.classes == ["ant", "bee", "cat"] and dm.num_classes == 3
+    assert (dm.num_train_samples, len(dm.val_set), len(dm.test_set)) == (12, 6, 6)
+    assert dm.mean == (0.485, 0.456, 0.406)  # ImageNet statistics by default
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"image", "label", "index"}
+    assert batch["image"].shape == (4, 3, 16, 16) and batch["image"].dtype == torch.float32
+    assert batch["label"].dtype == batch["index"].dtype == torch.long
+    # flat colours survive any crop/resize/flip: each image is its class colour, in [0, 1]
+    for image, label in zip(batch["image"], batch["label"]):
+        color = torch.tensor(COLORS[dm.classes[label]], dtype=torch.float32) / 255
+        torch.testing.assert_close(image, color.view(3, 1, 1).expand(3, 16, 16), atol=2 / 255, rtol=0)
+    assert len(dm.train_dataloader()) == 3
+
+
+def test_eval_transform_resizes_short_side_then_centre_crops(tmp_path):
+    """A left-white / right-black image: after Resize(short side 16*256/224=18) and a 16 crop,
+    the white/black boundary sits where the geometry puts it."""
+    folder = tmp_path / "d" / "val" / "only"
+    folder.mkdir(parents=True)
+    (tmp_path / "d" / "train").mkdir()
+    (tmp_path / "d" / "train" / "only").symlink_to(folder, target_is_directory=True)
+    img = Image.new("RGB", (90, 45), (0, 0, 0))  # 2:1 -> resized to 36 x 18
+    img.paste((255, 255, 255), (0, 0, 45, 45))  # left half white
+    img.save(folder / "half.png")
+    dm = ImageFolderDataModule(tmp_path / "d", image_size=16, batch_size=1, augment=False)
+    dm.setup()
+    x = dm.val_set[0]["image"]
+    assert x.shape == (3, 16, 16)
+    # the 36-wide resize is cropped to columns 10..25; the boundary (column 18) becomes column 8
+    assert torch.all(x[:, :, :7] > 0.95) and torch.all(x[:, :, 9:] < 0.05)
+    torch.testing.assert_close(dm.example_batch(1)["image"][0], x)  # eval view of the train set
+
+
+def test_example_batch_is_deterministic(root):
+    dm = ImageFolderDataModule(root, image_size=16)
+    a, b = dm.example_batch(3), dm.example_batch(3)
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["index"], torch.arange(3))
+    assert not dm.static_for_teacher
+    assert ImageFolderDataModule(root, augment=False).static_for_teacher
+
+
+def test_test_dir_defaults_to_val_and_can_differ(tmp_path):
+    root = write_tree(tmp_path / "d", {"train": 1, "val": 1, "test": 3})
+    dm = ImageFolderDataModule(root, image_size=8)
+    dm.setup()
+    assert dm.test_set is dm.val_set
+    dm = ImageFolderDataModule(root, image_size=8, test_dir="test")
+    dm.setup()
+    assert (len(dm.val_set), len(dm.test_set)) == (3, 9)
+
+
+def test_errors(tmp_path, root):
+    with pytest.raises(KdkitError, match="image folder .*missing/train not found"):
+        ImageFolderDataModule(tmp_path / "missing").setup()
+    with pytest.raises(KdkitError, match="num_classes=1000 but the data has 3"):
+        ImageFolderDataModule(root, num_classes=1000).setup()
+    other = write_tree(tmp_path / "other", {"train": 1}, classes=COLORS)
+    write_tree(tmp_path / "other", {"val": 1}, classes={"ant": (0, 0, 0), "dog": (1, 1, 1)})
+    with pytest.raises(KdkitError, match="class folders that differ"):
+        ImageFolderDataModule(other).setup()
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(KdkitError, match="image folder .*empty/train"):
+        ImageFolderDataModule(tmp_path / "empty").setup()
