@@ -1,10 +1,13 @@
-"""Cross-rank helpers for contrastive and listwise distillers.
+"""Cross-rank helpers: gathers for contrastive and listwise distillers, samplers for loaders.
 
 ``gather`` concatenates a tensor from every rank and keeps autograd intact: the backward pass
 sums, over all ranks, the gradient each rank's loss sends to a slice, and returns to every rank
 the gradient of *its own* (local) slice. A loss computed for the local rows against the gathered
 columns therefore gives, after DDP's gradient averaging, exactly the gradient of the same loss on
-one process with the whole global batch (tests/test_distributed.py checks 2 x B == 1 x 2B).
+one process with the whole global batch (tests/test_gather_equivalence.py checks 2 x B == 1 x 2B).
+
+``eval_sampler`` and ``FixedShardSampler`` are samplers a datamodule passes to its loaders;
+Lightning keeps a ``DistributedSampler`` it finds instead of injecting its own.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.data import Dataset, DistributedSampler
 
 
 def world() -> tuple[int, int]:
@@ -57,3 +61,76 @@ def gather_nograd(x: Tensor) -> Tensor:
     parts = [torch.empty_like(x) for _ in range(size)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
+
+
+def eval_sampler(dataset: Dataset) -> DistributedSampler | None:
+    """Sampler for a validation/test loader: every sample on exactly one rank; None on 1 process.
+
+    Lightning's default ``DistributedSampler`` pads the shards to equal length with repeated
+    samples, so metrics reduced over ranks count a few samples twice (an eval set of 359 on 2
+    ranks scores 360). ``UnrepeatedDistributedSampler`` gives rank r the samples r, r + W, ...;
+    shards differ by at most one sample, which evaluation tolerates (no gradient sync there).
+    Call it when the loader is built (in ``val_dataloader``), once the process group exists.
+    """
+    rank, size = world()
+    if size == 1:
+        return None
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    return UnrepeatedDistributedSampler(dataset, num_replicas=size, rank=rank, shuffle=False)
+
+
+class FixedShardSampler(DistributedSampler):
+    """Training sampler whose rank shards never change; each epoch shuffles within the shard.
+
+    Rank r always sees the samples r, r + W, r + 2W, ... (padded like ``DistributedSampler``
+    so every rank has as many), in a new order every epoch (seeded by ``seed + epoch``). The
+    global batch is still a uniform mix over the data set, but a rank meets only its own shard,
+    so a per-rank teacher-output cache (``kdkit.cache``) is complete after one epoch instead of
+    filling over many as with reshuffled shards.
+
+    Args:
+        dataset: the training set.
+        seed: base seed of the per-epoch shuffle (the same on every rank).
+        num_replicas, rank: default to the current process group (``world()``).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0, num_replicas: int | None = None,
+                 rank: int | None = None):
+        here, size = world()
+        super().__init__(dataset, num_replicas=size if num_replicas is None else num_replicas,
+                         rank=here if rank is None else rank, shuffle=True, seed=seed)
+
+    def __iter__(self):
+        shard = list(range(len(self.dataset)))
+        shard += shard[: self.total_size - len(shard)]  # pad as DistributedSampler does
+        shard = torch.tensor(shard[self.rank : self.total_size : self.num_replicas])
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(shard[torch.randperm(len(shard), generator=g)].tolist())
+
+
+def refuse_relaunch_in_sweep(trainer) -> None:
+    """Raise KdkitError when ``trainer`` would relaunch the command inside a Hydra sweep (``-m``).
+
+    Lightning's ``ddp`` strategy starts ranks 1..N-1 by re-running ``sys.argv``; in a sweep (or
+    a submitit-local job) that command is the whole sweep (or submitit's own), so every rank
+    would start the sweep again. Cluster launches (SLURM ``tasks_per_node == devices``) and
+    ``ddp_spawn`` create their processes otherwise and pass.
+    """
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if not isinstance(launcher, _SubprocessScriptLauncher) or launcher.num_processes < 2:
+        return
+    if launcher.cluster_environment.creates_processes_externally:
+        return
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        from kdkit.errors import KdkitError
+
+        raise KdkitError(
+            f"trainer.strategy=ddp with {launcher.num_processes} devices relaunches the command, "
+            "which inside a -m sweep re-runs the sweep: use hydra/launcher=submitit_slurm "
+            "(tasks_per_node = trainer.devices), trainer.strategy=ddp_spawn, or one device per job")
