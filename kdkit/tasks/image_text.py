@@ -1,0 +1,230 @@
+"""Vision-language (CLIP) distillation: images + captions -> embeddings; zero-shot and retrieval."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdkit.distillers.clip_common import clip_parts, contrastive_loss
+from kdkit.errors import KdkitError
+from kdkit.outputs import Outputs
+from kdkit.tasks.base import DistillationTask
+from kdkit.tasks.image_text_metrics import EvalEmbeddings, recall_at_k, zero_shot_accuracy
+
+
+class ImageTextTask(DistillationTask):
+    """CLIP distillation (CLIP-KD, Yang et al. 2024; TinyCLIP, Wu et al. 2023 settings).
+
+    Batches are dicts ``{"image": float [B, 3, H, W] in [0, 1], "text": long [B, L] token ids,
+    "index": long [B]}``, plus ``"label"`` (class id, for zero-shot accuracy) and ``"pair_id"``
+    (which pairs match for retrieval; default: ``index``, i.e. only a sample's own caption).
+    Each model gets the images resized to its own input size and normalised with its own
+    open_clip preprocessing mean/std, and the tokens padded/trimmed to its context length.
+
+    ``Outputs``: ``embedding`` = L2-normalised image embedding, ``features["text_embedding"]``
+    = L2-normalised text embedding, ``features["logit_scale"]`` = the model's scale exp(log s)
+    (a 0-dim tensor). The task loss is CLIP's symmetric InfoNCE over the global batch (local
+    rows vs. embeddings gathered from every rank).
+
+    Metrics (``test/...``): ``zeroshot_acc`` (class names x a prompt ensemble, class text
+    embeddings computed by the student at the start of each evaluation) and ``i2t_r@k`` /
+    ``t2i_r@k``: a query is a hit at k when one of its k nearest items has the query's
+    ``pair_id``. Evaluation embeddings are gathered from all ranks and de-duplicated by
+    ``index`` (DistributedSampler pads with repeats), so the numbers do not depend on N.
+
+    Args:
+        tokenizer: callable list[str] -> token ids, for the zero-shot prompts; default: the
+            datamodule's ``tokenizer`` attribute.
+        class_names: names for zero-shot classification; default: the datamodule's
+            ``class_names`` (no zero-shot metric when neither is set).
+        templates: prompt templates with one ``{}`` (the class name), averaged per class;
+            default: the datamodule's ``templates``, else ``("a photo of a {}.",)``.
+        recall_ks: the k of the retrieval Recall@k metrics.
+        max_logit_scale: the student's logit scale is clamped to this after every step (CLIP).
+        **kwargs: see ``DistillationTask`` (``teacher_cache`` is not supported here).
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None = None,
+        *,
+        tokenizer: Callable | None = None,
+        class_names: Sequence[str] | None = None,
+        templates: Sequence[str] | None = None,
+        recall_ks: Sequence[int] = (1, 5, 10),
+        max_logit_scale: float = 100.0,
+        **kwargs,
+    ):
+        if kwargs.get("teacher_cache") is not None:
+            raise KdkitError("image_text: teacher.cache is not supported (captions are re-drawn "
+                             "and images augmented every epoch); set teacher.cache=false")
+        super().__init__(student, teacher, **kwargs)
+        self.tokenizer = tokenizer
+        self.class_names = list(class_names) if class_names else None
+        self.templates = list(templates) if templates else None
+        self.recall_ks = tuple(int(k) for k in recall_ks)
+        self.max_logit_scale = float(max_logit_scale)
+        from kdkit.models.clip import preprocess_stats
+
+        self.model_specs = {"student": preprocess_stats(student)}
+        if teacher is not None:
+            self.model_specs["teacher"] = preprocess_stats(self.teacher.model)
+        for role, spec in self.model_specs.items():
+            norm = self.normalize_overrides.get(role) or spec
+            self.register_buffer(f"{role}_mean", _channel_stat(norm["mean"]), persistent=False)
+            self.register_buffer(f"{role}_std", _channel_stat(norm["std"]), persistent=False)
+        self.eval_store = nn.ModuleDict({stage: EvalEmbeddings() for stage in ("val", "test")})
+        self._class_embeddings: Tensor | None = None
+
+    # ---- inputs -----------------------------------------------------------------------------
+    def image_input(self, batch: dict, role: str) -> Tensor:
+        x = batch["image"]
+        size = self.model_specs[role]["size"]
+        if size is not None and tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        x = (x - getattr(self, f"{role}_mean")) / getattr(self, f"{role}_std")
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def text_input(self, tokens: Tensor, role: str) -> Tensor:
+        return fit_context(tokens, self.model_specs[role]["context_length"])
+
+    # ---- outputs ----------------------------------------------------------------------------
+    def forward_outputs(self, model, batch: dict, role: str) -> Outputs:
+        out = model(image=self.image_input(batch, role), text=self.text_input(batch["text"], role))
+        if isinstance(out, dict):
+            image, text, scale = out["image_features"], out["text_features"], out["logit_scale"]
+        else:
+            image, text, scale = out[0], out[1], out[2]
+        return Outputs(embedding=image, features={"text_embedding": text, "logit_scale": scale})
+
+    def task_loss(self, outputs: Outputs, batch: dict) -> Tensor:
+        return contrastive_loss(*clip_parts(outputs, "image_text task"))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # CLIP bounds its temperature the same way: clamp the parameter, not the gradient.
+        log_scale = getattr(self.student, "logit_scale", None)
+        if isinstance(log_scale, Tensor):
+            with torch.no_grad():
+                log_scale.clamp_(0, math.log(self.max_logit_scale))
+
+    def configure_optimizers(self):
+        # CLIP (and open_clip's trainer) exempt gains, biases and the logit scale from weight
+        # decay: only matrices (ndim >= 2) decay.
+        if self.optimizer_factory is None:
+            raise KdkitError("task.optimizer is not set")
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.ndim >= 2]},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        optimizer = self.optimizer_factory([g for g in groups if g["params"]])
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- evaluation -------------------------------------------------------------------------
+    def _eval_setting(self, name: str, default=None):
+        value = getattr(self, name)
+        if value is None:
+            dm = getattr(getattr(self, "_trainer", None), "datamodule", None)
+            value = getattr(dm, name, None)
+        return default if value is None else value
+
+    @torch.no_grad()
+    def class_embeddings(self) -> Tensor | None:
+        """[C, D] student text embeddings of each class, averaged over the prompt templates."""
+        names = self._eval_setting("class_names")
+        if not names:
+            return None
+        tokenizer = self._eval_setting("tokenizer")
+        if tokenizer is None:
+            raise KdkitError("image_text: zero-shot needs a tokenizer (task.tokenizer or the "
+                             "datamodule's tokenizer attribute)")
+        templates = list(self._eval_setting("templates", ("a photo of a {}.",)))
+        was_training = self.student.training
+        self.student.eval()
+        prompts = [t.format(name) for name in names for t in templates]
+        tokens = self.text_input(tokenizer(prompts).to(self.device), "student")
+        text = self.student.encode_text(tokens, normalize=True).float()
+        self.student.train(was_training)
+        return F.normalize(text.view(len(names), len(templates), -1).mean(1), dim=-1)
+
+    def on_validation_epoch_start(self) -> None:
+        self._class_embeddings = self.class_embeddings()
+
+    def on_test_epoch_start(self) -> None:
+        self._class_embeddings = self.class_embeddings()
+
+    def update_metrics(self, stage: str, outputs: Outputs, batch: dict) -> None:
+        label = batch.get("label")
+        self.eval_store[stage].update(
+            image=outputs.embedding.float(),
+            text=outputs.features["text_embedding"].float(),
+            index=batch["index"],
+            pair_id=batch.get("pair_id", batch["index"]),
+            label=label if label is not None else torch.full_like(batch["index"], -1),
+        )
+
+    def compute_metrics(self, stage: str) -> dict[str, Tensor]:
+        data = self.eval_store[stage].compute()  # gathered over ranks, de-duplicated by index
+        self.eval_store[stage].reset()
+        metrics: dict[str, Tensor] = {}
+        if self._class_embeddings is not None and bool((data["label"] >= 0).all()):
+            metrics["zeroshot_acc"] = zero_shot_accuracy(data["image"], self._class_embeddings,
+                                                         data["label"])
+        i2t = recall_at_k(data["image"], data["text"], data["pair_id"], data["pair_id"], self.recall_ks)
+        t2i = recall_at_k(data["text"], data["image"], data["pair_id"], data["pair_id"], self.recall_ks)
+        for k in self.recall_ks:
+            metrics[f"i2t_r@{k}"] = i2t[k]
+            metrics[f"t2i_r@{k}"] = t2i[k]
+        return metrics
+
+    # ---- report -----------------------------------------------------------------------------
+    def inference_report(self, batch: dict) -> dict:
+        """Parameters (total, image and text towers) and image / text encoding throughput."""
+        from kdkit.report import count_parameters, latency_ms
+
+        report = super().inference_report(batch)
+        batch = self.transfer_batch_to_device(batch, self.device, 0)
+        was_training = self.student.training
+        self.student.eval()
+        images = self.image_input(batch, "student")
+        tokens = self.text_input(batch["text"], "student")
+        image_ms = latency_ms(self.student.encode_image, images)
+        text_ms = latency_ms(self.student.encode_text, tokens)
+        self.student.train(was_training)
+        n = images.shape[0]
+        visual = getattr(self.student, "visual", None)
+        report.update({
+            "params_image": count_parameters(visual) if visual is not None else None,
+            "params_text": report["params"] - count_parameters(visual) if visual is not None else None,
+            "images_per_s": round(n / (image_ms / 1e3), 1),
+            "texts_per_s": round(n / (text_ms / 1e3), 1),
+        })
+        return report
+
+
+def fit_context(tokens: Tensor, context_length: int | None) -> Tensor:
+    """Pad (with 0) or trim ``tokens`` [B, L] to a model's context length.
+
+    Trimming only drops padding: a text that does not fit raises instead of losing its end
+    token (which CLIP pools at).
+    """
+    if context_length is None or tokens.shape[-1] == context_length:
+        return tokens
+    if tokens.shape[-1] < context_length:
+        return F.pad(tokens, (0, context_length - tokens.shape[-1]))
+    if bool(tokens[:, context_length:].any()):
+        raise KdkitError(f"texts of {tokens.shape[-1]} tokens do not fit a model with context "
+                         f"length {context_length}: tokenize with context_length={context_length}")
+    return tokens[:, :context_length]
+
+
+def _channel_stat(values: Sequence[float]) -> Tensor:
+    return torch.tensor(list(values), dtype=torch.float32).view(1, -1, 1, 1)

@@ -1,0 +1,266 @@
+"""Node classification on one graph: GNN teacher, graph-free MLP student (GNN-to-MLP)."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import Tensor, nn
+
+from kdkit.errors import KdkitError
+from kdkit.outputs import Outputs
+from kdkit.tasks.base import DistillationTask
+from kdkit.teacher import FrozenTeacher
+
+
+def needs_graph(model: nn.Module) -> bool:
+    """Whether ``model`` is called as ``model(x, edge_index)`` (a GNN) or ``model(x)`` (an MLP).
+
+    kdkit's models say so with a ``needs_graph`` attribute; any other model (e.g. PyG's
+    ``torch_geometric.nn.GCN``) is a GNN when its ``forward`` takes ``edge_index``. The model's
+    type decides, not the role: the teacher-training stage passes the GNN as the student.
+    """
+    flag = getattr(model, "needs_graph", None)
+    if flag is not None:
+        return bool(flag)
+    return "edge_index" in inspect.signature(model.forward).parameters
+
+
+def num_hops(model: nn.Module) -> int:
+    """Hops of neighbourhood one prediction reads: ``num_hops`` or the message-passing layers."""
+    hops = getattr(model, "num_hops", None)
+    if hops is not None:
+        return int(hops)
+    from torch_geometric.nn import MessagePassing
+
+    return sum(isinstance(m, MessagePassing) for m in model.modules())
+
+
+class NodeTask(DistillationTask):
+    """Semi-supervised node classification, the GNN-to-MLP distillation setting of GLNN
+    (Zhang et al. 2022), FF-G2M (Wu et al. 2023) and NOSMOG (Tian et al. 2023).
+
+    A batch is a whole graph (see ``datamodules.graph.GraphDataModule``). A GNN reads
+    ``x`` and ``edge_index``, an MLP only ``x`` (see ``needs_graph``). ``Outputs`` hold every
+    node of the batch: ``logits`` [N, C] and ``embedding`` [N, D] (the output of the model's
+    ``embedding_module``), so distillers work on all nodes, labelled or not, as GLNN does; the
+    task's cross-entropy reads the ``train_mask`` nodes only:
+
+        L = lambda * CE(student on labelled nodes) + sum_d weight_d * L_d(all nodes)
+
+    with lambda = ``task_loss_weight``. GLNN uses lambda = 0 (soft labels alone); stages
+    without distillers (teacher training, baseline) always train on the cross-entropy alone.
+
+    Teacher outputs on a static graph never change: unless a core teacher cache is given, the
+    last teacher ``Outputs`` are kept and reused while the batch's ``index`` and
+    ``edge_index`` are equal to the last ones (a cheap comparison next to a GNN forward), so
+    the teacher runs once per run instead of once per epoch.
+
+    Args:
+        student: the trained network (the GNN itself in the teacher-training stage).
+        teacher: the frozen GNN, or None.
+        num_classes: number of classes (checked against both models at start-up).
+        embedding_module: name of the module whose output is the hidden node embedding
+            (``"embedding"`` in ``kdkit.models.gnn``); models without it give no embedding.
+        select_best: keep the weights of the epoch with the best validation accuracy and
+            restore them when fitting ends (GLNN and FF-G2M report test accuracy there).
+        memoize_teacher: reuse teacher outputs while the graph batch is unchanged.
+        latency_repeats: timed runs per latency figure in ``inference_report`` (median).
+        **kwargs: see ``DistillationTask``.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, num_classes: int,
+                 embedding_module: str | None = "embedding", select_best: bool = True,
+                 memoize_teacher: bool = True, latency_repeats: int = 20, **kwargs):
+        teacher_model = teacher.model if isinstance(teacher, FrozenTeacher) else teacher
+        names = {"student": _has_module(student, embedding_module),
+                 "teacher": _has_module(teacher_model, embedding_module)}
+        object.__setattr__(self, "_embedding_names", names)
+        if not kwargs.get("distillers"):
+            kwargs["task_loss_weight"] = 1.0  # no distillers: cross-entropy is the whole loss
+        super().__init__(student, teacher, **kwargs)
+        self.num_classes = int(num_classes)
+        self.select_best = select_best
+        self.memoize_teacher = memoize_teacher
+        self.latency_repeats = int(latency_repeats)
+        self.metrics = nn.ModuleDict({
+            name: torchmetrics.classification.MulticlassAccuracy(self.num_classes, average="micro")
+            for name in ("val", "test", "test_observed")
+        })
+        self._memo: tuple[Tensor, Tensor, Outputs] | None = None
+        self._best: tuple[float, dict[str, Tensor]] | None = None
+        self._last_val_acc: float | None = None
+
+    # ---- outputs ----------------------------------------------------------------------------
+    def extra_feature_names(self, role: str) -> list[str]:
+        name = self._embedding_names[role]
+        return [name] if name else []
+
+    def forward_outputs(self, model, batch: dict, role: str) -> Outputs:
+        if needs_graph(model):
+            return Outputs(logits=model(batch["x"], batch["edge_index"]))
+        return Outputs(logits=model(batch["x"]))
+
+    def finish_outputs(self, out: Outputs, role: str) -> Outputs:
+        name = self._embedding_names[role]
+        if name and name in out.features:
+            out.embedding = out.features.pop(name)
+        return out
+
+    def teacher_outputs(self, batch: dict) -> Outputs:
+        if not self.memoize_teacher or self.teacher_cache is not None:
+            return super().teacher_outputs(batch)
+        index, edges = batch["index"], batch["edge_index"]
+        if self._memo is not None and _same(self._memo[0], index) and _same(self._memo[1], edges):
+            return self._memo[2]
+        out = super().teacher_outputs(batch)
+        self._memo = (index, edges, out)
+        return out
+
+    def check_compatible(self, student: Outputs, teacher: Outputs) -> None:
+        if student.logits.shape[-1] != teacher.logits.shape[-1]:
+            raise KdkitError(
+                f"teacher predicts {teacher.logits.shape[-1]} classes but the student predicts "
+                f"{student.logits.shape[-1]}: set num_classes the same for both"
+            )
+        if student.logits.shape[-1] != self.num_classes:
+            raise KdkitError(
+                f"models predict {student.logits.shape[-1]} classes but the data has {self.num_classes}"
+            )
+
+    # ---- loss and metrics -------------------------------------------------------------------
+    def task_loss(self, outputs: Outputs, batch: dict) -> Tensor:
+        mask = batch["train_mask"]
+        return F.cross_entropy(outputs.logits[mask].float(), batch["y"][mask])
+
+    def update_metrics(self, stage: str, outputs: Outputs, batch: dict) -> None:
+        logits = outputs.logits.float()
+        mask = batch[f"{stage}_mask"]
+        self.metrics[stage].update(logits[mask], batch["y"][mask])
+        observed = batch.get("observed_test_mask")
+        if stage == "test" and observed is not None:
+            self.metrics["test_observed"].update(logits[observed], batch["y"][observed])
+
+    def compute_metrics(self, stage: str) -> dict[str, Tensor]:
+        metrics = {"acc": self.metrics[stage].compute()}  # torchmetrics reduces over ranks
+        self.metrics[stage].reset()
+        observed = self.metrics["test_observed"]
+        if stage == "test" and observed.update_called:
+            metrics["acc_observed"] = observed.compute()
+            observed.reset()
+        if stage == "val":
+            self._last_val_acc = float(metrics["acc"])
+        return metrics
+
+    # ---- best-validation weights ------------------------------------------------------------
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if not self.select_best or self.trainer.sanity_checking or self._last_val_acc is None:
+            return
+        # ">=": among equal validation scores keep the latest, as GLNN and FF-G2M do.
+        if self._best is None or self._last_val_acc >= self._best[0]:
+            state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+            self._best = (self._last_val_acc, state)
+
+    def on_fit_end(self) -> None:
+        if self.select_best and self._best is not None:
+            self.load_state_dict(self._best[1])
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._best is not None:  # a resumed run still restores the best epoch seen before
+            checkpoint["node_task_best"] = {"val_acc": self._best[0], "state_dict": self._best[1]}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        best = checkpoint.get("node_task_best")
+        if best is not None:
+            self._best = (best["val_acc"], best["state_dict"])
+
+    # ---- inference cost ---------------------------------------------------------------------
+    @torch.no_grad()
+    def inference_report(self, batch: dict) -> dict:
+        """Parameters and median latency (ms) of the student on the whole graph and on a batch
+        of new nodes (``batch["query"]``, else the test-mask nodes; see ``inductive_forward``).
+        ``inductive_fetched_nodes``: how many nodes' features that batch had to read."""
+        from kdkit.report import count_parameters, latency_ms
+
+        batch = self.transfer_batch_to_device(batch, self.device, 0)
+        model = self.student
+        query = batch.get("query")
+        if query is None:
+            query = batch["test_mask"].nonzero().view(-1)
+        x, edges = batch["x"], batch["edge_index"]
+        graph = needs_graph(model)
+
+        def full():
+            return model(x, edges) if graph else model(x)
+
+        def inductive():
+            return inductive_forward(model, x, edges, query)
+
+        was_training = model.training
+        model.eval()
+        try:
+            report = {
+                "params": count_parameters(model),
+                "latency_full_ms": latency_ms(_synced(full, x), runs=self.latency_repeats),
+                "latency_inductive_ms": latency_ms(_synced(inductive, x), runs=self.latency_repeats),
+                "inductive_nodes": int(query.numel()),
+                "inductive_fetched_nodes": inductive()[1],
+            }
+        finally:
+            self.student_tap.pop()
+            model.train(was_training)
+        return report
+
+
+def inductive_forward(model: nn.Module, x: Tensor, edge_index: Tensor, query: Tensor
+                      ) -> tuple[Tensor, int]:
+    """Logits of the ``query`` nodes as a deployed model computes them, and how many nodes'
+    features it read. An MLP reads the query nodes' features alone; a GNN must first gather
+    their k-hop neighbourhood (``k_hop_subgraph``, k = ``num_hops``) and run on that subgraph."""
+    if not needs_graph(model):
+        return model(rows(x, query)), int(query.numel())
+    from torch_geometric.utils import k_hop_subgraph
+
+    subset, sub_edges, mapping, _ = k_hop_subgraph(
+        query, num_hops(model), edge_index, relabel_nodes=True, num_nodes=x.shape[0])
+    return model(rows(x, subset), sub_edges)[mapping], int(subset.numel())
+
+
+def rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x[index]`` for a dense or a sparse CSR ``x`` (torch cannot index CSR rows)."""
+    if x.layout != torch.sparse_csr:
+        return x[index]
+    crow, col, val = x.crow_indices(), x.col_indices(), x.values()
+    start, count = crow[index], crow[index + 1] - crow[index]
+    new_crow = torch.zeros(index.numel() + 1, dtype=crow.dtype, device=x.device)
+    new_crow[1:] = count.cumsum(0)
+    # position of every kept value: its row's start plus its rank within the row
+    rank = torch.arange(int(new_crow[-1]), device=x.device) - new_crow[:-1].repeat_interleave(count)
+    pos = start.repeat_interleave(count) + rank
+    return torch.sparse_csr_tensor(new_crow, col[pos], val[pos], (index.numel(), x.shape[1]))
+
+
+def _has_module(model: nn.Module | None, name: str | None) -> str | None:
+    if model is None or not name:
+        return None
+    return name if name in dict(model.named_modules()) else None
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b))
+
+
+def _synced(fn, like: Tensor):
+    """``fn`` followed by a device sync, so GPU latency counts the kernels, not their launch."""
+    if like.device.type != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize(like.device)
+        return out
+
+    return run

@@ -1,0 +1,250 @@
+"""Dense retrieval: bi-encoders embed queries and passages; nDCG@10, Recall@100, MRR@10."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from kdkit.distributed import gather, world
+from kdkit.errors import KdkitError
+from kdkit.outputs import Outputs
+from kdkit.retrieval_metrics import DEFAULT_METRICS, retrieval_metrics
+from kdkit.tasks.base import DistillationTask
+
+FIELDS = ("text", "query", "passage")
+
+
+class RetrievalTask(DistillationTask):
+    """Distil a text-embedding model (bi-encoder) for dense retrieval.
+
+    Batches (from ``datamodules.beir.BEIRDataModule``) carry tokenized text fields:
+    ``text_*`` (unlabeled texts), ``query_*`` and ``passage_*`` (``[B * G, L]``: per query its
+    positive then its hard negatives), each with ``<field>_input_ids`` / ``_attention_mask`` and
+    ``<field>_pool`` (the text's row in the datamodule's static teacher table), plus ``index``.
+
+    Outputs: ``features["text" | "query" | "passage"]`` = embeddings ``[B, D]`` (passages
+    ``[B, G, D]``); ``embedding`` = the text embeddings, else the query embeddings.
+    The teacher's outputs are rows of the precomputed table (its embeddings of every static
+    training text), so training never runs the teacher.
+
+    Task loss (stages without distillers: the baseline): InfoNCE over in-batch and hard
+    negatives (Karpukhin et al. 2020, DPR), gathered across ranks:
+    ``L = -log exp(s(q_i, p_i^+)/tau) / sum_j exp(s(q_i, p_j)/tau)``.
+
+    Evaluation encodes the whole corpus and the split's queries through the test loop (sharded
+    across ranks, gathered), searches exactly and scores with ranx: ``ndcg@10``,
+    ``recall@100``, ``mrr@10`` (student queries / student corpus) and ``asym/...`` (student
+    queries / the teacher's corpus index, LEAF's asymmetric mode).
+
+    Args:
+        student, teacher: ``kdkit.models.text.TextEncoder`` s.
+        temperature: tau of the InfoNCE task loss.
+        asymmetric: also evaluate student queries against the teacher's corpus embeddings.
+        metrics: ranx metric names.
+        search_backend: "torch" (matrix product) or "faiss" (IndexFlatIP); both exact.
+        throughput_passages: corpus passages encoded per throughput measurement.
+        throughput_batch_size: batch size of that measurement.
+        throughput_repeats: timed rounds (teacher and student alternate; medians reported).
+        **kwargs: see ``DistillationTask`` (``task_loss_weight`` defaults to 0 here: the
+            InfoNCE term joins the distillers only when asked; stages without distillers use 1).
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, temperature: float = 0.05,
+                 asymmetric: bool = True, metrics=DEFAULT_METRICS, search_backend: str = "torch",
+                 throughput_passages: int = 64, throughput_batch_size: int = 32, throughput_repeats: int = 3,
+                 **kwargs):
+        if not kwargs.get("distillers"):
+            kwargs["task_loss_weight"] = 1.0  # no distillers: the contrastive loss is the whole loss
+        kwargs.setdefault("task_loss_weight", 0.0)  # with distillers: distillation only unless asked
+        for key in ("student_normalize", "teacher_normalize"):
+            if kwargs.get(key):
+                raise KdkitError(f"{key} is an image option; text encoders normalise nothing")
+        super().__init__(student, teacher, **kwargs)
+        self.temperature = float(temperature)
+        self.asymmetric = asymmetric
+        self.metric_names = list(metrics)
+        self.search_backend = search_backend
+        self.throughput = (int(throughput_passages), int(throughput_batch_size), int(throughput_repeats))
+        self._table: Tensor | None = None
+        self._eval: dict[str, list] = {"val": [], "test": []}
+        self._known_corpus: dict[str, Tensor | None] = {"val": None, "test": None}
+        self._fitted = False
+
+    # ---- binding to the data --------------------------------------------------------------------
+    def _datamodule(self):
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "bind"):
+            raise KdkitError("RetrievalTask needs a retrieval datamodule (e.g. data=scifact)")
+        return dm
+
+    def setup(self, stage: str) -> None:
+        dm = self._datamodule()
+        dm.bind(self.student, self.teacher.model if self.teacher is not None else None)
+        self._table = dm.teacher_table
+        super().setup(stage)
+
+    def on_train_start(self) -> None:
+        self._fitted = True  # trained weights: not worth caching the corpus encoding
+
+    # ---- outputs ------------------------------------------------------------------------------
+    def forward_outputs(self, model, batch: dict, role: str) -> Outputs:
+        feats = {f: model(batch[f"{f}_input_ids"], batch[f"{f}_attention_mask"])
+                 for f in FIELDS if f"{f}_input_ids" in batch}
+        return _outputs(feats)
+
+    def teacher_outputs(self, batch: dict) -> Outputs:
+        fields = [f for f in FIELDS if f"{f}_input_ids" in batch]
+        if self._table is not None and all(f"{f}_pool" in batch for f in fields):
+            if self._table.device != self.device:
+                self._table = self._table.to(self.device)
+            return _outputs({f: self._table[batch[f"{f}_pool"]] for f in fields})
+        from kdkit.models.text import tokenizer_identity
+
+        if tokenizer_identity(self.student.tokenizer) != tokenizer_identity(self.teacher.model.tokenizer):
+            raise KdkitError("teacher and student tokenizers differ and the batch has no teacher-table "
+                             "rows: run through BEIRDataModule (it precomputes the teacher's embeddings)")
+        return super().teacher_outputs(batch)
+
+    def task_loss(self, outputs: Outputs, batch: dict) -> Tensor:
+        q, p = outputs.features.get("query"), outputs.features.get("passage")
+        if q is None or p is None:
+            raise KdkitError("the retrieval task loss needs (query, passages) tuples: data.stream=tuples or both")
+        return info_nce(q, p, self.temperature)
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def _start_eval(self, stage: str) -> None:
+        self._eval[stage] = []
+        dm = self._datamodule()
+        self._known_corpus[stage] = dm.cached_embeddings(self.student, "corpus", dm.eval_max_length)
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval("test")
+
+    def _eval_step(self, stage: str, batch: dict) -> None:
+        keep = batch["is_query"] if self._known_corpus[stage] is not None else torch.ones_like(batch["is_query"])
+        if not keep.any():
+            return  # corpus rows already known for these exact weights (embedding cache)
+        emb = self._student_forward(batch["text_input_ids"][keep], batch["text_attention_mask"][keep])
+        self._eval[stage].append((batch["index"][keep].cpu(), emb.float().cpu()))
+
+    def compute_metrics(self, stage: str) -> dict[str, Tensor]:
+        dm = self._datamodule()
+        doc_ids, query_ids, qrels = dm.eval_layout(stage)
+        n_docs = len(doc_ids)
+        index, emb = _gather_rows(self._eval[stage])
+        self._eval[stage] = []
+        dim = emb.shape[1] if len(emb) else self.student.dim
+        rows = torch.zeros(n_docs + len(query_ids), dim)
+        seen = torch.zeros(n_docs + len(query_ids), dtype=torch.bool)
+        rows[index], seen[index] = emb, True
+        known = self._known_corpus[stage]
+        if known is not None:
+            rows[:n_docs], seen[:n_docs] = known, True
+        elif seen[:n_docs].all() and not self._fitted and world()[0] == 0:
+            dm.store_embeddings(self.student, "corpus", rows[:n_docs], dm.eval_max_length)
+        docs = seen[:n_docs].nonzero().squeeze(1)
+        queries = seen[n_docs:].nonzero().squeeze(1)
+        if len(docs) < n_docs or len(queries) < len(query_ids):
+            rank_zero_warn(f"partial {stage} evaluation: {len(docs)}/{n_docs} passages and "
+                           f"{len(queries)}/{len(query_ids)} queries encoded (limit_{stage}_batches?)")
+        if not len(docs) or not len(queries):
+            return {}
+        q_ids = [query_ids[i] for i in queries.tolist()]
+        d_ids = [doc_ids[i] for i in docs.tolist()]
+        q_qrels = {q: qrels[q] for q in q_ids}
+        q_emb = rows[n_docs + queries]
+        out = retrieval_metrics(q_emb, rows[docs], q_ids, d_ids, q_qrels, self.metric_names, self.search_backend)
+        table = self._table
+        if self.asymmetric and table is not None:
+            teacher_docs = table[:n_docs].float().cpu()[docs]
+            if teacher_docs.shape[1] == q_emb.shape[1]:
+                asym = retrieval_metrics(q_emb, teacher_docs, q_ids, d_ids, q_qrels, self.metric_names,
+                                         self.search_backend)
+                out.update({f"asym/{k}": v for k, v in asym.items()})
+        return {k: torch.tensor(v) for k, v in out.items()}
+
+    # ---- report and export --------------------------------------------------------------------
+    @torch.inference_mode()
+    def inference_report(self, batch: dict) -> dict:
+        """Sizes, and encode throughput (passages/s) of student and teacher side by side.
+
+        Both encode the same corpus passages at their own max length with the same batch size;
+        rounds alternate between the two models so load changes hit both alike.
+        """
+        n, batch_size, repeats = self.throughput
+        dm = self._datamodule()
+        texts = dm.passage_texts(n)
+        models = {"student": self.student}
+        if self.teacher is not None:
+            models["teacher"] = self.teacher.model
+        inputs = {name: [m.tokenize(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
+                  for name, m in models.items()}
+        timings: dict[str, list[float]] = {name: [] for name in models}
+        was_training = self.student.training
+        self.student.eval()
+        for _ in range(repeats + 1):  # the first round warms up
+            for name, model in models.items():
+                start = time.perf_counter()
+                for enc in inputs[name]:
+                    model(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
+                timings[name].append(time.perf_counter() - start)
+        self.student.train(was_training)
+        rate = {name: len(texts) / statistics.median(t[1:]) for name, t in timings.items()}
+        report = {"params": sum(p.numel() for p in self.student.parameters()),
+                  "layers": self.student.num_layers, "dim": self.student.dim,
+                  "max_length": self.student.max_length, "passages_per_s": rate["student"]}
+        if "teacher" in rate:
+            report.update({"teacher_params": sum(p.numel() for p in self.teacher.model.parameters()),
+                           "teacher_passages_per_s": rate["teacher"],
+                           "speedup": rate["student"] / rate["teacher"]})
+        return report
+
+    def export(self, directory, with_adapters: bool = False) -> list[Path]:
+        """Save the student as a transformers + sentence-transformers folder (see
+        ``TextEncoder.save_pretrained``); distiller adapters in ``adapters.pt`` only if asked."""
+        directory = Path(self.student.save_pretrained(directory))
+        paths = [directory]
+        if with_adapters and len(self.distillers):
+            paths.append(directory / "adapters.pt")
+            torch.save(self.distillers.state_dict(), paths[-1])
+        return paths
+
+
+def _outputs(feats: dict[str, Tensor]) -> Outputs:
+    if "passage" in feats and "query" in feats:
+        q = feats["query"]
+        feats["passage"] = feats["passage"].reshape(q.shape[0], -1, feats["passage"].shape[-1])
+    return Outputs(embedding=feats.get("text", feats.get("query")), features=feats)
+
+
+def info_nce(query: Tensor, passages: Tensor, temperature: float) -> Tensor:
+    """InfoNCE of ``query [B, D]`` over every passage of the (global) batch, ``passages
+    [B, G, D]`` with the positive at group position 0."""
+    b, g, d = passages.shape
+    every, offset = gather(passages.reshape(b * g, d))
+    scores = query.float() @ every.float().T / temperature
+    target = offset + torch.arange(b, device=query.device) * g
+    return F.cross_entropy(scores, target)
+
+
+def _gather_rows(parts: list) -> tuple[Tensor, Tensor]:
+    """Concatenate ``(index, embedding)`` pieces of every rank (ranks may hold different counts)."""
+    index = torch.cat([p[0] for p in parts]) if parts else torch.empty(0, dtype=torch.long)
+    emb = torch.cat([p[1] for p in parts]) if parts else torch.empty(0, 0)
+    _, size = world()
+    if size > 1:
+        every = [None] * size
+        dist.all_gather_object(every, (index, emb))
+        index = torch.cat([e[0] for e in every])
+        emb = torch.cat([e[1] for e in every if e[1].numel()] or [emb])
+    return index, emb

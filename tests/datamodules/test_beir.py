@@ -1,0 +1,156 @@
+"""BEIR datamodule: reading, zip extraction, streams, hard negatives, teacher table, eval layout."""
+
+import zipfile
+
+import pytest
+import torch
+
+from datamodules.beir import (BEIRData, BEIRDataModule, Collate, EvalStream, locate, mine_negatives,
+                              read_beir, write_beir)
+from kdkit.errors import KdkitError
+from kdkit.models.text import hf_encoder
+
+WORDS = "cell heart gene virus brain lung protein cancer blood bone".split()
+
+
+def toy_data() -> BEIRData:
+    """30 passages of 3 words; query i is the words of passage i (train: 0-7, test: 8-11)."""
+    docs = [" ".join(WORDS[(i + k * (1 + i // 10)) % 10] for k in range(3)) + f" {i}" for i in range(30)]
+    queries = {f"q{i}": docs[i].rsplit(" ", 1)[0] for i in range(12)}
+    train = {f"q{i}": {f"d{i}": 1, f"d{i + 12}": 1 if i < 2 else 0} for i in range(8)}
+    test = {f"q{i}": {f"d{i}": 1} for i in range(8, 12)}
+    return BEIRData([f"d{i}" for i in range(30)], docs, queries, {"train": train, "test": test})
+
+
+def tiny_encoder(seed=0):
+    torch.manual_seed(seed)
+    config = dict(model_type="bert", vocab_size=30522, hidden_size=16, num_hidden_layers=2,
+                  num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)
+    return hf_encoder(config=config, pretrained=False, max_length=24)
+
+
+@pytest.fixture
+def toy_dir(tmp_path):
+    return write_beir(toy_data(), tmp_path / "toy", titles={"d0": "Title"})
+
+
+def module(toy_dir, tmp_path, **kwargs):
+    dm = BEIRDataModule(name=None, path=str(toy_dir), cache_dir=str(tmp_path / "cache"), batch_size=4,
+                        eval_batch_size=4, **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def test_read_write_roundtrip(toy_dir):
+    data = read_beir(toy_dir)
+    toy = toy_data()
+    assert data.doc_ids == toy.doc_ids and data.queries == toy.queries and data.qrels == toy.qrels
+    assert data.doc_texts[0] == "Title " + toy.doc_texts[0] and data.doc_texts[1:] == toy.doc_texts[1:]
+
+
+def test_zip_is_extracted_once_and_located_from_the_data_dir(tmp_path, toy_dir):
+    beir = tmp_path / "data" / "beir"
+    beir.mkdir(parents=True)
+    with zipfile.ZipFile(beir / "toy.zip", "w") as zf:  # BEIR zips nest one folder
+        for f in toy_dir.rglob("*"):
+            if f.is_file():
+                zf.write(f, f"toy/{f.relative_to(toy_dir)}")
+    cache = tmp_path / "cache"
+    folder = locate("toy", None, str(tmp_path / "data"), str(cache))
+    assert folder == cache / "beir" / "toy" / "toy" and read_beir(folder).doc_ids == toy_data().doc_ids
+    stamp = (folder / "corpus.jsonl").stat().st_mtime_ns
+    assert locate(None, str(beir / "toy.zip"), None, str(cache)) == folder
+    assert (folder / "corpus.jsonl").stat().st_mtime_ns == stamp  # not extracted again
+    with pytest.raises(KdkitError, match="KDKIT_DATA_DIR.*download=true"):
+        locate("nfcorpus", None, str(tmp_path / "data"), str(cache))
+    # download=true fetches BEIR's zip (a file:// URL stands in for the server here)
+    url = f"file://{beir}/{{name}}.zip"
+    got = locate("toy", None, None, str(tmp_path / "dl"), download=True, url=url)
+    assert read_beir(got).qrels == toy_data().qrels
+
+
+def test_real_scifact_counts_and_no_test_query_in_training(data_dir, tmp_path):
+    dm = BEIRDataModule(name="scifact", data_dir=str(data_dir), cache_dir=str(tmp_path), stream="both")
+    dm.setup("fit")
+    assert dm.num_docs == 5183 and len(dm.data.queries) == 1109
+    assert sum(len(v) for v in dm.data.qrels["train"].values()) == 919 and len(dm.train_query_ids) == 809
+    assert sum(len(v) for v in dm.data.qrels["test"].values()) == 339 and len(dm.test_ids) == 300
+    assert not set(dm.train_query_ids) & set(dm.test_ids)
+    assert dm.pool_texts[dm.num_docs:] == [dm.data.queries[q] for q in dm.train_query_ids]
+    # SciFact itself repeats 2 claims verbatim in train and test (different ids): train data.
+    test_texts = {dm.data.queries[q] for q in dm.test_ids}
+    assert len(test_texts & set(dm.pool_texts[dm.num_docs:])) == 2
+    assert len(dm.train_pairs) == 919 and len(dm.train_set) == 5183 + 809
+
+
+def test_mine_negatives_skips_positives_and_top_ranks():
+    docs = torch.eye(6)
+    query = torch.tensor([[6.0, 5.0, 4.0, 3.0, 2.0, 1.0]])  # ranking d0 > d1 > ... > d5
+    assert mine_negatives(query, docs, [{1}], ranks=(0, 3)) == [[0, 2, 3]]
+    assert mine_negatives(query, docs, [{0, 2}], ranks=(1, 3)) == [[3, 4]]
+    with pytest.raises(KdkitError, match="lo < hi"):
+        mine_negatives(query, docs, [set()], ranks=(3, 3))
+
+
+def test_bind_builds_teacher_table_negatives_and_caches(toy_dir, tmp_path, monkeypatch):
+    dm = module(toy_dir, tmp_path, stream="tuples", num_negatives=2, negative_ranks=(0, 4), val_queries=2)
+    teacher, student = tiny_encoder(0), tiny_encoder(1)
+    dm.bind(student, teacher)
+    assert len(dm.val_ids) == 2 and not set(dm.val_ids) & set(dm.train_query_ids)
+    expected = teacher.encode(dm.pool_texts)
+    assert torch.allclose(dm.teacher_table, expected, atol=1e-5)
+    assert len(dm.teacher_table) == 30 + 6 and dm.eval_max_length == student.max_length
+    # mined from the teacher's ranking: never a positive, at most hi - lo candidates
+    corpus, queries = expected[:30], expected[30:]
+    assert dm.negatives == mine_negatives(queries, corpus, dm.train_positives, (0, 4))
+    # second bind reads the cache: the teacher does not encode again
+    monkeypatch.setattr(type(teacher), "encode", lambda *a, **k: pytest.fail("encoded twice"))
+    dm.bind(student, teacher)
+    assert torch.allclose(dm.teacher_table, expected, atol=1e-6)
+    batch = dm.example_batch(n=3)
+    assert batch["passage_input_ids"].shape[0] == 3 * 3 and batch["query_input_ids"].shape[0] == 3
+    pool = batch["passage_pool"].view(3, 3)
+    for i in range(3):
+        q, pos = dm.train_pairs[i]
+        assert batch["query_pool"][i] == 30 + q and pool[i, 0] == pos
+        assert set(pool[i, 1:].tolist()) <= set(dm.negatives[q]) and pos not in pool[i, 1:].tolist()
+    texts = dm.tokenizer.batch_decode(batch["query_input_ids"], skip_special_tokens=True)
+    assert texts == [dm.pool_texts[p] for p in batch["query_pool"].tolist()]
+
+
+def test_text_and_both_streams(toy_dir, tmp_path):
+    dm = module(toy_dir, tmp_path, stream="both", include_queries=True)
+    dm.bind(tiny_encoder(1), None)  # no teacher: random non-positive negatives
+    assert len(dm.train_set) == 30 + 8
+    item = dm.train_set[33]
+    assert item["text"] == dm.pool_texts[33] and item["index"] == item["text_pool"] == 33
+    assert item["tuple_index"] == 33 % len(dm.train_pairs)
+    q, pos = dm.train_pairs[item["tuple_index"]]
+    assert item["passage_pool"][0] == pos and not set(item["passage_pool"][1:]) & dm.train_positives[q]
+    batch = next(iter(dm.train_dataloader()))
+    assert {"text_input_ids", "query_input_ids", "passage_input_ids", "index", "tuple_index"} <= set(batch)
+    assert batch["text_input_ids"].shape[1] <= dm.max_length and batch["index"].dtype == torch.long
+    with pytest.raises(KdkitError, match="stream"):
+        BEIRDataModule(stream="pairs")
+
+
+def test_eval_stream_covers_everything_once_in_homogeneous_batches():
+    stream = EvalStream([f"doc {i} " + "x " * i for i in range(23)], [f"q{i}" for i in range(9)], 4)
+    assert sorted(stream.order) == list(range(32))
+    batches = [stream.order[i:i + 4] for i in range(0, 32, 4)]
+    assert all(j >= 23 for j in batches[0])  # a query batch first: cut-short runs still see queries
+    kinds = [{j >= 23 for j in b} for b in batches[:-2]]
+    assert all(len(k) == 1 for k in kinds)  # one kind per batch except the tail
+    item = stream[0]
+    assert item["is_query"] and item["text"] == stream.texts[item["index"]]
+    collated = Collate(tiny_encoder().tokenizer, 8)([stream[i] for i in range(4)])
+    assert collated["is_query"].dtype == torch.bool and collated["text_input_ids"].shape[0] == 4
+
+
+def test_eval_layout(toy_dir, tmp_path):
+    dm = module(toy_dir, tmp_path, val_queries=3)
+    docs, queries, qrels = dm.eval_layout("test")
+    assert docs == toy_data().doc_ids and queries == ["q10", "q11", "q8", "q9"]
+    assert qrels == toy_data().qrels["test"]
+    docs, queries, qrels = dm.eval_layout("val")
+    assert queries == dm.val_ids and set(qrels) == set(dm.val_ids)

@@ -1,0 +1,276 @@
+"""DDP with a frozen teacher, on 2 CPU processes (gloo), through Lightning and the CLI.
+
+In process: two ranks started here (``LOCAL_RANK`` set, so Lightning's ``ddp`` strategy does not
+relaunch pytest) train a task with the shipped ``trainer=ddp`` config and test it:
+the teacher is outside DDP, an adapter used on every other step does not trip the
+unused-parameter check, and metrics over an eval set of odd size equal the 1-process ones.
+Slow: ``kdkit-train trainer=ddp trainer.devices=2`` in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch import nn
+from torch.utils.data import DataLoader
+
+from kdkit.cache import build_teacher_cache
+from kdkit.compose import compose
+from kdkit.distillers.base import Distiller
+from kdkit.distillers.fitnet import FitNet
+from kdkit.distillers.kd import KD
+from kdkit.distributed import FixedShardSampler, eval_sampler
+from kdkit.tasks.classification import ClassificationTask
+from tests.conftest import SMOKE
+from tests.helpers import BNNet, TinyNet
+from tests.test_cache import TinyImages, cache_cfg
+
+WORLD = 2
+N_TRAIN, N_EVAL = 32, 25  # an odd eval set: a padded sampler would score 26 samples
+
+
+class EvalShardedImages(TinyImages):
+    """TinyImages whose eval loaders use ``kdkit.distributed.eval_sampler`` (``padded=True``:
+    Lightning's default sampler, which repeats samples to even out the shards)."""
+
+    def __init__(self, padded: bool = False, **kwargs):
+        super().__init__(n=N_TRAIN, n_eval=N_EVAL, **kwargs)
+        self.padded = padded
+
+    def _eval_loader(self):
+        self.setup()
+        sampler = None if self.padded else eval_sampler(self.test_set)
+        return DataLoader(self.test_set, batch_size=4, sampler=sampler)
+
+    def val_dataloader(self):
+        return self._eval_loader()
+
+    def test_dataloader(self):
+        return self._eval_loader()
+
+
+class AlternateAdapter(Distiller):
+    """Regresses teacher logits from student logits through its adapter on odd calls only (as a
+    term switched on by a schedule would): the adapter has no gradient on every other step."""
+
+    def __init__(self):
+        super().__init__(weight=0.1)
+        self.calls = 0
+
+    def build(self, student, teacher, context):
+        self.proj = nn.Linear(student.logits.shape[1], teacher.logits.shape[1])
+
+    def forward(self, student, teacher, batch):
+        self.calls += 1
+        s = self.proj(student.logits) if self.calls % 2 else student.logits
+        return {"loss": F.mse_loss(s, teacher.logits)}
+
+
+class Probe(L.Callback):
+    """Records, on each rank, what DDP wraps and what each rank evaluates."""
+
+    def __init__(self):
+        self.facts = {"test_samples": 0}
+
+    def on_train_start(self, trainer, task):
+        ddp = trainer.strategy.model
+        synced = {p.data_ptr() for p in ddp.parameters()} | {b.data_ptr() for b in ddp.buffers()}
+        teacher = list(task.teacher.model.parameters()) + list(task.teacher.model.buffers())
+        self.facts.update(
+            wrapper=type(ddp).__name__,
+            teacher_tensors_in_ddp=sum(t.data_ptr() in synced for t in teacher),
+            ddp_parameters=sorted(n for n, _ in ddp.module.named_parameters()),
+        )
+
+    def on_test_batch_end(self, trainer, task, outputs, batch, batch_idx, dataloader_idx=0):
+        self.facts["test_samples"] += len(batch["index"])
+
+
+def make_task(teacher, cache=None):
+    torch.manual_seed(0)
+    distillers = {"kd": KD(temperature=2.0), "alternate": AlternateAdapter(),
+                  "fitnet": FitNet(weight=1.0, student_feature="conv", teacher_feature="conv")}
+    return ClassificationTask(TinyNet(width=4), teacher, distillers=distillers, num_classes=3,
+                              mean=(0.5,), std=(0.25,), teacher_cache=cache,
+                              optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+
+
+def shipped_ddp_trainer(callbacks, **overrides):
+    """``trainer=ddp`` exactly as kdkit-train builds it, on the CPU."""
+    cfg = compose(["trainer=ddp", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false"])
+    return instantiate(cfg.trainer, logger=False, enable_checkpointing=False, callbacks=callbacks,
+                       **overrides)
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank),
+                      NODE_RANK="0", WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    torch.manual_seed(1)
+    teacher = BNNet(width=8)
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    task = make_task(teacher)
+    probe = Probe()
+    shipped_ddp_trainer([probe], max_epochs=2, limit_val_batches=0).fit(task, datamodule=EvalShardedImages())
+    facts = dict(probe.facts)
+    after = teacher.state_dict()
+    facts["teacher_unchanged"] = all(torch.equal(v, after[k]) for k, v in teacher_before.items())
+    facts["alternate_calls"] = task.distillers["alternate"].calls
+    student = torch.cat([p.detach().flatten() for p in task.student.parameters()])
+    everyone = [torch.empty_like(student) for _ in range(WORLD)]
+    dist.all_gather(everyone, student)
+    facts["students_equal_across_ranks"] = all(torch.equal(everyone[0], s) for s in everyone)
+    for padded in (False, True):
+        probe = Probe()
+        metrics = shipped_ddp_trainer([probe]).test(task, datamodule=EvalShardedImages(padded=padded),
+                                                    verbose=False)[0]
+        facts[f"padded={padded}"] = {"acc": metrics["test/acc"], "samples": probe.facts["test_samples"]}
+    if rank == 0:
+        torch.save(task.student.state_dict(), Path(out) / "student.pt")
+    for name in ("reshuffled", "fixed"):
+        teacher = TinyNet(width=8)
+        calls = []
+        teacher.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        datamodule = EvalShardedImages()
+        cache = build_teacher_cache(cache_cfg(Path(out) / name, cache="disk"), teacher, datamodule)
+        datamodule.fixed_shards = name == "fixed"  # reshuffled: Lightning's DistributedSampler
+        task = make_task(teacher, cache)
+        shipped_ddp_trainer([], max_epochs=3, limit_val_batches=0).fit(task, datamodule=datamodule)
+        facts[f"cache_{name}"] = {"forwards": len(calls), "hits": cache.hits, "path": str(cache.path),
+                                  "rows": cache._rows.filled.nonzero()[0].tolist()}
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(facts))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True, start_method="fork")
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)], out
+
+
+@pytest.mark.ddp
+def test_teacher_is_outside_ddp_and_adapters_train(ranks):
+    facts, _ = ranks
+    for rank in facts:
+        assert rank["wrapper"] == "DistributedDataParallel"
+        assert rank["teacher_tensors_in_ddp"] == 0  # no teacher parameter or buffer is synced
+        params = rank["ddp_parameters"]
+        assert not any(n.startswith("teacher") or "_teacher" in n for n in params)
+        assert {"distillers.alternate.proj.weight", "distillers.fitnet.adapter.conv.weight"} <= set(params)
+        assert rank["teacher_unchanged"]  # weights and BN statistics untouched by training
+        assert rank["alternate_calls"] == 4  # 2 epochs x 2 steps per rank: unused on steps 2, 4
+        assert rank["students_equal_across_ranks"]  # gradients were synchronised
+
+
+@pytest.mark.ddp
+def test_eval_on_odd_set_counts_every_sample_once_and_equals_one_process(ranks):
+    facts, out = ranks
+    exact = [rank["padded=False"] for rank in facts]
+    assert sum(r["samples"] for r in exact) == N_EVAL  # 13 + 12, nothing repeated
+    assert exact[0]["acc"] == exact[1]["acc"]  # reduced over ranks
+    padded = [rank["padded=True"] for rank in facts]
+    assert sum(r["samples"] for r in padded) == N_EVAL + 1  # Lightning's default repeats one
+
+    torch.manual_seed(1)
+    task = make_task(BNNet(width=8))
+    task.build(EvalShardedImages().example_batch(), N_TRAIN, 3)
+    task.student.load_state_dict(torch.load(out / "student.pt"))
+    one = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False).test(task, datamodule=EvalShardedImages(), verbose=False)[0]
+    assert exact[0]["acc"] == one["test/acc"]
+    correct = round(one["test/acc"] * N_EVAL)
+    assert 0 < correct < N_EVAL  # so that the repeated sample shows
+    assert padded[0]["acc"] != one["test/acc"]
+
+
+@pytest.mark.ddp
+def test_each_rank_caches_its_shard_and_fixed_shards_fill_in_one_epoch(ranks):
+    facts, out = ranks
+    for rank, shard in enumerate(facts):
+        fixed, reshuffled = shard["cache_fixed"], shard["cache_reshuffled"]
+        assert fixed["path"].endswith(f"rank{rank}-of-{WORLD}")  # one set of files per rank
+        assert fixed["rows"] == list(range(rank, N_TRAIN, WORLD))  # exactly its own shard
+        # 3 epochs x 2 steps: the probe + epoch 1 run the teacher, epochs 2 and 3 read the cache
+        assert (fixed["forwards"], fixed["hits"]) == (1 + 2, 4)
+        # reshuffled shards: a rank meets new samples every epoch, whole batches rarely hit
+        assert reshuffled["hits"] < fixed["hits"] and reshuffled["forwards"] > fixed["forwards"]
+        assert len(reshuffled["rows"]) > N_TRAIN // WORLD
+
+
+def test_fixed_shard_sampler_keeps_each_rank_shard():
+    data = list(range(11))
+    epochs = []
+    for epoch in range(3):
+        shards = []
+        for rank in range(WORLD):
+            sampler = FixedShardSampler(data, seed=5, num_replicas=WORLD, rank=rank)
+            sampler.set_epoch(epoch)
+            shards.append(list(sampler))
+        assert len(shards[0]) == len(shards[1]) == 6  # padded to equal length
+        assert set(shards[0]) == set(range(0, 11, 2)) and set(shards[1]) == set(range(1, 11, 2)) | {0}
+        epochs.append(shards[0])
+    assert epochs[0] != epochs[1]  # a new order every epoch, same shard
+
+
+# ---- the command line ----------------------------------------------------------------------
+def run_cli(tmp_path, *overrides, timeout=900):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
+    cmd = [sys.executable, "-m", "kdkit.train", f"paths.log_dir={tmp_path}/outputs", *SMOKE, *overrides]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_cli_ddp_two_processes_one_output_dir(tmp_path):
+    """``kdkit-train trainer=ddp trainer.devices=2``: rank 0 writes results; ranks share the dir."""
+    run_cli(tmp_path, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+            "callbacks=default", "~callbacks.progress_bar")
+    runs = list((tmp_path / "outputs" / "digits_demo").iterdir())
+    assert len(runs) == 1, runs  # the relaunched rank wrote into rank 0's directory
+    run = runs[0]
+    results = json.loads((run / "results.json").read_text())
+    assert list(results) == ["teacher", "baseline", "student"]
+    assert all(0 <= r["test/acc"] <= 1 for r in results.values())
+    assert sorted(p.name for p in (run / "checkpoints" / "student").iterdir()) == ["last.ckpt"]
+    assert not list(run.glob("**/*.tmp"))
+    # one metrics.csv per stage (rank 0's logger alone)
+    assert sorted(p.relative_to(run).as_posix() for p in run.glob("logs/**/metrics.csv")) == \
+        [f"logs/{s}/metrics.csv" for s in ("baseline", "student", "teacher")]
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_cli_ddp_test_accuracy_equals_one_process(tmp_path):
+    """The same teacher weights score the same on 1 and on 2 processes (digits test set: 359)."""
+    first = tmp_path / "one"
+    first.mkdir()
+    run_cli(first, "stages.baseline=false", "stages.student=false", "hydra.run.dir=run")
+    weights = first / "run" / "teacher.pt"
+    accs = []
+    for devices, where in ((1, first), (2, tmp_path / "two")):
+        where.mkdir(exist_ok=True)
+        run_cli(where, f"teacher.ckpt_path={weights}", "stages.baseline=false", "stages.student=false",
+                "trainer=ddp", f"trainer.devices={devices}", "trainer.accelerator=cpu",
+                "trainer.limit_test_batches=null", "hydra.run.dir=eval")
+        accs.append(json.loads((where / "eval" / "results.json").read_text())["teacher"]["test/acc"])
+    assert accs[0] == accs[1]
