@@ -277,3 +277,19 @@ def test_experiments_run_every_stage_on_the_real_graph(experiment, compose_run, 
     # the GNN reads a 2-hop neighbourhood, the MLPs only the 8 query nodes
     assert results["teacher"]["inductive_fetched_nodes"] > 8
     assert results["student"]["inductive_fetched_nodes"] == 8
+
+
+def test_the_teacher_stage_keeps_its_last_weights_by_default():
+    torch.manual_seed(0)
+    dm = datamodule()
+    gnn = GNN("gcn", 6, 8, 2)
+    t = task(gnn, lr=0.05)
+    t.student_role = "teacher"  # what the runner sets while it trains the teacher
+    snaps = Snapshots()
+    tr = L.Trainer(max_epochs=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                   callbacks=[snaps])
+    tr.fit(t, datamodule=dm)
+    for k, v in gnn.state_dict().items():  # the weights of the last epoch
+        torch.testing.assert_close(v, snaps.states[-1][k])
+    assert t._best is None  # no best epoch was even recorded
