@@ -53,7 +53,8 @@ def models(toy):
 
 
 def trainer(**kwargs):
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+    kwargs.setdefault("devices", 1)
+    return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, **kwargs)
 
 
@@ -218,3 +219,16 @@ def test_configs_compose_and_build():
     hf = instantiate(compose(["experiment=scifact_minilm", "student=hf"]).student.model)
     assert (hf.num_layers, hf.dim, hf.normalize) == (2, 384, True)
     assert tokenizer_identity(hf.tokenizer) == tokenizer_identity(teacher.tokenizer)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_sharded_evaluation_on_two_ranks_equals_one_process(toy):
+    """Under DDP each rank encodes a shard of the corpus and queries; the gathered metrics equal
+    the single-process ones (gloo on CPU, ddp_spawn)."""
+    teacher, student = models(toy)
+    single = trainer().test(make_task(student, teacher, {"embed": Embed()}), datamodule=datamodule(toy),
+                            verbose=False)[0]
+    ddp = trainer(strategy="ddp_spawn", devices=2).test(make_task(student, teacher, {"embed": Embed()}),
+                                                        datamodule=datamodule(toy), verbose=False)[0]
+    assert ddp == pytest.approx(single, abs=1e-6)
