@@ -114,27 +114,7 @@ class ImageDataModule(L.LightningDataModule):
 
     # ---- loaders -----------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        # Under DDP: eval shards without repeated samples (exact metrics over the full set),
-        # and fixed training shards when a per-rank teacher cache asks for them (Lightning
-        # keeps a DistributedSampler it finds instead of injecting its own).
-        sampler = None
-        if not train:
-            sampler = eval_sampler(dataset)
-        elif self.fixed_shards and world()[1] > 1:
-            sampler = FixedShardSampler(dataset, seed=self.seed)
-        generator = torch.Generator().manual_seed(self.seed) if train and sampler is None else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train and sampler is None,
-            sampler=sampler,
-            # Equal batch shapes on every rank: cross-rank gathers in contrastive losses need it.
-            drop_last=train,
-            generator=generator,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
+        return build_loader(self, dataset, train)
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
@@ -150,3 +130,31 @@ class ImageDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         self._require_setup()
         return self._loader(self.test_set, train=False)
+
+
+def build_loader(dm, dataset: Dataset, train: bool) -> DataLoader:
+    """The loader every kdkit datamodule uses, reading ``batch_size``, ``eval_batch_size``,
+    ``seed``, ``num_workers``, ``pin_memory`` and ``fixed_shards`` off ``dm``.
+
+    Under DDP: eval shards without repeated samples (exact metrics over the full set), and fixed
+    training shards when a per-rank teacher cache asks for them (Lightning keeps a
+    DistributedSampler it finds instead of injecting its own). Train batches drop the remainder:
+    cross-rank gathers in contrastive losses need equal shapes on every rank.
+    """
+    sampler = None
+    if not train:
+        sampler = eval_sampler(dataset)
+    elif getattr(dm, "fixed_shards", False) and world()[1] > 1:
+        sampler = FixedShardSampler(dataset, seed=dm.seed)
+    generator = torch.Generator().manual_seed(dm.seed) if train and sampler is None else None
+    return DataLoader(
+        dataset,
+        batch_size=dm.batch_size if train else dm.eval_batch_size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        drop_last=train,
+        generator=generator,
+        num_workers=dm.num_workers,
+        pin_memory=dm.pin_memory,
+        persistent_workers=dm.num_workers > 0,
+    )

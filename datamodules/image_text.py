@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from datamodules.base import build_loader
 from datamodules.cifar10 import CIFAR10DataModule
 from kdkit.errors import KdkitError
 
@@ -228,11 +229,7 @@ class PairsDataModule(L.LightningDataModule):
         return default_collate([self.plain_train_set[i] for i in range(min(n, len(self.plain_train_set)))])
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size,
-                          shuffle=train, drop_last=train,
-                          generator=torch.Generator().manual_seed(self.seed) if train else None,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0)
+        return build_loader(self, dataset, train)
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()

@@ -1,6 +1,7 @@
 """RetrievalTask on toy BEIR data with tiny BERTs: evaluation, training paths, report, export."""
 
 import json
+from functools import partial
 
 import lightning as L
 import pytest
@@ -60,7 +61,7 @@ def trainer(**kwargs):
 
 def make_task(student, teacher=None, distillers=None, **kwargs):
     return RetrievalTask(student, teacher, distillers=distillers or {},
-                         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3), scheduler=constant,
+                         optimizer=partial(torch.optim.AdamW, lr=1e-3), scheduler=constant,
                          throughput_passages=8, throughput_batch_size=4, throughput_repeats=1, **kwargs)
 
 
