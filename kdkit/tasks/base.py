@@ -211,14 +211,18 @@ class DistillationTask(L.LightningModule):
     # ---- loop -------------------------------------------------------------------------------
     def losses(self, batch: dict) -> tuple[dict[str, Tensor], Outputs]:
         """Weighted named loss terms for one batch, and the student's outputs."""
+        # Teacher first: its no-grad activations are freed before the student's graph is built.
+        # In the other order the student's saved activations are alive while the teacher
+        # allocates, and on CPU the allocator returns and re-faults those pages every step
+        # (73k vs 11k page faults per ResNet-56 -> ResNet-20 step; benchmarks/results/scale.md).
+        t = self.teacher_outputs(batch) if len(self.distillers) else None
         s = self.student_outputs(batch)
         losses: dict[str, Tensor] = {}
         if self.task_loss_weight:
             task = self.task_loss(s, batch)
             if task is not None:
                 losses["task"] = self.task_loss_weight * task
-        if len(self.distillers):
-            t = self.teacher_outputs(batch)
+        if t is not None:
             for name, distiller in self.distillers.items():
                 for term, value in distiller(s, t, batch).items():
                     losses[name if term == "loss" else f"{name}/{term}"] = distiller.weight * value
@@ -229,11 +233,23 @@ class DistillationTask(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         losses, _ = self.losses(batch)
         total = torch.stack([v.float() for v in losses.values()]).sum()
-        # Detached tensors only: Lightning reduces them lazily, so no host sync in the step.
-        self.log_dict({f"train/loss/{k}": v.detach() for k, v in losses.items()},
-                      on_step=True, on_epoch=False)
-        self.log("train/loss", total.detach(), on_step=True, on_epoch=False, prog_bar=True)
+        if self._is_logging_step():
+            # Detached tensors only: Lightning reduces them lazily, so no host sync in the step.
+            self.log_dict({f"train/loss/{k}": v.detach() for k, v in losses.items()},
+                          on_step=True, on_epoch=False)
+            self.log("train/loss", total.detach(), on_step=True, on_epoch=False, prog_bar=True)
         return total
+
+    def _is_logging_step(self) -> bool:
+        """Whether Lightning writes on-step values this step.
+
+        Each ``self.log`` call costs milliseconds (Lightning moves its result collection to the
+        device on every call) although on-step values are written only every
+        ``log_every_n_steps``; skipping the other steps took the framework's overhead per
+        ResNet-56 -> ResNet-20 step from 2.9% to 1.8% (benchmarks/results/scale.md).
+        """
+        connector = getattr(self._trainer, "_logger_connector", None) if self._trainer else None
+        return bool(getattr(connector, "should_update_logs", True))
 
     def _eval_step(self, stage: str, batch: dict) -> None:
         self.update_metrics(stage, self.student_outputs(batch), batch)
