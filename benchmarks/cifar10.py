@@ -44,6 +44,7 @@ def main() -> None:
     p.add_argument("--teacher-ckpt", default=None, help="reuse a trained teacher (teacher.pt)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", type=int, default=3, help="seeds for baseline, KD and the best method")
+    p.add_argument("--all-seeds", action="store_true", help="run every method with --seeds seeds")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the teacher run")
     p.add_argument("--jobs", type=int, default=1,
                    help="student runs in parallel, one torch thread each (2 on a 2-core box)")
@@ -111,6 +112,8 @@ def main() -> None:
     run_all([(m, 0) for m in ["baseline", *methods]])
     best = max(methods, key=lambda m: done[(m, 0)]["test/acc"]) if methods else None
     more = [m for m in dict.fromkeys(["baseline", "kd", best]) if m and (m == "baseline" or m in methods)]
+    if args.all_seeds:
+        more = ["baseline", *methods]
     run_all([(m, seed) for seed in range(1, args.seeds) for m in more])
     report(args, done, best)
 
@@ -148,6 +151,8 @@ def report(args, done: dict, best: str | None) -> None:
     tuned = {m: method_overrides(m, args.epochs, args.steps_per_epoch) for m in by_method}
     lines += [f"Per-method overrides: `{m}`: {', '.join(f'`{o}`' for o in over)}."
               for m, over in tuned.items() if over]
+    if args.extra:
+        lines.append(f"Overrides of every student run: {', '.join(f'`{o}`' for o in args.extra)}.")
     lines += ["Every other hyper-parameter is the distiller's yaml default (the papers' CIFAR values).", ""]
     lines += ["| method | seeds | test acc (%) | Δ vs baseline | params | train time / run (s) |",
               "|---|---|---|---|---|---|"]

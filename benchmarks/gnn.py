@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -123,8 +124,7 @@ def report(done: dict, args) -> str:
     columns = [(d, s) for d in datasets for s in settings]
     lines = [header("GNN-to-MLP distillation: Cora and CiteSeer (Planetoid public split)")]
     uname = subprocess.run(["uname", "-a"], capture_output=True, text=True).stdout.strip()
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
-    lines += [f"- `uname -a`: {uname}", f"- `nproc`: {nproc}; torch {torch.__version__}, "
+    lines += [f"- `uname -a`: {uname}", f"- cores: {os.cpu_count()}; torch {torch.__version__}, "
               f"{args.threads} thread(s); Python {platform.python_version()}",
               f"- seeds: {args.seeds} (model init, dropout and, inductive, the held-out draw)", ""]
     lines += ["Test accuracy (%) at the best validation epoch, mean ± std over seeds. Inductive: "

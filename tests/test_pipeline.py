@@ -22,6 +22,12 @@ def test_default_run_writes_results_for_every_stage(compose_run):
     assert "distiller" in open(f"{out}/config.yaml").read()
 
 
+def test_callbacks_none_writes_no_checkpoints(compose_run, tmp_path):
+    # Without a configured ModelCheckpoint, Lightning would add its own and save every epoch.
+    compose_run("trainer.max_epochs=2")
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
 def test_exported_student_loads_into_bare_class_without_teacher(compose_run):
     cfg, _ = compose_run()
     state = torch.load(f"{cfg.paths.output_dir}/export/student.pt")
