@@ -45,6 +45,7 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", type=int, default=3, help="seeds for baseline, KD and the best method")
     p.add_argument("--all-seeds", action="store_true", help="run every method with --seeds seeds")
+    p.add_argument("--report-only", action="store_true", help="rewrite cifar10.md from the runs so far")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the teacher run")
     p.add_argument("--jobs", type=int, default=1,
                    help="student runs in parallel, one torch thread each (2 on a 2-core box)")
@@ -74,6 +75,10 @@ def main() -> None:
         done[(row["method"], row["seed"])] = row
         with cache.open("a") as f:
             f.write(json.dumps(row) + "\n")
+
+    if args.report_only:
+        accs = {m: done[(m, 0)]["test/acc"] for m, s in done if s == 0 and m not in ("teacher", "baseline")}
+        return report(args, done, max(accs, key=accs.get) if accs else None)
 
     teacher_ckpt = args.teacher_ckpt
     if teacher_ckpt is None:

@@ -4,6 +4,7 @@ Answers "should this machine train in bf16?": on CPUs without native bf16 (AVX2-
 emulates it and is much slower than fp32; channels_last helps fp32 convolutions.
 
     python benchmarks/cpu_precision.py --models resnet8 resnet20 resnet56 --threads 1
+    python benchmarks/cpu_precision.py --results cpu_precision_amx.md      # on a CPU with AMX
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2, help="modes alternate each round to share the noise")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--results", default="cpu_precision.md",
+                   help="file under benchmarks/results (one per CPU kind: the answer differs)")
     args = p.parse_args()
     import torch
 
@@ -76,7 +79,7 @@ def main() -> None:
         lines.append(f"| {name} | {best['fp32']:.0f} | {best['fp32+channels_last']:.0f} | "
                      f"{best['bf16+channels_last']:.0f} | "
                      f"{best['bf16+channels_last'] / best['fp32+channels_last']:.2f}x |")
-    write("cpu_precision.md", "\n".join(lines) + "\n")
+    write(args.results, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

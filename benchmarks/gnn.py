@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import header, mean_std, write  # noqa: E402
 
 EXPERIMENTS = {"cora": "cora_glnn", "citeseer": "citeseer_glnn"}
-TEACHERS = {"gcn": "GCN", "sage": "SAGE"}
+TEACHERS = {"gcn": "GCN", "sage": "SAGE", "gat": "GAT"}
 # Overrides on top of the experiment (which is GLNN itself: distiller=[glnn], the core KD at
 # T = 1 on all nodes, lambda = 0).
 METHODS = {
