@@ -100,7 +100,9 @@ def test_second_epoch_runs_no_teacher_forward_and_cached_equals_live(tmp_path):
     assert set(cached.flat()) == set(fresh.flat()) == {"logits", "embedding", "features.conv"}
     for name, value in fresh.flat().items():
         assert cached.flat()[name].dtype == value.dtype
-        torch.testing.assert_close(cached.flat()[name], value, rtol=0, atol=0)
+        # the cache was filled from batches of 8, the fresh forward runs on all 24 at once: BLAS
+        # may block the two shapes differently (seen: 3e-8 on an AVX-512 CPU, 0 on an AVX2 one)
+        torch.testing.assert_close(cached.flat()[name], value, rtol=1e-6, atol=1e-6)
 
 
 def test_partially_cached_batch_is_a_miss_and_no_grad_bypasses(tmp_path):

@@ -49,8 +49,11 @@ def task(student, teacher=None, distillers=None, lr=0.01, **kwargs) -> NodeTask:
 
 
 def trainer(epochs: int) -> L.Trainer:
+    # full-batch: one step per epoch; log_every_n_steps=1 as in the node experiments (the task
+    # logs its loss terms on Lightning's logging steps only)
     return L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                     log_every_n_steps=1)
 
 
 def test_needs_graph_follows_the_model_not_the_role():
