@@ -19,3 +19,21 @@ def test_wandb_logs_offline_one_run_per_stage(compose_run, monkeypatch):
     runs = sorted((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
     assert len(runs) == 3  # teacher, baseline, student
     assert all(any(r.glob("*.wandb")) for r in runs)  # each has its event log, syncable later
+
+
+def test_loss_terms_are_logged_only_on_logging_steps(compose_run, monkeypatch):
+    # self.log costs milliseconds per call; the task skips it on steps Lightning would not write
+    from kdkit.tasks.base import DistillationTask
+
+    calls = []
+    original = DistillationTask.log_dict
+    monkeypatch.setattr(DistillationTask, "log_dict",
+                        lambda self, metrics, **kw: (calls.append((self.global_step, set(metrics)))
+                                                     or original(self, metrics, **kw)))
+    cfg, _ = compose_run("stages.teacher=true", "stages.baseline=false", "trainer.limit_train_batches=6",
+                         "trainer.log_every_n_steps=3")
+    train_steps = [step for step, keys in calls if any(k.startswith("train/loss/") for k in keys)]
+    # teacher and student stages, 6 steps each: logged after steps 3 and 6 (global_step 2, 5)
+    assert train_steps == [2, 5, 2, 5]
+    rows = list(csv.DictReader(open(Path(cfg.paths.output_dir) / "logs" / "student" / "metrics.csv")))
+    assert [int(r["step"]) for r in rows if r.get("train/loss/kd")] == [2, 5]
