@@ -177,7 +177,7 @@ def report(out: Path, out_arg: str) -> str:
 
 PROTOCOL = """Protocol. Every row runs `kdkit-train experiment=scifact_minilm` plus the row's overrides
 (see `CONFIGS` in benchmarks/retrieval.py), one CPU thread (main_2threads: two), fp32
-(main_bf16: bf16 autocast; the teacher is always evaluated in fp32), under `flock /work/cpu.lock` on a
+(main_bf16: bf16 autocast; the teacher is always evaluated in fp32), on a
 machine shared with other jobs. Students are sliced from the teacher's layers and trained with
 AdamW (peak lr 5e-4, 5% warm-up, cosine decay), batches of 32 texts (16 tuples for the tuple
 distillers) truncated to 128 tokens; targets are the teacher's normalised embeddings at its own
