@@ -36,6 +36,24 @@ def method_overrides(method: str, epochs: int, steps_per_epoch: int) -> list[str
     return []
 
 
+def best_method(done: dict, methods: list[str]) -> str | None:
+    """The distiller with the highest seed-0 test accuracy among those run."""
+    ran = [m for m in methods if (m, 0) in done]
+    return max(ran, key=lambda m: done[(m, 0)]["test/acc"]) if ran else None
+
+
+def steps_per_epoch(common: list[str]) -> int:
+    """Training batches per epoch of the benchmark's data (DKD's warm-up is set from it)."""
+    from hydra.utils import instantiate
+
+    from kdkit.compose import compose
+
+    dm = instantiate(compose(common).data)
+    dm.prepare_data()
+    dm.setup("fit")
+    return len(dm.train_dataloader())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiment", default="cifar10_resnet56_resnet8")
@@ -49,8 +67,6 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads of the teacher run")
     p.add_argument("--jobs", type=int, default=1,
                    help="student runs in parallel, one torch thread each (2 on a 2-core box)")
-    p.add_argument("--steps-per-epoch", type=int, default=70,
-                   help="training steps per epoch (9,000 train images / batch 128), for DKD's warm-up")
     p.add_argument("--out", default="benchmarks/runs/cifar10")
     p.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
     args = p.parse_args()
@@ -76,9 +92,10 @@ def main() -> None:
         with cache.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
+    args.steps_per_epoch = steps_per_epoch(common)
+    methods = [m for m in args.methods.split(",") if m]
     if args.report_only:
-        accs = {m: done[(m, 0)]["test/acc"] for m, s in done if s == 0 and m not in ("teacher", "baseline")}
-        return report(args, done, max(accs, key=accs.get) if accs else None)
+        return report(args, done, best_method(done, METHODS))
 
     teacher_ckpt = args.teacher_ckpt
     if teacher_ckpt is None:
@@ -113,9 +130,8 @@ def main() -> None:
             print(f"[cifar10] {row['method']} seed {row['seed']}: test/acc {row['test/acc']:.4f} "
                   f"({row['wall_s']:.0f} s)", flush=True)
 
-    methods = [m for m in args.methods.split(",") if m]
     run_all([(m, 0) for m in ["baseline", *methods]])
-    best = max(methods, key=lambda m: done[(m, 0)]["test/acc"]) if methods else None
+    best = best_method(done, methods)
     more = [m for m in dict.fromkeys(["baseline", "kd", best]) if m and (m == "baseline" or m in methods)]
     if args.all_seeds:
         more = ["baseline", *methods]

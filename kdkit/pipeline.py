@@ -136,7 +136,7 @@ def make_trainer(cfg, out: Path, stage: str, max_epochs=None) -> L.Trainer:
     overrides = {"max_epochs": max_epochs} if max_epochs else {}
     if not any(isinstance(cb, ModelCheckpoint) for cb in callbacks) and "enable_checkpointing" not in cfg.trainer:
         # Without a configured ModelCheckpoint (callbacks=none) Lightning would add its own and
-        # write a checkpoint every epoch: 40% of a 300-epoch full-batch Cora run.
+        # write a checkpoint every epoch: 12 of 70 s (17%) of a cProfiled cora_glnn run.
         overrides["enable_checkpointing"] = False
     trainer = instantiate(
         cfg.trainer,
