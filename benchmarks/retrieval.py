@@ -42,6 +42,10 @@ CONFIGS = {
     # CPUs with AMX / avx512_bf16: a bf16 step is ~1.0 s (1 thread), so 1100 steps fit 20 minutes
     "main_bf16": ("as main, bf16 autocast, more steps", ["student.model.layers=[0,5]",
                                                         "trainer.precision=bf16-mixed"], 1100, 20),
+    # the teacher's targets computed on the same 128 tokens the student reads (default: its 256)
+    "main_bf16_t128": ("as main_bf16, teacher targets at 128 tokens",
+                       ["student.model.layers=[0,5]", "trainer.precision=bf16-mixed",
+                        "data.target_max_length=128"], 1100, 20),
     "one_layer": ("1 layer [5], embed (1 - cos)", ["student.model.layers=[5]"], 400, 7),
     "embed": ("2 layers, embed alone", ["student.model.layers=[0,5]"], 60, 2),
     "rkd": ("2 layers, RKD on text embeddings alone", ["distiller=[rkd]"], 60, 2),
@@ -92,7 +96,8 @@ def main() -> None:
     p.add_argument("--results", default="retrieval.md", help="file name under benchmarks/results")
     p.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
     p.add_argument("--probe-length", type=int, default=None,
-                   help="also evaluate main's exported student with this max length (tokens)")
+                   help="also evaluate an exported student with this max length (tokens)")
+    p.add_argument("--probe-config", default="main", help="the configuration --probe-length evaluates")
     args = p.parse_args()
 
     import torch
@@ -114,12 +119,12 @@ def main() -> None:
         print(f"== {name}: {steps} steps (~{minutes} min) {overrides}", flush=True)
         run_config(name, overrides, steps, minutes, out, teacher=False, extra=args.extra)
     if args.probe_length:
-        probe_length(out, args.probe_length, args.extra)
+        probe_length(out, args.probe_config, args.probe_length, args.extra)
     write(args.results, report(out, args.out))
 
 
-def probe_length(out: Path, length: int, extra: list[str]) -> dict:
-    """Evaluate ``out/main/export`` (trained with 128-token texts) at ``length`` tokens."""
+def probe_length(out: Path, name: str, length: int, extra: list[str]) -> dict:
+    """Evaluate ``out/<name>/export`` (trained with 128-token texts) at ``length`` tokens."""
     from hydra.utils import instantiate
 
     from kdkit.compose import compose
@@ -130,14 +135,14 @@ def probe_length(out: Path, length: int, extra: list[str]) -> dict:
     dm = instantiate(cfg.data)
     dm.setup("test")
     teacher = instantiate(cfg.teacher.model)
-    student = sentence_encoder(str(out / "main" / "export"), max_length=length)
+    student = sentence_encoder(str(out / name / "export"), max_length=length)
     docs, query_ids, qrels = dm.eval_layout("test")
     queries = student.encode([dm.data.queries[q] for q in query_ids])
-    corpus = student.encode(dm.data.doc_texts, progress=True, desc=f"main student, {length} tokens")
+    corpus = student.encode(dm.data.doc_texts, progress=True, desc=f"{name} student, {length} tokens")
     result = {k: v for k, v in retrieval_metrics(queries, corpus, query_ids, docs, qrels).items()}
     asym = retrieval_metrics(queries, dm.static_embeddings(teacher, "corpus"), query_ids, docs, qrels)
     result.update({f"asym/{k}": v for k, v in asym.items()})
-    (out / "main" / f"length{length}.json").write_text(json.dumps(result, indent=2))
+    (out / name / f"length{length}.json").write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -158,10 +163,11 @@ def report(out: Path, out_arg: str) -> str:
     if missing:
         lines += ["", f"Not run: {', '.join(missing)} (`python benchmarks/retrieval.py --configs "
                       f"{','.join(missing)}`)."]
-    for probe in sorted((out / "main").glob("length*.json")):
+    for probe in sorted(out.glob("*/length*.json")):
+        name = probe.parent.name
         r = {f"test/{k}": v for k, v in json.loads(probe.read_text()).items()}
-        lines.append(row(f"main, evaluated at {probe.stem[6:]} tokens", r, "600", None))
-    for name in ("main", "main_2threads", "main_bf16"):
+        lines.append(row(f"{name}, evaluated at {probe.stem[6:]} tokens", r, str(CONFIGS[name][2]), None))
+    for name in ("main", "main_2threads", "main_bf16", "main_bf16_t128"):
         r = results.get(name, {}).get("student")
         if not r:
             continue

@@ -365,6 +365,9 @@ class BEIRDataModule(L.LightningDataModule):
             every training stream.
         include_queries: add the train queries to the unlabeled text stream.
         max_length: tokens per training text (the teacher targets keep the teacher's own length).
+        target_max_length: tokens per text of the teacher's distillation targets (None: the
+            teacher's own max length; ``max_length`` makes target and student input the same
+            text). Evaluation (the asymmetric index included) always uses the teacher's length.
         eval_max_length: tokens per evaluated text (None: the bound student's ``max_length``).
         num_negatives: hard negatives per tuple.
         negative_ranks: ``[lo, hi)`` ranks (positives removed) of the teacher's ranking that
@@ -382,6 +385,7 @@ class BEIRDataModule(L.LightningDataModule):
                  cache_dir: str = "~/.cache/kdkit", download: bool = False, stream: str = "text",
                  train_split: str = "train", test_split: str = "test", val_queries: int = 0,
                  include_queries: bool = True, max_length: int = 128, eval_max_length: int | None = None,
+                 target_max_length: int | None = None,
                  num_negatives: int = 4, negative_ranks: Sequence[int] = (3, 30), tokenizer: str | None = None,
                  batch_size: int = 32, eval_batch_size: int = 64, teacher_batch_size: int = 64,
                  num_workers: int = 0, seed: int = 0):
@@ -397,6 +401,7 @@ class BEIRDataModule(L.LightningDataModule):
         self.include_queries = include_queries
         self.max_length = int(max_length)
         self.eval_max_length_arg = eval_max_length
+        self.target_max_length = None if target_max_length is None else int(target_max_length)
         self.num_negatives = int(num_negatives)
         self.negative_ranks = tuple(int(r) for r in negative_ranks)
         self.tokenizer_source = tokenizer
@@ -478,8 +483,8 @@ class BEIRDataModule(L.LightningDataModule):
             self.eval_max_length = self.eval_max_length_arg or student.max_length
         self.teacher_table, self.negatives = None, None
         if teacher is not None:
-            corpus = self.static_embeddings(teacher, "corpus")
-            queries = self.static_embeddings(teacher, f"queries-{self.train_split}")
+            corpus = self.static_embeddings(teacher, "corpus", self.target_max_length)
+            queries = self.static_embeddings(teacher, f"queries-{self.train_split}", self.target_max_length)
             self.teacher_table = torch.cat([corpus, queries])
             if self.stream != "text":
                 self.negatives = mine_negatives(queries, corpus, self.train_positives, self.negative_ranks)
@@ -512,14 +517,15 @@ class BEIRDataModule(L.LightningDataModule):
         torch.save(embeddings.detach().float().cpu().contiguous(), tmp)
         tmp.replace(path)
 
-    def static_embeddings(self, encoder, kind: str) -> Tensor:
-        """Embeddings of ``static_texts(kind)`` by ``encoder`` at its max length: cache, else encode."""
-        cached = self.cached_embeddings(encoder, kind)
+    def static_embeddings(self, encoder, kind: str, max_length: int | None = None) -> Tensor:
+        """Embeddings of ``static_texts(kind)`` by ``encoder`` at ``max_length`` (None: its own):
+        cache, else encode."""
+        cached = self.cached_embeddings(encoder, kind, max_length)
         if cached is not None:
             return cached
         emb = encoder.encode(self.static_texts(kind), batch_size=self.teacher_batch_size, progress=True,
-                             desc=f"teacher {kind}")
-        self.store_embeddings(encoder, kind, emb)
+                             max_length=max_length, desc=f"teacher {kind}")
+        self.store_embeddings(encoder, kind, emb, max_length)
         return emb
 
     # ---- streams ---------------------------------------------------------------------------

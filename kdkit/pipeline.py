@@ -120,7 +120,11 @@ def make_task(cfg, student, teacher=None, distillers=None, role_of_student: str 
         from kdkit.cache import build_teacher_cache
 
         kwargs["teacher_cache"] = build_teacher_cache(cfg, teacher, datamodule)
-    task = instantiate(cfg.task)(**kwargs)
+    task_cfg = cfg.task
+    own = cfg[role_of_student].get("optimizer")
+    if own:  # <role>.optimizer: this model's own optimizer settings (e.g. a student's weight decay)
+        task_cfg = OmegaConf.merge(cfg.task, {"optimizer": own})
+    task = instantiate(task_cfg)(**kwargs)
     task.student_role = role_of_student
     return task
 
@@ -165,12 +169,16 @@ def fit_and_test(cfg, task, datamodule, out: Path, stage: str, train: bool,
         start = time.perf_counter()
         trainer.fit(task, datamodule=datamodule, ckpt_path=_resume_from(cfg, out, stage))
         results["fit_seconds"] = round(time.perf_counter() - start, 1)
+        # the last validation metrics: for choosing settings without looking at the test set
+        results.update({k: float(v) for k, v in trainer.callback_metrics.items()
+                        if k.startswith("val/") and v.numel() == 1})
     if not evaluate:
         _finish_wandb(trainer)
         return None
     metrics = trainer.test(task, datamodule=datamodule, verbose=False)[0]
     results = {**{k: float(v) for k, v in metrics.items()},
-               **task.inference_report(_latency_batch(cfg, datamodule)), **results}
+               **task.fit_summary(), **task.inference_report(_latency_batch(cfg, datamodule)),
+               **results}
     _write_on_rank_zero(out / "stages" / f"{stage}.json", json.dumps(results, indent=2))
     _finish_wandb(trainer)
     return results

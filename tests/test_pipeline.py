@@ -17,6 +17,7 @@ def test_default_run_writes_results_for_every_stage(compose_run):
     for metrics in results.values():
         assert 0.0 <= metrics["test/acc"] <= 1.0
         assert metrics["params"] > 0 and metrics["latency_ms"] > 0
+        assert 0.0 <= metrics["val/acc"] <= 1.0  # the last validation, recorded for tuning
     assert results["teacher"]["params"] > results["student"]["params"]
     assert json.loads(open(f"{out}/results.json").read()) == results
     assert "distiller" in open(f"{out}/config.yaml").read()
@@ -82,3 +83,17 @@ def test_timm_student_export_loads_with_timm_checkpoint_path(compose_run):
     assert set(model.state_dict()) == set(saved)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
     assert 0.0 <= results["student"]["test/acc"] <= 1.0
+
+
+def test_role_optimizer_overrides_task_optimizer_for_that_role_only(tmp_path):
+    from kdkit.compose import compose
+    from kdkit.pipeline import make_task
+
+    cfg = compose(["experiment=digits_demo", "+student.optimizer.weight_decay=0.123"],
+                  output_dir=str(tmp_path))
+    student_task = make_task(cfg, student=instantiate(cfg.student.model))
+    teacher_task = make_task(cfg, student=instantiate(cfg.teacher.model), role_of_student="teacher")
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert student_task.optimizer_factory(params).defaults["weight_decay"] == 0.123
+    teacher_wd = teacher_task.optimizer_factory(params).defaults["weight_decay"]
+    assert teacher_wd == cfg.task.optimizer.weight_decay != 0.123

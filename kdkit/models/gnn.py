@@ -7,7 +7,8 @@ representation distillers without a second forward. ``needs_graph`` tells the ta
 model is fed ``(x, edge_index)`` or ``x`` alone.
 
 Node features may be a sparse CSR tensor (bag-of-words features are ~1% nonzero): the first
-layer then multiplies sparse by dense, about 10x less work than the dense product on a CPU.
+layer then multiplies sparse by dense, about 10x less work than the dense product on a CPU
+(``SparseInputLinear`` keeps that product fast at inference too).
 """
 
 from __future__ import annotations
@@ -51,6 +52,37 @@ class FeatureDropout(nn.Dropout):
         return torch.sparse_csr_tensor(x.crow_indices(), x.col_indices(), values, x.shape)
 
 
+class SparseInputLinear(nn.Linear):
+    """``nn.Linear`` that, at inference on a sparse CSR input, multiplies by a cached contiguous
+    ``W^T``: torch's CSR @ transposed-strided product is ~4x slower on a CPU (0.14 vs 0.03 ms for
+    256 Cora rows), which dominated an MLP's inductive latency. Training (autograd on the
+    weight) and dense inputs take ``nn.Linear``'s own path. The cache is keyed on the weight's
+    storage and version, so optimizer steps, ``load_state_dict`` and ``.to()`` invalidate it.
+    """
+
+    _wt: Tensor | None = None
+    _wt_key: tuple | None = None
+
+    @classmethod
+    def like(cls, linear: nn.Module) -> "SparseInputLinear":
+        """The same layer (weights shared, no new init) as a SparseInputLinear, e.g. PyG's."""
+        new = cls(linear.weight.shape[1], linear.weight.shape[0], bias=linear.bias is not None,
+                  device="meta")
+        new.weight = linear.weight
+        new.bias = linear.bias
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (x.layout != torch.sparse_csr or torch.is_autocast_enabled(x.device.type)
+                or (torch.is_grad_enabled() and self.weight.requires_grad)):
+            return super().forward(x)
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype)
+        if self._wt_key != key:
+            self._wt, self._wt_key = self.weight.detach().t().contiguous(), key
+        out = x @ self._wt
+        return out if self.bias is None else out.add_(self.bias)
+
+
 def _conv(kind: str, in_channels: int, out_channels: int, last: bool, heads: int,
           attn_dropout: float) -> nn.Module:
     from torch_geometric.nn import GATConv, GCNConv, SAGEConv
@@ -58,7 +90,9 @@ def _conv(kind: str, in_channels: int, out_channels: int, last: bool, heads: int
     if kind == "gcn":
         # No `cached=True`: the same model must run on the observed graph in training and on
         # the full graph (or a k-hop subgraph) at inductive evaluation.
-        return GCNConv(in_channels, out_channels)
+        conv = GCNConv(in_channels, out_channels)
+        conv.lin = SparseInputLinear.like(conv.lin)  # same weight and init, same state_dict keys
+        return conv
     if kind == "sage":
         return SAGEConv(in_channels, out_channels, aggr="mean")
     if last:  # one output head, as Velickovic et al. (2018) use on Cora and CiteSeer
@@ -160,7 +194,8 @@ class NodeMLP(nn.Module):
         if num_layers < 1:
             raise KdkitError(f"num_layers must be >= 1, got {num_layers}")
         widths = [in_channels] + [hidden_channels] * (num_layers - 1) + [num_classes]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.layers = nn.ModuleList(SparseInputLinear(a, b) if i == 0 else nn.Linear(a, b)
+                                    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])))
         self.norms = nn.ModuleList(_norm(norm, hidden_channels) for _ in range(num_layers - 1))
         self.act = _act(act)
         self.input_dropout = FeatureDropout(input_dropout)

@@ -130,6 +130,11 @@ class DistillationTask(L.LightningModule):
     def check_compatible(self, student: Outputs, teacher: Outputs) -> None:
         """Raise KdkitError when teacher and student cannot be paired (e.g. class counts)."""
 
+    def fit_summary(self) -> dict:
+        """Facts about the finished fit that belong in ``results.json`` (e.g. the validation
+        score of the weights that were kept); empty unless a task selects weights."""
+        return {}
+
     def inference_report(self, batch: dict) -> dict:
         """Size and inference latency of the student on ``batch`` (one forward, no grad)."""
         from kdkit.report import count_parameters, latency_ms

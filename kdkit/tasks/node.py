@@ -173,6 +173,13 @@ class NodeTask(DistillationTask):
         if self._selects_best() and self._best is not None:
             self.load_state_dict(self._best[1])
 
+    def fit_summary(self) -> dict:
+        """``val/acc_selected``: validation accuracy of the weights kept (the best epoch when
+        selecting, else the last), so hyper-parameters can be chosen without the test set."""
+        if self._selects_best() and self._best is not None:
+            return {"val/acc_selected": self._best[0]}
+        return {} if self._last_val_acc is None else {"val/acc_selected": self._last_val_acc}
+
     def _selects_best(self) -> bool:
         return self.select_best_teacher if self.student_role == "teacher" else self.select_best
 

@@ -118,6 +118,18 @@ def test_bind_builds_teacher_table_negatives_and_caches(toy_dir, tmp_path, monke
     assert texts == [dm.pool_texts[p] for p in batch["query_pool"].tolist()]
 
 
+def test_target_max_length_truncates_the_teacher_targets_only(toy_dir, tmp_path):
+    dm = module(toy_dir, tmp_path, target_max_length=4)  # [CLS] + 2 word pieces + [SEP]
+    teacher = tiny_encoder(0)
+    dm.bind(tiny_encoder(1), teacher)
+    short = teacher.encode(dm.pool_texts, max_length=4)
+    assert torch.allclose(dm.teacher_table, short, atol=1e-5)
+    assert not torch.allclose(short, teacher.encode(dm.pool_texts), atol=1e-3)  # truncation bites
+    # the evaluation index (asymmetric mode) keeps the teacher's own length
+    torch.testing.assert_close(dm.static_embeddings(teacher, "corpus"), teacher.encode(dm.data.doc_texts),
+                               atol=1e-5, rtol=0)
+
+
 def test_text_and_both_streams(toy_dir, tmp_path):
     dm = module(toy_dir, tmp_path, stream="both", include_queries=True)
     dm.bind(tiny_encoder(1), None)  # no teacher: random non-positive negatives

@@ -4,7 +4,7 @@ import torch
 
 from kdkit.errors import KdkitError
 from kdkit.features import FeatureTap
-from kdkit.models.gnn import GNN, NodeMLP
+from kdkit.models.gnn import GNN, NodeMLP, SparseInputLinear
 
 # A 3-node path 0 - 1 - 2, both directions.
 EDGES = torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]])
@@ -101,3 +101,37 @@ def test_bad_names_raise_one_line_errors():
         GNN("gat", 4, 10, 2, heads=4)
     with pytest.raises(KdkitError, match="num_layers"):
         NodeMLP(4, 8, 2, num_layers=0)
+
+
+def test_sparse_input_linear_inference_path_matches_and_tracks_weight_updates():
+    torch.manual_seed(0)
+    x = (torch.rand(16, 40) < 0.1).float()
+    layer = SparseInputLinear(40, 5)
+    with torch.no_grad():
+        fast = layer(x.to_sparse_csr())
+        torch.testing.assert_close(fast, x @ layer.weight.t() + layer.bias)
+        assert layer._wt is not None  # the cached W^T path ran
+        layer.weight.mul_(2.0)        # an in-place update (optimizer step) invalidates the cache
+        torch.testing.assert_close(layer(x.to_sparse_csr()), x @ layer.weight.t() + layer.bias)
+        layer.load_state_dict({"weight": torch.ones(5, 40), "bias": torch.zeros(5)})
+        torch.testing.assert_close(layer(x.to_sparse_csr()), x.sum(1, keepdim=True).expand(16, 5))
+    out = layer(x.to_sparse_csr())  # with autograd: nn.Linear's own path, gradients flow
+    out.sum().backward()
+    torch.testing.assert_close(layer.weight.grad, x.sum(0).expand(5, 40))
+
+
+def test_gcn_first_layer_keeps_pyg_init_and_state_dict_keys():
+    from torch_geometric.nn import GCNConv
+
+    torch.manual_seed(3)
+    plain = GCNConv(9, 3)
+    torch.manual_seed(3)
+    model = GNN("gcn", 9, 8, 3, num_layers=1)
+    conv = model.convs[0]
+    assert isinstance(conv.lin, SparseInputLinear)
+    assert set(conv.state_dict()) == set(plain.state_dict())
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(conv.state_dict()[k], v)
+    x = (torch.rand(3, 9) < 0.5).float()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x.to_sparse_csr(), EDGES), plain(x, EDGES))

@@ -167,6 +167,7 @@ def test_best_validation_weights_are_restored():
         torch.testing.assert_close(v, snaps.states[best][k])
     metrics = tr.validate(t, datamodule=dm, verbose=False)[0]
     assert metrics["val/acc"] == pytest.approx(max(snaps.accs))
+    assert t.fit_summary() == {"val/acc_selected": pytest.approx(max(snaps.accs))}
 
 
 def test_distillation_trains_student_and_adapters_never_the_teacher():
