@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import header, mean_std, write  # noqa: E402
+from benchmarks._common import command, header, mean_std, write  # noqa: E402
 
 EXPERIMENTS = {"cora": "cora_glnn", "citeseer": "citeseer_glnn"}
 QUIET = ["trainer.enable_progress_bar=false", "logger=none", "callbacks=none"]
@@ -131,6 +131,8 @@ def main() -> None:
             jobs.append({"config": config, "seed": seed, "overrides": overrides, "threads": 1,
                          "dir": str(out / "runs" / f"{name}_seed{seed}")})
     if jobs:
+        with (out / "commands.txt").open("a") as f:  # the report lists every grid that fed the cache
+            f.write(command() + "\n")
         print(f"{len(jobs)} runs, {args.jobs} at a time")
         pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
         with pool:
@@ -141,10 +143,10 @@ def main() -> None:
                     f.write(json.dumps(row) + "\n")
                 print(f"[{i + 1}/{len(jobs)}] seed {row['seed']} {row['config'] or '(experiment)'}: "
                       f"val {row['val/acc_selected']:.4f} test {row['test/acc']:.4f}", flush=True)
-    write(f"gnn_sweep_{args.dataset}_{args.setting}.md", report(done, args))
+    write(f"gnn_sweep_{args.dataset}_{args.setting}.md", report(done, args, out))
 
 
-def report(done: dict, args) -> str:
+def report(done: dict, args, out: Path) -> str:
     """Every configuration of the cache with all seeds run (this grid's and earlier ones)."""
     rows = []
     for config in sorted({config for config, _ in done}):
@@ -162,6 +164,8 @@ def report(done: dict, args) -> str:
              "whose mean validation accuracy is within one standard error of the best row's; "
              "test accuracy is shown, never used to select. Latency is informational (measured "
              "while other runs shared the cores).", "",
+             "Grids run into this cache (`commands.txt`):", "",
+             *[f"    {c}" for c in _commands(out)], "",
              "| overrides | val acc (%) | test acc (%) | params | MLP inductive ms |",
              "|---|---|---|---|---|"]
     for _, config, runs in rows:
@@ -180,6 +184,11 @@ def report(done: dict, args) -> str:
             lines.append(f"- `{config}`: {mean_std(vals)} ({len(vals)} seed(s))")
         lines.append("")
     return "\n".join(lines)
+
+
+def _commands(out: Path) -> list[str]:
+    path = out / "commands.txt"
+    return list(dict.fromkeys(path.read_text().splitlines())) if path.exists() else []
 
 
 def select(rows: list[tuple[float, str, list[dict]]]) -> str | None:

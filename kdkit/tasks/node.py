@@ -71,7 +71,8 @@ class NodeTask(DistillationTask):
             validation epoch is accurate but under-trained, and its soft labels teach worse
             (Cora, GLNN, 5 seeds: 80.0% from it vs 81.0% from the same GCN after 300 epochs).
         memoize_teacher: reuse teacher outputs while the graph batch is unchanged.
-        latency_repeats: timed runs per latency figure in ``inference_report`` (median).
+        latency_repeats: timed blocks per latency figure in ``inference_report`` (each block
+            repeats the call for >= 50 ms; the fastest block's mean is reported).
         **kwargs: see ``DistillationTask``.
     """
 
@@ -195,7 +196,7 @@ class NodeTask(DistillationTask):
     # ---- inference cost ---------------------------------------------------------------------
     @torch.no_grad()
     def inference_report(self, batch: dict) -> dict:
-        """Parameters and median latency (ms) of the student on the whole graph and on a batch
+        """Parameters and latency (ms, ``kdkit.report.latency_ms``) of the student on the whole graph and on a batch
         of new nodes (``batch["query"]``, else the test-mask nodes; see ``inductive_forward``).
         ``inductive_fetched_nodes``: how many nodes' features that batch had to read."""
         from kdkit.report import count_parameters, latency_ms
