@@ -154,14 +154,16 @@ class GNN(nn.Module):
         return self.num_layers
 
     def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
-        h = self.input_dropout(x)
+        # dropout is skipped, not called, in eval: a module call costs microseconds, which
+        # count when a deployed model answers a batch of new nodes in well under a millisecond
+        h = self.input_dropout(x) if self.training else x
         if h.layout != torch.strided and self.conv_type == "sage":
             h = h.to_dense()  # SAGEConv aggregates raw features first, which needs dense rows
         for i, (conv, norm) in enumerate(zip(self.convs[:-1], self.norms)):
             h = self.act(norm(conv(h, edge_index)))
             if i == self.num_layers - 2:
                 h = self.embedding(h)
-            h = self.dropout(h)
+            h = self.dropout(h) if self.training else h
         return self.convs[-1](h, edge_index)
 
 
@@ -203,12 +205,12 @@ class NodeMLP(nn.Module):
         self.embedding = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.input_dropout(x)
+        h = self.input_dropout(x) if self.training else x  # (no dropout calls in eval, as GNN)
         if len(self.layers) == 1:
             h = self.embedding(h)
         for i, (layer, norm) in enumerate(zip(self.layers[:-1], self.norms)):
             h = self.act(norm(layer(h)))
             if i == len(self.layers) - 2:
                 h = self.embedding(h)
-            h = self.dropout(h)
+            h = self.dropout(h) if self.training else h
         return self.layers[-1](h)

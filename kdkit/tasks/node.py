@@ -250,12 +250,11 @@ def rows(x: Tensor, index: Tensor) -> Tensor:
     if x.layout != torch.sparse_csr:
         return x[index]
     crow, col, val = x.crow_indices(), x.col_indices(), x.values()
-    start, count = crow[index], crow[index + 1] - crow[index]
-    new_crow = torch.zeros(index.numel() + 1, dtype=crow.dtype, device=x.device)
-    new_crow[1:] = count.cumsum(0)
-    # position of every kept value: its row's start plus its rank within the row
-    rank = torch.arange(int(new_crow[-1]), device=x.device) - new_crow[:-1].repeat_interleave(count)
-    pos = start.repeat_interleave(count) + rank
+    start = crow[index]
+    count = crow[index + 1] - start
+    new_crow = F.pad(count.cumsum(0), (1, 0))
+    # position of every kept value: its new position shifted by (old - new) row start
+    pos = torch.arange(int(new_crow[-1]), device=x.device) + (start - new_crow[:-1]).repeat_interleave(count)
     return torch.sparse_csr_tensor(new_crow, col[pos], val[pos], (index.numel(), x.shape[1]))
 
 
