@@ -159,14 +159,16 @@ def report(out: Path, out_arg: str) -> str:
             desc, _, steps, _ = CONFIGS[name]
             lines.append(row(f"{name}: {desc}", results[name]["student"], str(steps),
                              teacher.get("passages_per_s")))
+    for probe in sorted(out.glob("*/length*.json")):  # same table: re-evaluations of a row's export
+        name = probe.parent.name
+        r = {f"test/{k}": v for k, v in json.loads(probe.read_text()).items()}
+        r.update(layers=results.get(name, {}).get("student", {}).get("layers", "-"),
+                 params=results.get(name, {}).get("student", {}).get("params", 0))
+        lines.append(row(f"{name}, evaluated at {probe.stem[6:]} tokens", r, str(CONFIGS[name][2]), None))
     missing = [n for n in CONFIGS if n not in results]
     if missing:
         lines += ["", f"Not run: {', '.join(missing)} (`python benchmarks/retrieval.py --configs "
                       f"{','.join(missing)}`)."]
-    for probe in sorted(out.glob("*/length*.json")):
-        name = probe.parent.name
-        r = {f"test/{k}": v for k, v in json.loads(probe.read_text()).items()}
-        lines.append(row(f"{name}, evaluated at {probe.stem[6:]} tokens", r, str(CONFIGS[name][2]), None))
     for name in ("main", "main_2threads", "main_bf16", "main_bf16_t128"):
         r = results.get(name, {}).get("student")
         if not r:
@@ -183,15 +185,16 @@ def report(out: Path, out_arg: str) -> str:
 
 PROTOCOL = """Protocol. Every row runs `kdkit-train experiment=scifact_minilm` plus the row's overrides
 (see `CONFIGS` in benchmarks/retrieval.py), one CPU thread (main_2threads: two), fp32
-(main_bf16: bf16 autocast; the teacher is always evaluated in fp32), on a
+(main_bf16*: bf16 autocast; the teacher is always evaluated in fp32), on a
 machine shared with other jobs. Students are sliced from the teacher's layers and trained with
 AdamW (peak lr 5e-4, 5% warm-up, cosine decay), batches of 32 texts (16 tuples for the tuple
 distillers) truncated to 128 tokens; targets are the teacher's normalised embeddings at its own
-256 tokens, computed once and cached. "train min" is the stage's measured `fit` time. Evaluation:
+256 tokens (main_bf16_t128: at 128 tokens, the text the student reads), computed once and cached. "train min" is the stage's measured `fit` time. Evaluation:
 the whole corpus and the 300 test queries at 256 tokens, exact search, ranx; "asym" = student
 queries against the teacher's corpus embeddings. passages/s: the same 64 corpus passages, batch 32,
 256 tokens, student and teacher alternating, median of 3 rounds. The short-budget rows (~2 min of
-training each) compare the distillers at equal time, not at convergence.
+training each) compare the distillers at equal time, not at convergence: a tuple step encodes
+6x the texts of a text step, so the tuple distillers get 20-24 steps to embed's and rkd's 60.
 
 Data the students saw: the 5,183 SciFact corpus passages (title + text, unlabeled) and the 809
 train queries; the tuple distillers also the 919 train qrels pairs and negatives mined by the
