@@ -200,7 +200,7 @@ def test_teacher_cache_is_refused_and_report_has_throughput():
 
 def test_experiment_cifar10_clip_smoke(compose_run, data_dir):
     cfg, results = compose_run("experiment=cifar10_clip", "teacher.max_epochs=1", "data.eval_batch_size=50")
-    assert cfg.task._target_ == "kdkit.tasks.image_text.ImageTextTask" and list(cfg.distiller) == ["clip_fd"]
+    assert cfg.task._target_ == "kdkit.tasks.image_text.ImageTextTask" and list(cfg.distiller) == ["clip_crd", "clip_icl"]
     assert list(results) == ["teacher", "baseline", "student"]
     for stage in results.values():
         assert 0 <= stage["test/zeroshot_acc"] <= 1 and 0 <= stage["test/t2i_r@10"] <= 1
