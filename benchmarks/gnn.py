@@ -144,7 +144,7 @@ def side_by_side_latency(out: Path, dataset: str, teacher: str, rounds: int) -> 
     load_weights(models["gnn"], run_dir / "teacher.pt")
     load_weights(models["mlp"], run_dir / "export" / "student.pt")
     times: dict[str, list[float]] = {"gnn": [], "mlp": []}
-    with torch.no_grad():
+    with torch.inference_mode():  # as inference_report and a deployed model run
         for _ in range(rounds):
             for name, model in models.items():
                 model.eval()

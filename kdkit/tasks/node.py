@@ -194,11 +194,12 @@ class NodeTask(DistillationTask):
             self._best = (best["val_acc"], best["state_dict"])
 
     # ---- inference cost ---------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()  # as a deployed model runs: no autograd bookkeeping at all
     def inference_report(self, batch: dict) -> dict:
-        """Parameters and latency (ms, ``kdkit.report.latency_ms``) of the student on the whole graph and on a batch
-        of new nodes (``batch["query"]``, else the test-mask nodes; see ``inductive_forward``).
-        ``inductive_fetched_nodes``: how many nodes' features that batch had to read."""
+        """Parameters and latency (ms, ``kdkit.report.latency_ms``) of the student on the whole
+        graph and on a batch of new nodes (``batch["query"]``, else the test-mask nodes; see
+        ``inductive_forward``). ``inductive_fetched_nodes``: how many nodes' features that batch
+        had to read."""
         from kdkit.report import count_parameters, latency_ms
 
         batch = self.transfer_batch_to_device(batch, self.device, 0)
