@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
 import statistics
@@ -46,6 +47,25 @@ def mean_std(values: list[float], scale: float = 100.0) -> str:
     if len(values) == 1:
         return f"{m:.2f}"
     return f"{m:.2f} ± {statistics.stdev(values) * scale:.2f}"
+
+
+class RunLog:
+    """Finished benchmark runs, one JSON line each in ``path``, so an interrupted benchmark
+    resumes where it stopped. ``done`` maps ``key(row)`` to the row (a later line wins)."""
+
+    def __init__(self, path: Path, key):
+        self.path, self.key = Path(path), key
+        self.done: dict = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                row = json.loads(line)
+                self.done[key(row)] = row
+
+    def record(self, row: dict) -> dict:
+        self.done[self.key(row)] = row
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
 
 
 def write(name: str, text: str) -> Path:

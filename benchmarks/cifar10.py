@@ -12,7 +12,6 @@ Protocol (all knobs are flags; defaults fit a 2-core CPU in about two hours):
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import statistics
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import header, mean_std, write  # noqa: E402
+from benchmarks._common import RunLog, header, mean_std, write  # noqa: E402
 
 METHODS = ["kd", "dkd", "dist", "fitnet", "at", "rkd", "sp", "crd"]
 
@@ -80,17 +79,8 @@ def main() -> None:
     out = Path(args.out)
     common = [f"experiment={args.experiment}", "trainer.enable_progress_bar=false", "logger=csv",
               *args.extra]
-    cache = out / "results.jsonl"
-    done = {}
-    if cache.exists():  # the benchmark itself resumes: finished runs are read back
-        for line in cache.read_text().splitlines():
-            row = json.loads(line)
-            done[(row["method"], row["seed"])] = row
-
-    def record(row: dict) -> None:
-        done[(row["method"], row["seed"])] = row
-        with cache.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+    log = RunLog(out / "results.jsonl", key=lambda row: (row["method"], row["seed"]))
+    done, record = log.done, log.record
 
     args.steps_per_epoch = steps_per_epoch(common)
     methods = [m for m in args.methods.split(",") if m]

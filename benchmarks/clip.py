@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import json
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import header, mean_std, write  # noqa: E402
+from benchmarks._common import RunLog, header, mean_std, write  # noqa: E402
 
 METHODS = ["clip_fd", "clip_icl", "clip_crd", "affinity"]
 # affinity's gradient equals clip_crd's (the losses differ by the teacher's entropy, a constant):
@@ -77,17 +76,11 @@ def main() -> None:
               "callbacks=none", *args.extra]
     if args.epochs:
         common.append(f"trainer.max_epochs={args.epochs}")
-    cache = out / "results.jsonl"
-    done: dict[tuple[str, int], dict] = {}
-    if cache.exists():
-        for line in cache.read_text().splitlines():
-            row = json.loads(line)
-            done[(row["method"], row["seed"])] = row
+    log = RunLog(out / "results.jsonl", key=lambda row: (row["method"], row["seed"]))
+    done = log.done
 
     def record(row: dict) -> dict:
-        done[(row["method"], row["seed"])] = row
-        with cache.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        log.record(row)
         shown = {k: round(v, 4) for k, v in row.items() if k in METRICS[:3]}
         print(f"[clip] {row['method']} seed {row['seed']}: {shown} ({row['wall_s']} s)", flush=True)
         return row

@@ -9,7 +9,8 @@ For every dataset, setting and seed, through the stage runner (``kdkit.pipeline.
 Accuracy is test accuracy at the best validation epoch (the held-out test nodes in the
 inductive setting); latency is the per-call time of the fastest of 20 timed blocks, on the
 whole graph and on a batch of 256 new (test) nodes, for which a GNN gathers its 2-hop
-neighbourhood and an MLP reads only the nodes' features. Writes mean ± std over seeds to benchmarks/results/gnn.md.
+neighbourhood and an MLP reads only the nodes' features. Writes mean ± std over seeds to
+benchmarks/results/gnn.md.
 
     flock /work/cpu.lock python benchmarks/gnn.py            # all of it, one CPU thread
     python benchmarks/gnn.py --datasets cora --settings transductive --seeds 1
@@ -18,7 +19,6 @@ neighbourhood and an MLP reads only the nodes' features. Writes mean ± std over
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -29,9 +29,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import header, mean_std, write  # noqa: E402
+from benchmarks._common import RunLog, header, mean_std, write  # noqa: E402
 
 EXPERIMENTS = {"cora": "cora_glnn", "citeseer": "citeseer_glnn"}
+QUIET = ["trainer.enable_progress_bar=false", "logger=none", "callbacks=none"]
 TEACHERS = {"gcn": "GCN", "sage": "SAGE", "gat": "GAT"}
 # Overrides on top of the experiment (which is GLNN itself: distiller=[glnn], the core KD at
 # T = 1 on all nodes, lambda = 0).
@@ -68,12 +69,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = out / "results.jsonl"
-    done: dict[tuple, dict] = {}
-    if cache.exists():  # resumable: finished runs are read back
-        for line in cache.read_text().splitlines():
-            row = json.loads(line)
-            done[tuple(row["key"])] = row
+    log = RunLog(out / "results.jsonl", key=lambda row: tuple(row["key"]))
+    done = log.done
 
     def stage(key: tuple, overrides: list[str], seed: int, wanted: list[str]) -> None:
         """Run the pipeline once unless every wanted stage of ``key`` is already recorded."""
@@ -84,18 +81,14 @@ def main() -> None:
         directory = out.joinpath(*map(str, key))
         results = run(compose(overrides, output_dir=str(directory)))
         seconds = time.perf_counter() - start
-        with cache.open("a") as f:
-            for name in wanted:
-                row = {"key": [*key, name], **results[name], "run_seconds": round(seconds, 1)}
-                done[(*key, name)] = row
-                f.write(json.dumps(row) + "\n")
+        for name in wanted:
+            log.record({"key": [*key, name], **results[name], "run_seconds": round(seconds, 1)})
 
-    quiet = ["trainer.enable_progress_bar=false", "logger=none", "callbacks=none"]
     for dataset in args.datasets.split(","):
         for setting in args.settings.split(","):
             for seed in range(args.seeds):
                 common = [f"experiment={EXPERIMENTS[dataset]}", f"data.setting={setting}",
-                          f"seed={seed}", *quiet, *args.extra]
+                          f"seed={seed}", *QUIET, *args.extra]
                 for i, teacher in enumerate(args.teachers.split(",")):
                     # teacher (+ baseline with the first teacher) + GLNN in one pipeline run
                     key = (dataset, setting, seed, teacher)
@@ -126,9 +119,8 @@ def side_by_side_latency(out: Path, dataset: str, teacher: str, rounds: int) -> 
 
     from kdkit.checkpoints import load_weights
     from kdkit.compose import compose
-    from kdkit.pipeline import _latency_batch
     from kdkit.report import latency_ms
-    from kdkit.tasks.node import inductive_forward
+    from kdkit.tasks.node import inductive_forward, inductive_query
 
     run_dir = out / dataset / "transductive" / "0" / teacher / "glnn"
     if not (run_dir / "export" / "student.pt").exists():
@@ -137,9 +129,8 @@ def side_by_side_latency(out: Path, dataset: str, teacher: str, rounds: int) -> 
     dm = instantiate(cfg.data)
     dm.prepare_data()
     dm.setup("fit")
-    batch = _latency_batch(cfg, dm)
-    query = batch.get("query")
-    query = batch["test_mask"].nonzero().view(-1) if query is None else query
+    batch = dm.example_batch(n=cfg.report.latency_batch_size)
+    query = inductive_query(batch)
     models = {"gnn": instantiate(cfg.teacher.model), "mlp": instantiate(cfg.student.model)}
     load_weights(models["gnn"], run_dir / "teacher.pt")
     load_weights(models["mlp"], run_dir / "export" / "student.pt")
@@ -206,7 +197,8 @@ def report(done: dict, args) -> str:
         for method in methods:
             lines.append(acc_row(f"{TEACHERS[teacher]} → MLP: {LABELS[method]}", teacher, method, "student"))
     lines += ["", "Latency (ms per call, fastest of 20 timed blocks, 1 CPU thread) of the teacher "
-              "and the distilled MLP, and the MLP's speed-up. *inductive batch*: 256 new test nodes; the GNN first "
+              "and the distilled MLP, and the MLP's speed-up. *inductive batch*: 256 new test "
+              "nodes; the GNN first "
               "gathers their 2-hop neighbourhood (`k_hop_subgraph`, nodes fetched in brackets), the "
               "MLP reads only their features. Transductive runs, mean over seeds.", "",
               "| dataset | teacher | GNN full graph | MLP full graph | GNN inductive batch "

@@ -2,9 +2,9 @@
 
 For one dataset / setting / teacher, every combination of the ``--grid`` values is trained on
 ``--seeds`` seeds through the stage runner (the teacher of each seed is trained once, or read
-from ``benchmarks/gnn.py``'s runs). The configuration with the best mean *validation* accuracy
-(of the weights each run kept) is the one selected; test accuracy is reported for every row but
-never used to choose. Writes ``benchmarks/results/gnn_sweep_<dataset>_<setting>.md``.
+from ``benchmarks/gnn.py``'s runs). Selection uses *validation* accuracy only (of the weights
+each run kept): the smallest configuration within one standard error of the best mean (see
+``select``); test accuracy is reported for every row but never used to choose. Writes ``benchmarks/results/gnn_sweep_<dataset>_<setting>.md``.
 
     python benchmarks/gnn_sweep.py --dataset cora --jobs 2 \\
         --grid student.model.dropout=0.5,0.8 student.model.input_dropout=0,0.5
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
-import json
 import multiprocessing
 import statistics
 import sys
@@ -26,10 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import command, header, mean_std, write  # noqa: E402
-
-EXPERIMENTS = {"cora": "cora_glnn", "citeseer": "citeseer_glnn"}
-QUIET = ["trainer.enable_progress_bar=false", "logger=none", "callbacks=none"]
+from benchmarks._common import RunLog, command, header, mean_std, write  # noqa: E402
+from benchmarks.gnn import EXPERIMENTS, QUIET  # noqa: E402
 
 
 def parse_grid(items: list[str]) -> list[list[str]]:
@@ -81,7 +78,9 @@ def run_student(job: dict) -> dict:
     start = time.perf_counter()
     results = run(compose(job["overrides"], output_dir=job["dir"]))["student"]
     return {"config": job["config"], "seed": job["seed"], "run_seconds": time.perf_counter() - start,
-            **{k: results[k] for k in ("val/acc_selected", "test/acc", "params", "latency_inductive_ms")}}
+            # the kept weights' validation accuracy (the last epoch's when a run does not select)
+            "val/acc_selected": results.get("val/acc_selected", results["val/acc"]),
+            **{k: results[k] for k in ("test/acc", "params", "latency_inductive_ms")}}
 
 
 def main() -> None:
@@ -104,12 +103,8 @@ def main() -> None:
     torch.set_num_threads(1)
     out = Path(args.out) / args.dataset / args.setting / args.teacher
     out.mkdir(parents=True, exist_ok=True)
-    cache = out / "results.jsonl"
-    done = {}
-    if cache.exists():
-        for line in cache.read_text().splitlines():
-            row = json.loads(line)
-            done[(row["config"], row["seed"])] = row
+    log = RunLog(out / "results.jsonl", key=lambda row: (row["config"], row["seed"]))
+    done = log.done
 
     configs = [" ".join([*args.base, *combo]) for combo in parse_grid(args.grid)]
     jobs = []
@@ -137,10 +132,7 @@ def main() -> None:
         pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
         with pool:
             for i, future in enumerate(as_completed([pool.submit(run_student, j) for j in jobs])):
-                row = future.result()
-                done[(row["config"], row["seed"])] = row
-                with cache.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                row = log.record(future.result())
                 print(f"[{i + 1}/{len(jobs)}] seed {row['seed']} {row['config'] or '(experiment)'}: "
                       f"val {row['val/acc_selected']:.4f} test {row['test/acc']:.4f}", flush=True)
     write(f"gnn_sweep_{args.dataset}_{args.setting}.md", report(done, args, out))

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import header, write  # noqa: E402
 
 TUPLES = ["data.stream=tuples", "data.batch_size=16"]
+MAIN_BF16 = ["student.model.layers=[0,5]", "trainer.precision=bf16-mixed"]
 # name -> (description, overrides on top of experiment=scifact_minilm, training steps, ~minutes).
 # Steps are set from measured speeds here (1 thread: ~2.0 s per 32-text step for 2 layers at 128
 # tokens, ~1.0 s for 1 layer, ~6 s per 16-tuple step of 96 texts), so a config trains ~its minutes.
@@ -40,12 +41,10 @@ CONFIGS = {
     "main": ("2 layers [0, 5], embed (1 - cos)", ["student.model.layers=[0,5]"], 600, 20),
     "main_2threads": ("as main, run with --threads 2 (both cores)", ["student.model.layers=[0,5]"], 900, 20),
     # CPUs with AMX / avx512_bf16: a bf16 step is ~1.0 s (1 thread), so 1100 steps fit 20 minutes
-    "main_bf16": ("as main, bf16 autocast, more steps", ["student.model.layers=[0,5]",
-                                                        "trainer.precision=bf16-mixed"], 1100, 20),
+    "main_bf16": ("as main, bf16 autocast, more steps", MAIN_BF16, 1100, 20),
     # the teacher's targets computed on the same 128 tokens the student reads (default: its 256)
     "main_bf16_t128": ("as main_bf16, teacher targets at 128 tokens",
-                       ["student.model.layers=[0,5]", "trainer.precision=bf16-mixed",
-                        "data.target_max_length=128"], 1100, 20),
+                       [*MAIN_BF16, "data.target_max_length=128"], 1100, 20),
     "one_layer": ("1 layer [5], embed (1 - cos)", ["student.model.layers=[5]"], 400, 7),
     "embed": ("2 layers, embed alone", ["student.model.layers=[0,5]"], 60, 2),
     "rkd": ("2 layers, RKD on text embeddings alone", ["distiller=[rkd]"], 60, 2),

@@ -54,8 +54,9 @@ class FeatureDropout(nn.Dropout):
 
 class SparseInputLinear(nn.Linear):
     """``nn.Linear`` that, at inference on a sparse CSR input, multiplies by a cached contiguous
-    ``W^T``: torch's CSR @ transposed-strided product is ~4x slower on a CPU (0.14 vs 0.03 ms for
-    256 Cora rows), which dominated an MLP's inductive latency. Training (autograd on the
+    ``W^T``: torch's CSR @ transposed-strided product was ~4x slower on this project's CPUs (an
+    ad-hoc timing of 256 Cora rows, 1 thread: 0.14 vs 0.03 ms), and it dominated an MLP's
+    inductive latency. Training (autograd on the
     weight) and dense inputs take ``nn.Linear``'s own path. The cache is keyed on the weight's
     storage and version, so optimizer steps, ``load_state_dict`` and ``.to()`` invalidate it.
     """

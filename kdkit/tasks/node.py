@@ -175,11 +175,11 @@ class NodeTask(DistillationTask):
             self.load_state_dict(self._best[1])
 
     def fit_summary(self) -> dict:
-        """``val/acc_selected``: validation accuracy of the weights kept (the best epoch when
-        selecting, else the last), so hyper-parameters can be chosen without the test set."""
+        """``val/acc_selected``: validation accuracy of the best epoch's weights, the ones kept
+        (without selection the kept weights are the last epoch's: ``val/acc``)."""
         if self._selects_best() and self._best is not None:
             return {"val/acc_selected": self._best[0]}
-        return {} if self._last_val_acc is None else {"val/acc_selected": self._last_val_acc}
+        return {}
 
     def _selects_best(self) -> bool:
         return self.select_best_teacher if self.student_role == "teacher" else self.select_best
@@ -204,9 +204,7 @@ class NodeTask(DistillationTask):
 
         batch = self.transfer_batch_to_device(batch, self.device, 0)
         model = self.student
-        query = batch.get("query")
-        if query is None:
-            query = batch["test_mask"].nonzero().view(-1)
+        query = inductive_query(batch)
         x, edges = batch["x"], batch["edge_index"]
         graph = needs_graph(model)
 
@@ -230,6 +228,12 @@ class NodeTask(DistillationTask):
             self.student_tap.pop()
             model.train(was_training)
         return report
+
+
+def inductive_query(batch: dict) -> Tensor:
+    """The new nodes an inductive latency is timed on: ``batch["query"]``, else the test nodes."""
+    query = batch.get("query")
+    return batch["test_mask"].nonzero().view(-1) if query is None else query
 
 
 def inductive_forward(model: nn.Module, x: Tensor, edge_index: Tensor, query: Tensor
