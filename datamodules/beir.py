@@ -7,7 +7,9 @@ header line). Read from a folder, or from the zip BEIR distributes (extracted on
 Streams (``stream``):
 
 - ``text``: unlabeled text, one text per sample: every corpus passage and every *train* query
-  (embedding distillation, LEAF).
+  (embedding distillation, LEAF), plus ``corpus_sentences`` sentences cut from each passage:
+  short, query-like texts (a query is one claim or question; a passage is a whole abstract),
+  whose target is the teacher's embedding of the sentence or of its passage (``sentence_target``).
 - ``tuples``: ``(query, positive, negatives)`` from the train qrels; the negatives are drawn,
   fresh every epoch, from the teacher's top-ranked non-positive passages (mined once at bind).
 - ``both``: sample i is text i plus tuple ``i mod #tuples``.
@@ -26,6 +28,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from kdkit.errors import KdkitError
 
 STREAMS = ("text", "tuples", "both")
+SENTENCE_TARGETS = ("sentence", "passage")
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
 
 
@@ -187,16 +191,44 @@ def locate(name: str | None, path: str | None, data_dir: str | None, cache_dir: 
 
 # ---- datasets -------------------------------------------------------------------------------------
 class TextStream(Dataset):
-    """Unlabeled texts (stream a): sample i is pool text i."""
+    """Unlabeled texts (stream a): sample i is ``texts[i]``, pool row ``pool[i]`` (default i)."""
 
-    def __init__(self, texts: Sequence[str]):
+    def __init__(self, texts: Sequence[str], pool: Sequence[int] | None = None):
+        if pool is not None and len(pool) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(pool)} pool indices")
         self.texts = texts
+        self.pool = pool
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def __getitem__(self, i: int) -> dict:
-        return {"text": self.texts[i], "text_pool": i, "index": i}
+        return {"text": self.texts[i], "text_pool": i if self.pool is None else self.pool[i], "index": i}
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\[])")
+
+
+def split_sentences(text: str, min_words: int = 5) -> list[str]:
+    """Sentences of ``text`` with at least ``min_words`` words (split after . ! ? before a capital
+    or digit: crude, but abstracts are well punctuated, and a rare bad cut is still real text)."""
+    return [s.strip() for s in SENTENCE_END.split(text) if len(s.split()) >= min_words]
+
+
+def sample_sentences(passages: Sequence[str], per_passage: int, seed: int) -> tuple[list[str], list[int]]:
+    """Up to ``per_passage`` sentences of every passage, drawn without replacement with ``seed``
+    (in corpus order), and the index of the passage each came from. A passage that is a single
+    sentence adds nothing (it is already a text)."""
+    g = torch.Generator().manual_seed(seed)
+    out, source = [], []
+    for i, text in enumerate(passages):
+        sentences = split_sentences(text)
+        if len(sentences) < 2:
+            continue
+        pick = torch.randperm(len(sentences), generator=g)[:per_passage].sort().values
+        out += [sentences[j] for j in pick.tolist()]
+        source += [i] * len(pick)
+    return out, source
 
 
 class TupleStream(Dataset):
@@ -364,6 +396,13 @@ class BEIRDataModule(L.LightningDataModule):
         val_queries: train queries held out as a validation split (0: no validation); they leave
             every training stream.
         include_queries: add the train queries to the unlabeled text stream.
+        corpus_sentences: sentences cut from each corpus passage (drawn with ``seed``) that join
+            the text stream: short, query-like text, the kind of input a query encoder sees
+            (0: none).
+        sentence_target: a sentence's distillation target: "sentence" (the teacher's embedding
+            of the sentence) or "passage" (of the passage it was cut from: the student learns to
+            map a short text to its document's embedding, the Inverse Cloze Task of Lee et al.
+            2019 with the teacher's embedding as the label).
         max_length: tokens per training text (the teacher targets keep the teacher's own length).
         target_max_length: tokens per text of the teacher's distillation targets (None: the
             teacher's own max length; ``max_length`` makes target and student input the same
@@ -384,7 +423,9 @@ class BEIRDataModule(L.LightningDataModule):
     def __init__(self, name: str | None = "scifact", path: str | None = None, data_dir: str | None = None,
                  cache_dir: str = "~/.cache/kdkit", download: bool = False, stream: str = "text",
                  train_split: str = "train", test_split: str = "test", val_queries: int = 0,
-                 include_queries: bool = True, max_length: int = 128, eval_max_length: int | None = None,
+                 include_queries: bool = True, corpus_sentences: int = 0, sentence_target: str = "sentence",
+                 max_length: int = 128,
+                 eval_max_length: int | None = None,
                  target_max_length: int | None = None,
                  num_negatives: int = 4, negative_ranks: Sequence[int] = (3, 30), tokenizer: str | None = None,
                  batch_size: int = 32, eval_batch_size: int = 64, teacher_batch_size: int = 64,
@@ -399,6 +440,12 @@ class BEIRDataModule(L.LightningDataModule):
         self.train_split, self.test_split = train_split, test_split
         self.val_queries = int(val_queries)
         self.include_queries = include_queries
+        if int(corpus_sentences) < 0:
+            raise KdkitError(f"data.corpus_sentences={corpus_sentences}: use 0 (none) or more")
+        self.corpus_sentences = int(corpus_sentences)
+        if sentence_target not in SENTENCE_TARGETS:
+            raise KdkitError(f"data.sentence_target={sentence_target!r}: use one of {', '.join(SENTENCE_TARGETS)}")
+        self.sentence_target = sentence_target
         self.max_length = int(max_length)
         self.eval_max_length_arg = eval_max_length
         self.target_max_length = None if target_max_length is None else int(target_max_length)
@@ -446,6 +493,9 @@ class BEIRDataModule(L.LightningDataModule):
                             for d, r in sorted(train[q].items()) if r > 0 and d in self.doc_index]
         self.train_positives = [{self.doc_index[d] for d, r in train[q].items() if r > 0 and d in self.doc_index}
                                 for q in self.train_query_ids]
+        self.sentences, self.sentence_source = (
+            sample_sentences(self.data.doc_texts, self.corpus_sentences, self.seed)
+            if self.corpus_sentences else ([], []))
 
     def _require_setup(self) -> None:
         if self.data is None:
@@ -462,9 +512,20 @@ class BEIRDataModule(L.LightningDataModule):
         return [self.data.queries[q] for q in self.train_query_ids]
 
     @property
+    def own_sentence_targets(self) -> bool:
+        """Whether sampled sentences have teacher-table rows of their own (after the queries)."""
+        return bool(self.sentences) and self.sentence_target == "sentence"
+
+    @property
     def pool_texts(self) -> list[str]:
-        """Every static training text: corpus passages, then train queries (pool indices)."""
-        return self.data.doc_texts + self.train_query_texts
+        """Every text with a teacher-table row (pool indices): corpus passages, train queries,
+        then sentences when they are their own targets."""
+        return self.data.doc_texts + self.train_query_texts + (self.sentences if self.own_sentence_targets else [])
+
+    @property
+    def sentence_kind(self) -> str:
+        """The static-text name of the sampled sentences (their cache key: count and seed)."""
+        return f"sentences{self.corpus_sentences}-seed{self.seed}"
 
     @property
     def num_train_samples(self) -> int:
@@ -474,8 +535,8 @@ class BEIRDataModule(L.LightningDataModule):
     def bind(self, student=None, teacher=None) -> None:
         """Use ``student``'s tokenizer and length for batches; compute the teacher's table.
 
-        ``teacher_table`` rows: teacher embeddings of the pool texts (corpus, then train queries)
-        at the teacher's own max length; cached on disk under the teacher's fingerprint.
+        ``teacher_table`` rows: teacher embeddings of the pool texts (corpus, train queries,
+        sentences) at ``target_max_length``; cached on disk under the teacher's fingerprint.
         """
         self._require_setup()
         if student is not None:
@@ -485,13 +546,16 @@ class BEIRDataModule(L.LightningDataModule):
         if teacher is not None:
             corpus = self.static_embeddings(teacher, "corpus", self.target_max_length)
             queries = self.static_embeddings(teacher, f"queries-{self.train_split}", self.target_max_length)
-            self.teacher_table = torch.cat([corpus, queries])
+            parts = [corpus, queries]
+            if self.own_sentence_targets:
+                parts.append(self.static_embeddings(teacher, self.sentence_kind, self.target_max_length))
+            self.teacher_table = torch.cat(parts)
             if self.stream != "text":
                 self.negatives = mine_negatives(queries, corpus, self.train_positives, self.negative_ranks)
         self._train_set = None
 
     def static_texts(self, kind: str) -> list[str]:
-        """``corpus`` or ``queries-<split>`` texts (in layout order)."""
+        """``corpus``, ``queries-<split>`` or ``sentence_kind`` texts (in layout order)."""
         self._require_setup()
         if kind == "corpus":
             return self.data.doc_texts
@@ -499,6 +563,8 @@ class BEIRDataModule(L.LightningDataModule):
             return self.train_query_texts
         if kind == f"queries-{self.test_split}":
             return [self.data.queries[q] for q in self.test_ids]
+        if self.sentences and kind == self.sentence_kind:
+            return self.sentences
         raise KdkitError(f"unknown static text set {kind!r}")
 
     def _cache_file(self, encoder, kind: str, max_length: int) -> Path:
@@ -552,8 +618,14 @@ class BEIRDataModule(L.LightningDataModule):
     def train_set(self) -> Dataset:
         self._require_setup()
         if self._train_set is None:
-            texts = self.data.doc_texts + (self.train_query_texts if self.include_queries else [])
-            text = TextStream(texts)
+            queries = self.train_query_texts if self.include_queries else []
+            pool = list(range(self.num_docs + len(queries)))
+            if self.own_sentence_targets:  # their rows follow every train query's
+                offset = self.num_docs + len(self.train_query_texts)
+                targets = list(range(offset, offset + len(self.sentences)))
+            else:  # the passage each was cut from
+                targets = self.sentence_source
+            text = TextStream(self.data.doc_texts + queries + self.sentences, pool + targets)
             if self.stream == "text":
                 self._train_set = text
             else:

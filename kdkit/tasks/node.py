@@ -257,9 +257,13 @@ def rows(x: Tensor, index: Tensor) -> Tensor:
     crow, col, val = x.crow_indices(), x.col_indices(), x.values()
     start = crow[index]
     count = crow[index + 1] - start
-    new_crow = F.pad(count.cumsum(0), (1, 0))
+    new_crow = count.new_zeros(index.numel() + 1)
+    torch.cumsum(count, 0, out=new_crow[1:])
+    total = int(new_crow[-1])
     # position of every kept value: its new position shifted by (old - new) row start
-    pos = torch.arange(int(new_crow[-1]), device=x.device) + (start - new_crow[:-1]).repeat_interleave(count)
+    # (output_size spares repeat_interleave a pass over count to size its result)
+    shift = torch.repeat_interleave(start - new_crow[:-1], count, output_size=total)
+    pos = torch.arange(total, device=x.device).add_(shift)
     return torch.sparse_csr_tensor(new_crow, col[pos], val[pos], (index.numel(), x.shape[1]))
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from datamodules.beir import (BEIRData, BEIRDataModule, Collate, EvalStream, locate, mine_negatives,
-                              read_beir, write_beir)
+                              read_beir, sample_sentences, split_sentences, write_beir)
 from kdkit.errors import KdkitError
 from kdkit.models.text import hf_encoder
 
@@ -166,3 +166,53 @@ def test_eval_layout(toy_dir, tmp_path):
     assert qrels == toy_data().qrels["test"]
     docs, queries, qrels = dm.eval_layout("val")
     assert queries == dm.val_ids and set(qrels) == set(dm.val_ids)
+
+
+def test_split_and_sample_sentences():
+    text = "Title words here. First claim has five words. Short one. (Second) claim has five words! 3 x."
+    # "Title words here." and "Short one." are too short; "3 x." too
+    assert split_sentences(text) == ["First claim has five words.", "(Second) claim has five words!"]
+    assert split_sentences("p < 0.05 was seen in all the treated mice") == ["p < 0.05 was seen in all the treated mice"]
+    passages = [text, "only one sentence in this passage", "A b c d e. F g h i j. K l m n o."]
+    drawn, source = sample_sentences(passages, 2, seed=0)
+    assert (drawn, source) == sample_sentences(passages, 2, seed=0) and source == [0, 0, 2, 2]
+    assert set(drawn[:2]) == set(split_sentences(text)) and set(drawn[2:]) < set(split_sentences(passages[2]))
+    assert drawn[2:] == sorted(drawn[2:], key=passages[2].index)  # corpus order kept
+    assert sample_sentences(passages, 5, seed=1)[0][2:] == split_sentences(passages[2])
+
+
+def test_corpus_sentences_join_the_text_stream_with_their_own_targets(tmp_path):
+    data = toy_data()
+    data.doc_texts[3] = "Stem cells repair the heart. Vitamin D lowers fracture risk in women."
+    data.doc_texts[5] = "Gene therapy cures the disease. Virus load drops after the treatment."
+    folder = write_beir(data, tmp_path / "toy")
+    dm = module(folder, tmp_path, corpus_sentences=1, include_queries=False)
+    assert len(dm.sentences) == 2 and dm.sentences[0] in data.doc_texts[3] and dm.sentences[1] in data.doc_texts[5]
+    teacher = tiny_encoder(0)
+    dm.bind(tiny_encoder(1), teacher)
+    assert len(dm.teacher_table) == 30 + 8 + 2  # corpus, train queries, sentences
+    torch.testing.assert_close(dm.teacher_table[-2:], teacher.encode(dm.sentences), atol=1e-5, rtol=0)
+    # queries left out of the stream: the sentences still find their own rows of the table
+    stream = dm.train_set
+    assert len(stream) == 30 + 2
+    for i, sentence in ((30, dm.sentences[0]), (31, dm.sentences[1])):
+        assert stream[i]["text"] == sentence and stream[i]["text_pool"] == 38 + i - 30
+        assert dm.pool_texts[stream[i]["text_pool"]] == sentence
+    with pytest.raises(KdkitError, match="corpus_sentences"):
+        module(folder, tmp_path, corpus_sentences=-1)
+    with pytest.raises(KdkitError, match="sentence_target"):
+        module(folder, tmp_path, corpus_sentences=1, sentence_target="doc")
+
+
+def test_sentences_can_take_their_passage_embedding_as_target(tmp_path):
+    data = toy_data()
+    data.doc_texts[3] = "Stem cells repair the heart. Vitamin D lowers fracture risk in women."
+    folder = write_beir(data, tmp_path / "toy")
+    dm = module(folder, tmp_path, corpus_sentences=1, sentence_target="passage")
+    teacher = tiny_encoder(0)
+    dm.bind(tiny_encoder(1), teacher)
+    assert len(dm.teacher_table) == 30 + 8  # no rows of their own
+    item = dm.train_set[30 + 8]  # after the passages and the train queries
+    assert item["text"] == dm.sentences[0] and item["text"] in data.doc_texts[3]
+    assert item["text_pool"] == 3  # the row of the passage it was cut from
+    torch.testing.assert_close(dm.teacher_table[3], teacher.encode([data.doc_texts[3]])[0], atol=1e-5, rtol=0)

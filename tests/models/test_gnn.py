@@ -105,7 +105,8 @@ def test_bad_names_raise_one_line_errors():
 
 def test_sparse_input_linear_inference_path_matches_and_tracks_weight_updates():
     torch.manual_seed(0)
-    x = (torch.rand(16, 40) < 0.1).float()
+    x = (torch.rand(16, 40) < 0.1).float() * torch.randn(16, 40)
+    x[3] = 0  # a node without features: its bag is empty, its output the bias
     layer = SparseInputLinear(40, 5)
     with torch.no_grad():
         fast = layer(x.to_sparse_csr())
@@ -115,6 +116,7 @@ def test_sparse_input_linear_inference_path_matches_and_tracks_weight_updates():
         torch.testing.assert_close(layer(x.to_sparse_csr()), x @ layer.weight.t() + layer.bias)
         layer.load_state_dict({"weight": torch.ones(5, 40), "bias": torch.zeros(5)})
         torch.testing.assert_close(layer(x.to_sparse_csr()), x.sum(1, keepdim=True).expand(16, 5))
+        torch.testing.assert_close(layer(x.to_sparse_csr())[3], torch.zeros(5))
     out = layer(x.to_sparse_csr())  # with autograd: nn.Linear's own path, gradients flow
     out.sum().backward()
     torch.testing.assert_close(layer.weight.grad, x.sum(0).expand(5, 40))

@@ -136,3 +136,21 @@ def test_real_minilm_matches_sentence_transformers_and_slices_layers():
                        teacher.backbone.encoder.layer[5].output.dense.weight)
     assert torch.equal(student.backbone.embeddings.word_embeddings.weight,
                        teacher.backbone.embeddings.word_embeddings.weight)
+
+
+def test_freeze_embeddings_trains_everything_but_the_word_table():
+    torch.manual_seed(0)
+    config = dict(model_type="bert", vocab_size=30522, hidden_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    enc = hf_encoder(config=config, pretrained=False, max_length=48, freeze_embeddings=True)
+    table = enc.backbone.get_input_embeddings().weight
+    before = table.detach().clone()
+    trainable = [p for p in enc.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    tokens = enc.tokenize(TEXTS)
+    (1 - enc(tokens["input_ids"], tokens["attention_mask"])[:, 0]).sum().backward()
+    opt.step()
+    assert table.grad is None and torch.equal(table, before)
+    assert sum(p.numel() for p in trainable) == sum(p.numel() for p in enc.parameters()) - table.numel()
+    positions = enc.backbone.embeddings.position_embeddings.weight
+    assert positions.requires_grad and positions.grad is not None and positions.grad.abs().sum() > 0
