@@ -58,6 +58,8 @@ def main() -> None:
     p.add_argument("--results", default="gnn.md", help="file name under benchmarks/results")
     p.add_argument("--side-by-side", type=int, default=10, metavar="ROUNDS",
                    help="time seed 0's teacher and MLP alternately this many rounds (0: skip)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: report the runs recorded in --out (missing cells: '-')")
     args = p.parse_args()
 
     import lightning as L
@@ -74,7 +76,7 @@ def main() -> None:
 
     def stage(key: tuple, overrides: list[str], seed: int, wanted: list[str]) -> None:
         """Run the pipeline once unless every wanted stage of ``key`` is already recorded."""
-        if all((*key, s) in done for s in wanted):
+        if args.report_only or all((*key, s) in done for s in wanted):
             return
         L.seed_everything(seed)  # the teacher stage is seeded too (its init and dropout)
         start = time.perf_counter()

@@ -424,9 +424,7 @@ class BEIRDataModule(L.LightningDataModule):
                  cache_dir: str = "~/.cache/kdkit", download: bool = False, stream: str = "text",
                  train_split: str = "train", test_split: str = "test", val_queries: int = 0,
                  include_queries: bool = True, corpus_sentences: int = 0, sentence_target: str = "sentence",
-                 max_length: int = 128,
-                 eval_max_length: int | None = None,
-                 target_max_length: int | None = None,
+                 max_length: int = 128, eval_max_length: int | None = None, target_max_length: int | None = None,
                  num_negatives: int = 4, negative_ranks: Sequence[int] = (3, 30), tokenizer: str | None = None,
                  batch_size: int = 32, eval_batch_size: int = 64, teacher_batch_size: int = 64,
                  num_workers: int = 0, seed: int = 0):

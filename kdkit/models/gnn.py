@@ -49,7 +49,8 @@ class FeatureDropout(nn.Dropout):
         if not self.training or self.p == 0:
             return x
         values = F.dropout(x.values(), self.p, True)
-        return torch.sparse_csr_tensor(x.crow_indices(), x.col_indices(), values, x.shape)
+        return torch.sparse_csr_tensor(x.crow_indices(), x.col_indices(), values, x.shape,
+                                       check_invariants=False)  # same structure as x
 
 
 class SparseInputLinear(nn.Linear):

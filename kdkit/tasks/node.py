@@ -264,7 +264,8 @@ def rows(x: Tensor, index: Tensor) -> Tensor:
     # (output_size spares repeat_interleave a pass over count to size its result)
     shift = torch.repeat_interleave(start - new_crow[:-1], count, output_size=total)
     pos = torch.arange(total, device=x.device).add_(shift)
-    return torch.sparse_csr_tensor(new_crow, col[pos], val[pos], (index.numel(), x.shape[1]))
+    return torch.sparse_csr_tensor(new_crow, col[pos], val[pos], (index.numel(), x.shape[1]),
+                                   check_invariants=False)  # valid by construction; checks cost
 
 
 def _has_module(model: nn.Module | None, name: str | None) -> str | None:
