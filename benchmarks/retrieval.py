@@ -55,6 +55,8 @@ CONFIGS = {
     # passage as its target (Inverse Cloze Task)
     "sentences_ict": ("as main_bf16, 2 threads, + 1 sentence per passage -> its passage's target",
                       [*MAIN_BF16, "data.corpus_sentences=1", "data.sentence_target=passage"], 1550, 20),
+    # the student reads only the first 64 tokens and still learns the teacher's 256-token target
+    "len64_2threads": ("as bf16_2threads, student reads 64 tokens", [*MAIN_BF16, "data.max_length=64"], 2400, 20),
     "one_layer": ("1 layer [5], embed (1 - cos)", ["student.model.layers=[5]"], 400, 7),
     "embed": ("2 layers, embed alone", ["student.model.layers=[0,5]"], 60, 2),
     "rkd": ("2 layers, RKD on text embeddings alone", ["distiller=[rkd]"], 60, 2),
@@ -66,7 +68,8 @@ CONFIGS = {
 }
 SHORT = ("embed", "rkd", "margin_mse", "listwise", "embed_listwise")
 # torch threads of these configs (the others: --threads)
-THREADS = {"main_2threads": 2, "fast": 2, "t128_2threads": 2, "bf16_2threads": 2, "sentences_ict": 2}
+THREADS = {"main_2threads": 2, "fast": 2, "t128_2threads": 2, "bf16_2threads": 2, "sentences_ict": 2,
+           "len64_2threads": 2}
 
 
 def run_config(name: str, overrides: list[str], steps: int, minutes: float, out: Path, teacher: bool,
