@@ -146,18 +146,24 @@ def main() -> None:
     write(args.results, report(out, args.out))
 
 
-def probe_length(out: Path, name: str, length: int, extra: list[str]) -> dict:
-    """Evaluate ``out/<name>/export`` (trained with 128-token texts) at ``length`` tokens."""
+def _test_data_and_teacher(out: Path, extra: list[str]):
+    """The experiment's datamodule (set up for test) and teacher, for re-evaluating exports."""
     from hydra.utils import instantiate
 
     from kdkit.compose import compose
-    from kdkit.models.text import sentence_encoder
-    from kdkit.retrieval_metrics import retrieval_metrics
 
     cfg = compose(["experiment=scifact_minilm", *extra], output_dir=str(out / "probe"))
     dm = instantiate(cfg.data)
     dm.setup("test")
-    teacher = instantiate(cfg.teacher.model)
+    return dm, instantiate(cfg.teacher.model)
+
+
+def probe_length(out: Path, name: str, length: int, extra: list[str]) -> dict:
+    """Evaluate ``out/<name>/export`` (trained with 128-token texts) at ``length`` tokens."""
+    from kdkit.models.text import sentence_encoder
+    from kdkit.retrieval_metrics import retrieval_metrics
+
+    dm, teacher = _test_data_and_teacher(out, extra)
     student = sentence_encoder(str(out / name / "export"), max_length=length)
     docs, query_ids, qrels = dm.eval_layout("test")
     queries = student.encode([dm.data.queries[q] for q in query_ids])
@@ -174,18 +180,15 @@ def fidelity(out: Path, names: list[str], extra: list[str], n_docs: int = 400) -
     first ``n_docs`` corpus passages (both at 256 tokens; passages also against the teacher at
     128), written to ``out/<name>/fidelity.json``: how closely a student reproduces its teacher,
     which the ranking metrics alone do not show."""
-    from hydra.utils import instantiate
-
-    from kdkit.compose import compose
     from kdkit.models.text import sentence_encoder
 
-    cfg = compose(["experiment=scifact_minilm", *extra], output_dir=str(out / "probe"))
-    dm = instantiate(cfg.data)
-    dm.setup("test")
-    teacher = instantiate(cfg.teacher.model)
-    queries = [dm.data.queries[q] for q in dm.test_ids]
+    dm, teacher = _test_data_and_teacher(out, extra)
+    queries = dm.static_texts(f"queries-{dm.test_split}")
     docs = dm.data.doc_texts[:n_docs]
-    t_query, t_doc, t_doc128 = teacher.encode(queries), teacher.encode(docs), teacher.encode(docs, max_length=128)
+    # the teacher's side comes from the embedding cache the runs filled (encoded only if missing)
+    t_query = dm.static_embeddings(teacher, f"queries-{dm.test_split}")
+    t_doc = dm.static_embeddings(teacher, "corpus")[:n_docs]
+    t_doc128 = dm.static_embeddings(teacher, "corpus", 128)[:n_docs]
     for name in names:
         student = sentence_encoder(str(out / name / "export"), max_length=256)
         s_query, s_doc = student.encode(queries), student.encode(docs)
