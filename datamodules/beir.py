@@ -458,6 +458,7 @@ class BEIRDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.eval_max_length = eval_max_length
         self.teacher_table: Tensor | None = None  # [N_docs + N_train_queries, D]
+        self.teacher_index: Tensor | None = None  # [N_docs, D], teacher's own length
         self.negatives: list[list[int]] | None = None
         self._train_set = None
 
@@ -535,14 +536,18 @@ class BEIRDataModule(L.LightningDataModule):
 
         ``teacher_table`` rows: teacher embeddings of the pool texts (corpus, train queries,
         sentences) at ``target_max_length``; cached on disk under the teacher's fingerprint.
+        ``teacher_index``: the teacher's corpus embeddings at its own max length, the index of
+        the asymmetric evaluation (whatever length the training targets use).
         """
         self._require_setup()
         if student is not None:
             self.tokenizer = student.tokenizer
             self.eval_max_length = self.eval_max_length_arg or student.max_length
-        self.teacher_table, self.negatives = None, None
+        self.teacher_table, self.teacher_index, self.negatives = None, None, None
         if teacher is not None:
             corpus = self.static_embeddings(teacher, "corpus", self.target_max_length)
+            own_length = self.target_max_length in (None, teacher.max_length)
+            self.teacher_index = corpus if own_length else self.static_embeddings(teacher, "corpus")
             queries = self.static_embeddings(teacher, f"queries-{self.train_split}", self.target_max_length)
             parts = [corpus, queries]
             if self.own_sentence_targets:

@@ -73,6 +73,7 @@ class RetrievalTask(DistillationTask):
         self.search_backend = search_backend
         self.throughput = (int(throughput_passages), int(throughput_batch_size), int(throughput_repeats))
         self._table: Tensor | None = None
+        self._teacher_index: Tensor | None = None
         self._eval: dict[str, list] = {"val": [], "test": []}
         self._known_corpus: dict[str, Tensor | None] = {"val": None, "test": None}
         self._fitted = False
@@ -87,7 +88,7 @@ class RetrievalTask(DistillationTask):
     def setup(self, stage: str) -> None:
         dm = self._datamodule()
         dm.bind(self.student, self.teacher.model if self.teacher is not None else None)
-        self._table = dm.teacher_table
+        self._table, self._teacher_index = dm.teacher_table, dm.teacher_index
         super().setup(stage)
 
     def on_train_start(self) -> None:
@@ -164,9 +165,8 @@ class RetrievalTask(DistillationTask):
         q_qrels = {q: qrels[q] for q in q_ids}
         q_emb = rows[n_docs + queries]
         out = retrieval_metrics(q_emb, rows[docs], q_ids, d_ids, q_qrels, self.metric_names, self.search_backend)
-        table = self._table
-        if self.asymmetric and table is not None:
-            teacher_docs = table[:n_docs].float().cpu()[docs]
+        if self.asymmetric and self._teacher_index is not None:
+            teacher_docs = self._teacher_index.float().cpu()[docs]
             if teacher_docs.shape[1] == q_emb.shape[1]:
                 asym = retrieval_metrics(q_emb, teacher_docs, q_ids, d_ids, q_qrels, self.metric_names,
                                          self.search_backend)
