@@ -37,8 +37,9 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from datamodules.length_grouping import LengthGroupedBatchSampler
 from kdkit.errors import KdkitError
 
 STREAMS = ("text", "tuples", "both")
@@ -404,6 +405,9 @@ class BEIRDataModule(L.LightningDataModule):
             map a short text to its document's embedding, the Inverse Cloze Task of Lee et al.
             2019 with the teacher's embedding as the label).
         max_length: tokens per training text (the teacher targets keep the teacher's own length).
+        group_by_length: text stream only: batch texts of similar token length together
+            (``LengthGroupedBatchSampler``), so short texts (queries, sentences) are not padded to
+            the passages' length.
         target_max_length: tokens per text of the teacher's distillation targets (None: the
             teacher's own max length; ``max_length`` makes target and student input the same
             text). Evaluation (the asymmetric index included) always uses the teacher's length.
@@ -424,7 +428,8 @@ class BEIRDataModule(L.LightningDataModule):
                  cache_dir: str = "~/.cache/kdkit", download: bool = False, stream: str = "text",
                  train_split: str = "train", test_split: str = "test", val_queries: int = 0,
                  include_queries: bool = True, corpus_sentences: int = 0, sentence_target: str = "sentence",
-                 max_length: int = 128, eval_max_length: int | None = None, target_max_length: int | None = None,
+                 max_length: int = 128, group_by_length: bool = False, eval_max_length: int | None = None,
+                 target_max_length: int | None = None,
                  num_negatives: int = 4, negative_ranks: Sequence[int] = (3, 30), tokenizer: str | None = None,
                  batch_size: int = 32, eval_batch_size: int = 64, teacher_batch_size: int = 64,
                  num_workers: int = 0, seed: int = 0):
@@ -445,6 +450,10 @@ class BEIRDataModule(L.LightningDataModule):
             raise KdkitError(f"data.sentence_target={sentence_target!r}: use one of {', '.join(SENTENCE_TARGETS)}")
         self.sentence_target = sentence_target
         self.max_length = int(max_length)
+        if group_by_length and stream != "text":
+            raise KdkitError(f"data.group_by_length=true needs data.stream=text (got {stream!r}): "
+                             "tuple batches hold queries and passages together")
+        self.group_by_length = bool(group_by_length)
         self.eval_max_length_arg = eval_max_length
         self.target_max_length = None if target_max_length is None else int(target_max_length)
         self.num_negatives = int(num_negatives)
@@ -664,11 +673,18 @@ class BEIRDataModule(L.LightningDataModule):
         dataset = self.train_set
         if len(dataset) < self.batch_size:
             raise KdkitError(f"batch_size={self.batch_size} exceeds the {len(dataset)} training samples")
+        collate = Collate(self._tokenizer(), self.max_length)
+        generator = torch.Generator().manual_seed(self.seed)
+        workers = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+        if self.group_by_length:
+            lengths = [len(ids) for ids in self._tokenizer()(list(dataset.texts), truncation=True,
+                                                             max_length=self.max_length)["input_ids"]]
+            batches = LengthGroupedBatchSampler(RandomSampler(dataset, generator=generator), self.batch_size,
+                                                drop_last=True, lengths=lengths, seed=self.seed)
+            return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, **workers)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=True,
                           drop_last=True,  # equal shapes on every rank for cross-rank gathers
-                          generator=torch.Generator().manual_seed(self.seed),
-                          collate_fn=Collate(self._tokenizer(), self.max_length),
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+                          generator=generator, collate_fn=collate, **workers)
 
     def _eval_loader(self, stage: str) -> DataLoader:
         doc_ids, query_ids, _ = self.eval_layout(stage)

@@ -377,7 +377,7 @@ def keep_layers(backbone: nn.Module, layers: Sequence[int]) -> nn.Module:
 
 def from_teacher_layers(name_or_path: str | None = None, layers: Sequence[int] = (0, 5),
                         projection_dim: int | None = None, max_length: int | None = None,
-                        freeze_embeddings: bool = False) -> TextEncoder:
+                        freeze_embeddings: bool = False, dropout: float | None = None) -> TextEncoder:
     """A student initialised from a subset of a teacher's layers (Sanh et al. 2019, DistilBERT).
 
     Embeddings, the kept blocks, pooling, normalisation and tokenizer all come from the teacher.
@@ -389,10 +389,33 @@ def from_teacher_layers(name_or_path: str | None = None, layers: Sequence[int] =
         max_length: override the teacher's max length.
         freeze_embeddings: keep the teacher's word-embedding table fixed (see
             ``freeze_word_embeddings``).
+        dropout: hidden and attention dropout probability while training (None: the
+            teacher's, 0.1 for BERT models); see ``set_dropout``.
     """
     encoder = sentence_encoder(name_or_path, max_length=max_length, projection_dim=projection_dim)
     keep_layers(encoder.backbone, layers)
+    if dropout is not None:
+        set_dropout(encoder.backbone, dropout)
     return freeze_word_embeddings(encoder) if freeze_embeddings else encoder
+
+
+def set_dropout(backbone, p: float) -> None:
+    """Set every dropout of a transformers encoder (hidden and attention) to ``p``, in its config
+    too, so that an export reloads with the same setting.
+
+    Embedding regression onto a deterministic teacher has no label noise to regularise against,
+    and in the transductive BEIR setting the student is trained on the very corpus it indexes.
+    """
+    if not 0.0 <= p < 1.0:
+        raise KdkitError(f"dropout={p}: use a probability in [0, 1)")
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
+        if hasattr(backbone.config, key):
+            setattr(backbone.config, key, p)
+    for module in backbone.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+        if isinstance(getattr(module, "dropout_prob", None), float):  # SDPA attention reads this
+            module.dropout_prob = p
 
 
 def freeze_word_embeddings(encoder: TextEncoder) -> TextEncoder:

@@ -216,3 +216,20 @@ def test_sentences_can_take_their_passage_embedding_as_target(tmp_path):
     assert item["text"] == dm.sentences[0] and item["text"] in data.doc_texts[3]
     assert item["text_pool"] == 3  # the row of the passage it was cut from
     torch.testing.assert_close(dm.teacher_table[3], teacher.encode([data.doc_texts[3]])[0], atol=1e-5, rtol=0)
+
+
+def test_group_by_length_batches_the_text_stream_by_token_count(toy_dir, tmp_path):
+    with pytest.raises(KdkitError, match="group_by_length"):
+        module(toy_dir, tmp_path, stream="tuples", group_by_length=True)
+    grouped, plain = (module(toy_dir, tmp_path, group_by_length=g) for g in (True, False))
+    for dm in (grouped, plain):
+        dm.bind(tiny_encoder(1), None)
+
+    def epoch(dm):
+        batches = list(dm.train_dataloader())
+        padding = sum(int((b["text_attention_mask"] == 0).sum()) for b in batches)
+        return [i for b in batches for i in b["index"].tolist()], padding
+
+    seen, padding = epoch(grouped)
+    assert len(seen) == len(set(seen)) == len(grouped.train_set) // 4 * 4  # each sample once, drop_last
+    assert padding < epoch(plain)[1]  # queries (3 words) no longer padded to the passages' 4-5

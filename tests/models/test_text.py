@@ -136,6 +136,9 @@ def test_real_minilm_matches_sentence_transformers_and_slices_layers():
                        teacher.backbone.encoder.layer[5].output.dense.weight)
     assert torch.equal(student.backbone.embeddings.word_embeddings.weight,
                        teacher.backbone.embeddings.word_embeddings.weight)
+    ps = {m.p for m in from_teacher_layers(layers=[5], dropout=0.0).backbone.modules()
+          if isinstance(m, torch.nn.Dropout)}
+    assert ps == {0.0} and {m.p for m in student.backbone.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
 
 
 def test_freeze_embeddings_trains_everything_but_the_word_table():
@@ -154,3 +157,24 @@ def test_freeze_embeddings_trains_everything_but_the_word_table():
     assert sum(p.numel() for p in trainable) == sum(p.numel() for p in enc.parameters()) - table.numel()
     positions = enc.backbone.embeddings.position_embeddings.weight
     assert positions.requires_grad and positions.grad is not None and positions.grad.abs().sum() > 0
+
+
+def test_set_dropout_makes_training_forwards_deterministic_and_is_saved(tmp_path):
+    from transformers import AutoConfig
+
+    from kdkit.models.text import set_dropout
+
+    enc = tiny().train()
+    tokens = enc.tokenize(TEXTS)
+    twice = [enc(tokens["input_ids"], tokens["attention_mask"]) for _ in range(2)]
+    assert not torch.allclose(*twice)  # the config's 0.1 dropout is active
+    set_dropout(enc.backbone, 0.0)
+    twice = [enc(tokens["input_ids"], tokens["attention_mask"]) for _ in range(2)]
+    torch.testing.assert_close(*twice, atol=0, rtol=0)
+    enc.eval()
+    torch.testing.assert_close(enc(tokens["input_ids"], tokens["attention_mask"]), twice[0], atol=1e-6, rtol=0)
+    enc.save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert config.hidden_dropout_prob == config.attention_probs_dropout_prob == 0.0
+    with pytest.raises(KdkitError, match="dropout"):
+        set_dropout(enc.backbone, 1.0)
