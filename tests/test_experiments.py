@@ -9,6 +9,7 @@ import pytest
 ON_TOY_DATA = {
     # encoding the 5,183-document corpus with the real teacher takes ~10 CPU minutes
     "scifact_minilm": "tests/tasks/test_retrieval.py::test_pipeline_smoke_run",
+    "scifact_minilm_sentences": "tests/tasks/test_retrieval.py::test_pipeline_smoke_run",
 }
 ALL = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("*.yaml"))
 EXPERIMENTS = [name for name in ALL if name not in ON_TOY_DATA]

@@ -176,11 +176,12 @@ def test_inference_report_and_export(toy, tmp_path):
     assert json.loads((paths[0] / "sentence_bert_config.json").read_text())["max_seq_length"] == 32
 
 
-def test_pipeline_smoke_run(toy, compose_run):
-    """kdkit-train experiment=scifact_minilm on the toy data and tiny models (smoke overrides)."""
+@pytest.mark.parametrize("experiment", ["scifact_minilm", "scifact_minilm_sentences"])
+def test_pipeline_smoke_run(toy, compose_run, experiment):
+    """kdkit-train experiment=<experiment> on the toy data and tiny models (smoke overrides)."""
     folder, teacher_dir, cache = toy
     cfg, results = compose_run(
-        "experiment=scifact_minilm", f"data.path={folder}", f"paths.cache_dir={cache}",
+        f"experiment={experiment}", f"data.path={folder}", f"paths.cache_dir={cache}",
         f"teacher.model.name_or_path={teacher_dir}", "student.model.layers=[0,3]",
         "data.batch_size=4", "data.eval_batch_size=8", "task.throughput_passages=8", "task.throughput_repeats=1")
     assert set(results) == {"teacher", "student"}
