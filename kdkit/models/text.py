@@ -414,7 +414,7 @@ def set_dropout(backbone, p: float) -> None:
     for module in backbone.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = p
-        if isinstance(getattr(module, "dropout_prob", None), float):  # SDPA attention reads this
+        if isinstance(getattr(module, "dropout_prob", None), float):  # attention kept as a float by some models
             module.dropout_prob = p
 
 
