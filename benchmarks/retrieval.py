@@ -37,9 +37,10 @@ from benchmarks._common import header, write  # noqa: E402
 
 TUPLES = ["data.stream=tuples", "data.batch_size=16"]
 MAIN_BF16 = ["student.model.layers=[0,5]", "trainer.precision=bf16-mixed"]
+T128 = [*MAIN_BF16, "data.target_max_length=128"]
+SENTENCES_GROUPED = [*T128, "data.corpus_sentences=1", "data.group_by_length=true"]
 # experiment=scifact_minilm_sentences, the recipe that met the targets, as overrides of scifact_minilm
-RECIPE = [*MAIN_BF16, "data.target_max_length=128", "data.corpus_sentences=2", "data.group_by_length=true",
-          "student.model.dropout=0"]
+RECIPE = [*T128, "data.corpus_sentences=2", "data.group_by_length=true", "student.model.dropout=0"]
 # name -> (description, overrides on top of experiment=scifact_minilm, training steps, ~minutes).
 # Steps are set from measured speeds here (1 thread: ~2.0 s per 32-text step for 2 layers at 128
 # tokens, ~1.0 s for 1 layer, ~6 s per 16-tuple step of 96 texts), so a config trains ~its minutes.
@@ -49,12 +50,11 @@ CONFIGS = {
     # CPUs with AMX / avx512_bf16: a bf16 step is ~1.0 s (1 thread), so 1100 steps fit 20 minutes
     "main_bf16": ("as main, bf16 autocast, more steps", MAIN_BF16, 1100, 20),
     # the teacher's targets computed on the same 128 tokens the student reads (default: its 256)
-    "main_bf16_t128": ("as main_bf16, teacher targets at 128 tokens",
-                       [*MAIN_BF16, "data.target_max_length=128"], 1100, 20),
+    "main_bf16_t128": ("as main_bf16, teacher targets at 128 tokens", T128, 1100, 20),
     # both cores (2 threads: ~0.8 s a step) and the word-embedding table frozen (~1/6 faster steps)
     "fast": ("as main_bf16, frozen word embeddings, 2 threads",
              [*MAIN_BF16, "student.model.freeze_embeddings=true"], 1600, 20),
-    "t128_2threads": ("as main_bf16_t128, 2 threads", [*MAIN_BF16, "data.target_max_length=128"], 1300, 20),
+    "t128_2threads": ("as main_bf16_t128, 2 threads", T128, 1300, 20),
     "bf16_2threads": ("as main_bf16, 2 threads, more steps", MAIN_BF16, 1550, 20),
     # one sentence cut from every passage joins the stream, with the teacher's embedding of that
     # passage as its target (Inverse Cloze Task)
@@ -65,11 +65,10 @@ CONFIGS = {
     # one sentence of every passage joins the stream with the teacher's embedding of that sentence:
     # short, query-like texts (only 809 train queries otherwise)
     "t128_sentences": ("as t128_2threads, + 1 sentence per passage -> its own target",
-                       [*MAIN_BF16, "data.target_max_length=128", "data.corpus_sentences=1"], 1300, 20),
+                       [*T128, "data.corpus_sentences=1"], 1300, 20),
     # the same, texts batched by length (data.group_by_length): short batches cost what they are
     "t128_sentences_grouped": ("as t128_sentences, batches grouped by length, more steps",
-                               [*MAIN_BF16, "data.target_max_length=128", "data.corpus_sentences=1",
-                                "data.group_by_length=true"], 2000, 20),
+                               SENTENCES_GROUPED, 2000, 20),
     # the student trains on the 256 tokens it is evaluated on, against the teacher's 256-token
     # targets; short texts in their own batches keep the cost of the longer passages in bounds
     "len256_sentences_grouped": ("256-token inputs and targets, + 1 sentence per passage, grouped by length",
@@ -77,8 +76,7 @@ CONFIGS = {
                                   "data.group_by_length=true"], 1250, 20),
     # the same without dropout: a regression onto a fixed teacher, on the corpus it will index
     "t128_sentences_grouped_nodrop": ("as t128_sentences_grouped, dropout 0",
-                                      [*MAIN_BF16, "data.target_max_length=128", "data.corpus_sentences=1",
-                                       "data.group_by_length=true", "student.model.dropout=0"], 2000, 20),
+                                      [*SENTENCES_GROUPED, "student.model.dropout=0"], 2000, 20),
     # two sentences per passage: twice the short, query-like texts
     "t128_sentences2_nodrop": ("as t128_sentences_grouped_nodrop, 2 sentences per passage, more steps",
                                RECIPE, 2600, 20),
@@ -196,6 +194,15 @@ def _test_data_and_teacher(out: Path, extra: list[str]):
     return dm, instantiate(cfg.teacher.model)
 
 
+def _student_queries_and_asym(dm, teacher, student) -> tuple:
+    """The export's test-query embeddings and their asymmetric metrics (the teacher's own index)."""
+    from kdkit.retrieval_metrics import retrieval_metrics
+
+    docs, query_ids, qrels = dm.eval_layout("test")
+    queries = student.encode([dm.data.queries[q] for q in query_ids])
+    return queries, retrieval_metrics(queries, dm.static_embeddings(teacher, "corpus"), query_ids, docs, qrels)
+
+
 def probe_length(out: Path, name: str, length: int, extra: list[str]) -> dict:
     """Evaluate ``out/<name>/export`` (trained with 128-token texts) at ``length`` tokens."""
     from kdkit.models.text import sentence_encoder
@@ -204,10 +211,9 @@ def probe_length(out: Path, name: str, length: int, extra: list[str]) -> dict:
     dm, teacher = _test_data_and_teacher(out, extra)
     student = sentence_encoder(str(out / name / "export"), max_length=length)
     docs, query_ids, qrels = dm.eval_layout("test")
-    queries = student.encode([dm.data.queries[q] for q in query_ids])
+    queries, asym = _student_queries_and_asym(dm, teacher, student)
     corpus = student.encode(dm.data.doc_texts, progress=True, desc=f"{name} student, {length} tokens")
-    result = {k: v for k, v in retrieval_metrics(queries, corpus, query_ids, docs, qrels).items()}
-    asym = retrieval_metrics(queries, dm.static_embeddings(teacher, "corpus"), query_ids, docs, qrels)
+    result = dict(retrieval_metrics(queries, corpus, query_ids, docs, qrels))
     result.update({f"asym/{k}": v for k, v in asym.items()})
     (out / name / f"length{length}.json").write_text(json.dumps(result, indent=2))
     return result
@@ -218,16 +224,11 @@ def rescore_asym(out: Path, names: list[str], extra: list[str]) -> None:
     the teacher's corpus index at the teacher's 256 tokens, to ``out/<name>/asym_rescored.json``;
     the report shows them (marked) in place of the run's own asym figures."""
     from kdkit.models.text import sentence_encoder
-    from kdkit.retrieval_metrics import retrieval_metrics
 
     dm, teacher = _test_data_and_teacher(out, extra)
-    docs, query_ids, qrels = dm.eval_layout("test")
-    index = dm.static_embeddings(teacher, "corpus")
     for name in names:
-        student = sentence_encoder(str(out / name / "export"), max_length=256)
-        queries = student.encode([dm.data.queries[q] for q in query_ids])
-        result = retrieval_metrics(queries, index, query_ids, docs, qrels)
-        (out / name / "asym_rescored.json").write_text(json.dumps(result, indent=2))
+        _, asym = _student_queries_and_asym(dm, teacher, sentence_encoder(str(out / name / "export"), max_length=256))
+        (out / name / "asym_rescored.json").write_text(json.dumps(asym, indent=2))
 
 
 def fidelity(out: Path, names: list[str], extra: list[str], n_docs: int = 400) -> None:

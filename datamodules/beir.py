@@ -466,7 +466,7 @@ class BEIRDataModule(L.LightningDataModule):
         self.data: BEIRData | None = None
         self.tokenizer = None
         self.eval_max_length = eval_max_length
-        self.teacher_table: Tensor | None = None  # [N_docs + N_train_queries, D]
+        self.teacher_table: Tensor | None = None  # [N_docs + N_train_queries (+ sentences), D]
         self.teacher_index: Tensor | None = None  # [N_docs, D], teacher's own length
         self.negatives: list[list[int]] | None = None
         self._train_set = None
@@ -555,8 +555,7 @@ class BEIRDataModule(L.LightningDataModule):
         self.teacher_table, self.teacher_index, self.negatives = None, None, None
         if teacher is not None:
             corpus = self.static_embeddings(teacher, "corpus", self.target_max_length)
-            own_length = self.target_max_length in (None, teacher.max_length)
-            self.teacher_index = corpus if own_length else self.static_embeddings(teacher, "corpus")
+            self.teacher_index = self.static_embeddings(teacher, "corpus")  # own length (cached)
             queries = self.static_embeddings(teacher, f"queries-{self.train_split}", self.target_max_length)
             parts = [corpus, queries]
             if self.own_sentence_targets:

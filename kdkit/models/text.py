@@ -412,10 +412,8 @@ def set_dropout(backbone, p: float) -> None:
         if hasattr(backbone.config, key):
             setattr(backbone.config, key, p)
     for module in backbone.modules():
-        if isinstance(module, torch.nn.Dropout):
+        if isinstance(module, torch.nn.Dropout):  # BERT's attention dropout reads its module's p
             module.p = p
-        if isinstance(getattr(module, "dropout_prob", None), float):  # attention kept as a float by some models
-            module.dropout_prob = p
 
 
 def freeze_word_embeddings(encoder: TextEncoder) -> TextEncoder:
@@ -424,8 +422,8 @@ def freeze_word_embeddings(encoder: TextEncoder) -> TextEncoder:
     In a small BERT the table is most of the weights (all-MiniLM-L6-v2: 11.7M of 22.7M), but a
     batch touches a few hundred of its 30k rows. Its gradient is dense, so the backward pass and
     AdamW still read and write every row each step: frozen, a 2-layer student's bf16 CPU step was
-    16-19% faster (an ad-hoc interleaved timing, 1 and 2 threads). On SciFact the distillation loss stayed
-    higher (0.077 vs 0.054 after ~1,600 steps) while nDCG@10 moved within run-to-run noise
+    16-19% faster (an ad-hoc interleaved timing, 1 and 2 threads). On SciFact the distillation
+    loss stayed higher (0.077 vs 0.054 after ~1,600 steps) while nDCG@10 moved within noise
     (0.615 / 0.644 vs 0.611 / 0.641, `benchmarks/results/retrieval_bf16.md`).
     """
     encoder.backbone.get_input_embeddings().weight.requires_grad_(False)

@@ -68,6 +68,7 @@ def test_lightning_ddp_swaps_in_its_distributed_sampler():
         assert new.batch_sampler.sampler is dist and new.batch_sampler.window == 64
         batches = list(new.batch_sampler)
         assert len(batches) == 6 and all(len(b) == 8 for b in batches)
-        assert all(len({LENGTHS[i] for i in b}) <= 2 for b in batches)
+        # the rank's 48 samples form one window: only its boundary batch may mix lengths
+        assert sum(len({LENGTHS[i] for i in b}) > 1 for b in batches) <= 1
         shards.append({i for b in batches for i in b})
     assert not shards[0] & shards[1]  # disjoint shards
