@@ -15,9 +15,31 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from kdkit.distributed import FixedShardSampler, eval_sampler, world
 from kdkit.errors import KdkitError
+from kdkit.sampling import EpochShuffleSampler
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def check_loader_options(batch_size, eval_batch_size=None, num_workers=0, **more) -> None:
+    """Refuse loader sizes the DataLoader would only reject deep inside a run: batch sizes
+    below 1, a negative worker count, or values that are not whole numbers (``more``: further
+    batch sizes, e.g. ``teacher_batch_size``). One line each, naming the ``data.`` option."""
+    sizes = {"batch_size": batch_size, "eval_batch_size": eval_batch_size, **more}
+    checks = [(name, value, 1) for name, value in sizes.items()] + [("num_workers", num_workers, 0)]
+    for name, value, least in checks:
+        if value is None and name == "eval_batch_size":  # None: the training batch size
+            continue
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = None
+        bad = number is None or isinstance(value, bool) or isinstance(value, float) and number != value
+        if bad or number < least:  # the wording of kdkit.config_checks
+            what = ("worker processes; 0 loads in the main process" if name == "num_workers"
+                    else "samples per batch")
+            shown = repr(value) if isinstance(value, str) else value
+            raise KdkitError(f"data.{name}={shown} must be a whole number >= {least} ({what})")
 
 
 class TensorImageDataset(Dataset):
@@ -68,6 +90,7 @@ class ImageDataModule(L.LightningDataModule):
                  num_classes: int | None = None, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None):
         super().__init__()
+        check_loader_options(batch_size, eval_batch_size, num_workers)
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers = int(num_workers)
@@ -146,14 +169,13 @@ def build_loader(dm, dataset: Dataset, train: bool) -> DataLoader:
         sampler = eval_sampler(dataset)
     elif getattr(dm, "fixed_shards", False) and world()[1] > 1:
         sampler = FixedShardSampler(dataset, seed=dm.seed)
-    generator = torch.Generator().manual_seed(dm.seed) if train and sampler is None else None
+    if train and sampler is None:
+        sampler = EpochShuffleSampler(dataset, seed=dm.seed)  # same order when resumed mid-run
     return DataLoader(
         dataset,
         batch_size=dm.batch_size if train else dm.eval_batch_size,
-        shuffle=train and sampler is None,
         sampler=sampler,
         drop_last=train,
-        generator=generator,
         num_workers=dm.num_workers,
         pin_memory=dm.pin_memory,
         persistent_workers=dm.num_workers > 0,

@@ -28,19 +28,23 @@ import csv
 import hashlib
 import json
 import os
+import pickle
 import re
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
+from datamodules.archives import file_error, warn_cached
+from datamodules.base import check_loader_options
 from datamodules.length_grouping import LengthGroupedBatchSampler
-from kdkit.errors import KdkitError
+from kdkit.errors import KdkitError, unreadable
+from kdkit.sampling import EpochShuffleSampler
 
 STREAMS = ("text", "tuples", "both")
 SENTENCE_TARGETS = ("sentence", "passage")
@@ -79,35 +83,103 @@ class BEIRData:
         return self.qrels[split]
 
 
+BEIR_HINT = "fix the file or re-download the dataset"
+EMPTY_HINT = "re-download the dataset, or point data.path at a complete BEIR folder"
+
+
+def _bad_line(path: Path, line: int, what: str, reason: str) -> KdkitError:
+    return unreadable(f"{path} line {line}", what, reason, BEIR_HINT)
+
+
+def _read_jsonl(path: Path, what: str) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` of every non-blank line of a JSON-lines file. A file that
+    cannot be read, or a line that is not a JSON object with an ``_id``, raises a one-line
+    KdkitError naming the file (and line) as ``what``."""
+    number = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise _bad_line(path, number, what, f"not valid JSON: {err.msg} (column "
+                                                        f"{err.colno})") from None
+                if not isinstance(obj, dict) or "_id" not in obj:
+                    raise _bad_line(path, number, what, 'not a JSON object with an "_id"')
+                yield number, obj
+    except UnicodeDecodeError as err:
+        raise file_error(f"{path} (after line {number})", what, err,
+                         f"it is not UTF-8 text: {BEIR_HINT}") from None
+    except OSError as err:
+        raise file_error(path, what, err, f"it is corrupt or truncated: {BEIR_HINT}") from None
+
+
+def _text(obj: dict, key: str, path: Path, line: int, what: str, required: bool = False) -> str:
+    value = obj.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise _bad_line(path, line, what, f'"{key}" is {"missing" if value is None else "not a string"}')
+    return value
+
+
+def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    what = "BEIR qrels"
+    split: dict[str, dict[str, int]] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            try:
+                if next(rows, None) is None:  # header: query-id corpus-id score
+                    raise file_error(path, what, "empty file", EMPTY_HINT)
+                for row in rows:
+                    if not any(cell.strip() for cell in row):
+                        continue
+                    if len(row) < 3:
+                        raise _bad_line(path, rows.line_num, what, f"{len(row)} tab-separated fields, "
+                                        "not 3 (query-id, corpus-id, score)")
+                    try:
+                        score = int(row[2])
+                    except ValueError:
+                        raise _bad_line(path, rows.line_num, what,
+                                        f"score {row[2][:20]!r} is not a whole number") from None
+                    split.setdefault(row[0], {})[row[1]] = score
+            except csv.Error as err:  # e.g. a NUL byte: not a text file
+                raise _bad_line(path, rows.line_num, what, f"{type(err).__name__}: {err}") from None
+    except UnicodeDecodeError as err:
+        raise file_error(path, what, err, f"it is not UTF-8 text: {BEIR_HINT}") from None
+    except OSError as err:
+        raise file_error(path, what, err, f"it is corrupt or truncated: {BEIR_HINT}") from None
+    return split
+
+
 def read_beir(folder: str | os.PathLike) -> BEIRData:
-    """Read a BEIR folder (``corpus.jsonl``, ``queries.jsonl``, ``qrels/*.tsv``)."""
+    """Read a BEIR folder (``corpus.jsonl``, ``queries.jsonl``, ``qrels/*.tsv``).
+
+    A file that is missing, empty, unreadable, or has a bad line raises a one-line KdkitError
+    naming the file (and the line).
+    """
     folder = Path(folder)
     for name in ("corpus.jsonl", "queries.jsonl", "qrels"):
         if not (folder / name).exists():
             raise KdkitError(f"{folder} is not a BEIR folder: {name} is missing")
     doc_ids, doc_texts = [], []
-    with open(folder / "corpus.jsonl", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                doc = json.loads(line)
-                doc_ids.append(str(doc["_id"]))
-                doc_texts.append((doc.get("title", "") + " " + doc.get("text", "")).strip())
+    path, what = folder / "corpus.jsonl", "BEIR corpus"
+    for line, doc in _read_jsonl(path, what):
+        doc_ids.append(str(doc["_id"]))
+        title, text = _text(doc, "title", path, line, what), _text(doc, "text", path, line, what)
+        doc_texts.append((title + " " + text).strip())
+    if not doc_ids:
+        raise file_error(path, what, "empty file: no passages", EMPTY_HINT)
     queries = {}
-    with open(folder / "queries.jsonl", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                q = json.loads(line)
-                queries[str(q["_id"])] = q["text"]
-    qrels: dict[str, dict[str, dict[str, int]]] = {}
-    for path in sorted((folder / "qrels").glob("*.tsv")):
-        split: dict[str, dict[str, int]] = {}
-        with open(path, encoding="utf-8") as f:
-            rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            next(rows, None)  # header: query-id corpus-id score
-            for row in rows:
-                if len(row) >= 3:
-                    split.setdefault(row[0], {})[row[1]] = int(row[2])
-        qrels[path.stem] = split
+    path, what = folder / "queries.jsonl", "BEIR queries"
+    for line, q in _read_jsonl(path, what):
+        queries[str(q["_id"])] = _text(q, "text", path, line, what, required=True)
+    if not queries:
+        raise file_error(path, what, "empty file: no queries", EMPTY_HINT)
+    qrels = {path.stem: _read_qrels(path) for path in sorted((folder / "qrels").glob("*.tsv"))}
     return BEIRData(doc_ids, doc_texts, queries, qrels)
 
 
@@ -140,7 +212,7 @@ def _extract(archive: Path, dest: Path) -> Path:
         from datamodules.archives import extract_once
     except ImportError:  # pragma: no cover - the archives helper ships with kdkit
         raise KdkitError("datamodules.archives is missing: reinstall kdkit") from None
-    return extract_once([archive], dest)
+    return extract_once([archive], dest, what="BEIR zip")
 
 
 def _beir_folder(root: Path) -> Path:
@@ -179,7 +251,10 @@ def locate(name: str | None, path: str | None, data_dir: str | None, cache_dir: 
         raise KdkitError(f"BEIR dataset {name!r} not found at {where}: set KDKIT_DATA_DIR to the folder "
                          f"holding beir/{name}.zip, data.path to a BEIR folder/zip, or data.download=true")
     archive = cache / f"{name}.zip"
-    if not archive.is_file():
+    if archive.is_file():  # downloaded before: say so, in case the data dir was meant
+        warn_cached(", ".join(str(c) for c in candidates) or "(no data_dir)", archive,
+                    f"BEIR dataset {name!r}")
+    else:
         archive.parent.mkdir(parents=True, exist_ok=True)
         tmp = archive.with_suffix(f".zip.{os.getpid()}.part")
         try:
@@ -434,6 +509,8 @@ class BEIRDataModule(L.LightningDataModule):
                  batch_size: int = 32, eval_batch_size: int = 64, teacher_batch_size: int = 64,
                  num_workers: int = 0, seed: int = 0):
         super().__init__()
+        check_loader_options(batch_size, eval_batch_size, num_workers,
+                             teacher_batch_size=teacher_batch_size)
         if stream not in STREAMS:
             raise KdkitError(f"data.stream={stream!r}: use one of {', '.join(STREAMS)}")
         self.name, self.path, self.data_dir = name, path, data_dir or os.environ.get("KDKIT_DATA_DIR")
@@ -584,7 +661,13 @@ class BEIRDataModule(L.LightningDataModule):
 
     def cached_embeddings(self, encoder, kind: str, max_length: int | None = None) -> Tensor | None:
         path = self._cache_file(encoder, kind, max_length or encoder.max_length)
-        return torch.load(path, weights_only=True) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, weights_only=True)
+        except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as err:
+            raise file_error(path, "cached teacher embeddings", err,
+                             "delete it: kdkit encodes the texts again") from None
 
     def store_embeddings(self, encoder, kind: str, embeddings: Tensor, max_length: int | None = None) -> None:
         """Cache embeddings of a static text set under ``encoder``'s fingerprint (atomic write)."""
@@ -673,17 +756,17 @@ class BEIRDataModule(L.LightningDataModule):
         if len(dataset) < self.batch_size:
             raise KdkitError(f"batch_size={self.batch_size} exceeds the {len(dataset)} training samples")
         collate = Collate(self._tokenizer(), self.max_length)
-        generator = torch.Generator().manual_seed(self.seed)
+        order = EpochShuffleSampler(dataset, seed=self.seed)  # same order when resumed mid-run
         workers = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
         if self.group_by_length:
             lengths = [len(ids) for ids in self._tokenizer()(list(dataset.texts), truncation=True,
                                                              max_length=self.max_length)["input_ids"]]
-            batches = LengthGroupedBatchSampler(RandomSampler(dataset, generator=generator), self.batch_size,
+            batches = LengthGroupedBatchSampler(order, self.batch_size,
                                                 drop_last=True, lengths=lengths, seed=self.seed)
             return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, **workers)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True,
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=order,
                           drop_last=True,  # equal shapes on every rank for cross-rank gathers
-                          generator=generator, collate_fn=collate, **workers)
+                          collate_fn=collate, **workers)
 
     def _eval_loader(self, stage: str) -> DataLoader:
         doc_ids, query_ids, _ = self.eval_layout(stage)

@@ -9,6 +9,7 @@ decoded once, straight from the archives, into uint8 tensors cached in
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
@@ -16,10 +17,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from datamodules.archives import fingerprint, iter_members, save_atomic
+from datamodules.archives import file_error, fingerprint, iter_members, save_atomic, warn_cached
 from datamodules.base import ImageDataModule, TensorImageDataset
 from kdkit.errors import KdkitError
 
+ARCHIVE = "CIFAR-10 archive"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # Per-channel statistics of the 50,000 original training images. (The often-copied
 # (0.2023, 0.1994, 0.2010) is the mean of per-image stds, not the dataset std.)
@@ -79,13 +81,19 @@ def decode_archives(archives: Sequence[Path], chunk: int = 1000) -> dict[str, Te
     from tqdm.auto import tqdm
 
     found: dict[str, list] = {"train": [], "test": []}
+    source: dict[tuple[str, str, str], Path] = {}  # (split, class, file) -> its archive
     for archive in archives:
-        for name, data in iter_members(archive, ".jpg"):
+        for name, data in iter_members(archive, ".jpg", what=ARCHIVE):
             split, label, filename = PurePosixPath(name).parts[-3:]
             if split not in found or label not in CLASSES:
                 raise KdkitError(f"unexpected file {name} in {archive}: expected "
                                  "train/<class>/*.jpg or test/<class>/*.jpg with CIFAR-10 classes")
-            found[split].append((CLASSES.index(label), filename, data))
+            key = (split, label, filename)
+            if key in source:  # e.g. a part copied under a second train-part* name
+                raise KdkitError(f"{name} is twice in the CIFAR-10 archives ({source[key]} and "
+                                 f"{archive}): remove the extra copy of the archive")
+            source[key] = archive
+            found[split].append((CLASSES.index(label), filename, data, archive))
     arrays = {}
     with tqdm(total=sum(map(len, found.values())), desc="decoding CIFAR-10 JPEGs", unit="img",
               disable=None, leave=False) as bar:
@@ -99,11 +107,38 @@ def decode_archives(archives: Sequence[Path], chunk: int = 1000) -> dict[str, Te
             for start in range(0, len(members), chunk):
                 raw = [torch.frombuffer(bytearray(m[2]), dtype=torch.uint8)
                        for m in members[start:start + chunk]]
-                images[start:start + len(raw)] = torch.stack(decode_jpeg(raw, mode=ImageReadMode.RGB))
+                try:
+                    decoded = decode_jpeg(raw, mode=ImageReadMode.RGB)
+                except RuntimeError:  # a damaged JPEG: find and name it
+                    _name_bad_jpeg(split, members[start:start + chunk], raw)
+                    raise
+                images[start:start + len(raw)] = torch.stack(decoded)
                 bar.update(len(raw))
             arrays[f"{split}_images"] = images
             arrays[f"{split}_labels"] = torch.tensor([m[0] for m in members])
     return arrays
+
+
+def _name_bad_jpeg(split: str, members: list, raw: list[Tensor]) -> None:
+    """Raise a KdkitError naming the first member of ``members`` that does not decode."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    for (label, filename, _, archive), data in zip(members, raw):
+        try:
+            decode_jpeg(data, mode=ImageReadMode.RGB)
+        except RuntimeError as err:  # "decode_jpeg, <source file>:<line>, <reason>"
+            reason = str(err).strip().splitlines()[0].rsplit(", ", 1)[-1] if str(err).strip() else ""
+            raise file_error(f"{split}/{CLASSES[label]}/{filename} in {archive}", "CIFAR-10 image",
+                             f"not a valid JPEG: {reason}" if reason else err,
+                             f"the archive is damaged: re-download or replace {archive.name}") from None
+
+
+def _load_cache(path: Path) -> dict[str, Tensor]:
+    try:
+        return torch.load(path, weights_only=True)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as err:
+        raise file_error(path, "CIFAR-10 tensor cache", err,
+                         "delete it: kdkit decodes the archives again") from None
 
 
 def load_cifar10_arrays(archive_dir: Path, cache_dir: Path, download: bool = False) -> dict[str, Tensor]:
@@ -116,13 +151,16 @@ def load_cifar10_arrays(archive_dir: Path, cache_dir: Path, download: bool = Fal
     """
     parts = sorted(archive_dir.glob("train-part*.tar.gz"))
     test = archive_dir / "test.tar.gz"
-    if parts and test.is_file():
+    if parts and test.exists():
         archives = [*parts, test]
         cached = cache_dir / f"tensors-{fingerprint(archives)}.pt"
         if not cached.is_file():
             save_atomic(decode_archives(archives), cached)
-        return torch.load(cached, weights_only=True)
+        return _load_cache(cached)
     if download:
+        cached = cache_dir / "tensors-torchvision.pt"
+        if cached.is_file():
+            warn_cached(archive_dir, cached, "CIFAR-10 archives")
         return _download(cache_dir)
     raise KdkitError(
         f"CIFAR-10 archives not found in {archive_dir} (need train-part*.tar.gz and test.tar.gz): "
@@ -143,7 +181,7 @@ def _download(cache_dir: Path) -> dict[str, Tensor]:
             arrays[f"{split}_images"] = images.permute(0, 3, 1, 2).contiguous()
             arrays[f"{split}_labels"] = torch.tensor(ds.targets, dtype=torch.long)
         save_atomic(arrays, cached)
-    return torch.load(cached, weights_only=True)
+    return _load_cache(cached)
 
 
 class CIFAR10DataModule(ImageDataModule):

@@ -6,11 +6,30 @@ pixel values 0..16 scaled to [0, 1]. Small enough for a whole distillation run i
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import torch
 
+from datamodules.archives import file_error
 from datamodules.base import ImageDataModule, TensorImageDataset
 from kdkit.errors import KdkitError
+
+
+def load_digits():
+    """``sklearn.datasets.load_digits()``; its data file (``digits.csv.gz``, inside the
+    scikit-learn package) that cannot be read raises a one-line KdkitError naming it."""
+    from importlib import resources
+
+    from sklearn import datasets
+
+    try:
+        return datasets.load_digits()
+    # gzip: OSError (BadGzipFile), EOFError (truncated), zlib.error; np.loadtxt: ValueError
+    except (OSError, EOFError, zlib.error, ValueError) as err:
+        path = resources.files("sklearn.datasets.data") / "digits.csv.gz"
+        raise file_error(path, "scikit-learn digits file", err,
+                         "reinstall scikit-learn (pip install --force-reinstall scikit-learn)") from None
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float,
@@ -57,8 +76,6 @@ class DigitsDataModule(ImageDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        from sklearn.datasets import load_digits
-
         data = load_digits()
         images = torch.from_numpy(data.images.astype(np.float32) / 16.0).unsqueeze(1)
         labels = torch.from_numpy(data.target.astype(np.int64))

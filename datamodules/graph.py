@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 import shutil
+import traceback
+import zlib
 from pathlib import Path
 
 import lightning as L
@@ -10,10 +14,29 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.archives import CORRUPT_HINT, file_error, warn_cached
 from kdkit.errors import KdkitError
 
 SETTINGS = ("transductive", "inductive")
 MASKS = ("train_mask", "val_mask", "test_mask")
+# What a dataset raises on a damaged file: OSError (unreadable), EOFError and UnpicklingError
+# (truncated or garbage pickles), UnicodeDecodeError and ValueError (text files that do not
+# parse), RuntimeError (torch.load of a damaged processed file), zlib.error.
+FILE_ERRORS = (OSError, EOFError, pickle.UnpicklingError, ValueError, RuntimeError, zlib.error)
+
+
+def _file_in_traceback(exc: BaseException) -> Path | None:
+    """The file that the innermost failing reader had in hand (a frame's ``path``, ``filename``,
+    ... local, or an open file's name), to name it in the error; None if there is none."""
+    found = None
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        for key in ("path", "filename", "file", "fname", "f", "fp", "fh"):
+            value = frame.f_locals.get(key)
+            value = getattr(value, "name", value)  # an open file: its path
+            if isinstance(value, (str, os.PathLike)) and os.path.isfile(value):
+                found = Path(value)
+                break
+    return found
 
 
 class _OneBatch(Dataset):
@@ -101,25 +124,56 @@ class GraphDataModule(L.LightningDataModule):
         self._load()  # lets PyG process once, on one process
 
     def _copy_raw(self) -> None:
-        if self.raw_src is None or self.raw_dst is None or not self.raw_src.is_dir():
+        if self.raw_src is None or self.raw_dst is None:
+            return
+        sources = sorted(p for p in self.raw_src.iterdir() if p.is_file()) if self.raw_src.is_dir() else []
+        if not sources:
+            if self.raw_dst.is_dir() and any(p.is_file() for p in self.raw_dst.iterdir()):
+                warn_cached(self.raw_src, self.raw_dst, "graph raw files")  # a warm cache stands in
             return
         self.raw_dst.mkdir(parents=True, exist_ok=True)
-        for src in self.raw_src.iterdir():
+        for src in sources:
             dst = self.raw_dst / src.name
-            if src.is_file() and not dst.exists():
+            if not dst.exists():
+                if src.stat().st_size == 0:
+                    raise file_error(src, "graph raw file", "empty file")
+                try:
+                    open(src, "rb").close()  # unreadable source: name it (not the cache)
+                except OSError as err:
+                    raise file_error(src, "graph raw file", err) from None
                 tmp = dst.with_name(dst.name + ".part")
                 shutil.copyfile(src, tmp)
                 tmp.replace(dst)  # atomic: a crash never leaves a truncated raw file
+
+    def _damaged(self, path: Path, exc: BaseException) -> KdkitError:
+        """The one-line error for a data file the dataset could not read."""
+        hint = CORRUPT_HINT
+        if self.raw_dst is not None and path.resolve().parent == self.raw_dst.resolve():
+            src = self.raw_src / path.name if self.raw_src is not None else None
+            again = f" (kdkit copies {src} again)" if src is not None and src.is_file() else ""
+            hint = (f"it is corrupt or truncated: delete it{again}, and re-download the dataset "
+                    "if that fails too")
+        elif path.parent.name == "processed":
+            hint = "it is corrupt or truncated: delete it, and the raw files are processed again"
+        return file_error(path, "graph data file", exc, hint)
 
     def _load(self):
         if not callable(self.dataset_factory):
             return self.dataset_factory
         try:
             return self.dataset_factory()
-        except Exception as exc:  # offline download failure, missing files
+        except Exception as exc:  # offline download failure, missing or damaged files
+            path = getattr(exc, "filename", None) if isinstance(exc, OSError) else None
+            if path is not None and os.path.exists(path):  # e.g. a directory where a file belongs
+                path = Path(path)
+            else:
+                path = _file_in_traceback(exc) if isinstance(exc, FILE_ERRORS) else None
+            if path is not None:
+                raise self._damaged(path, exc) from exc
             where = self.raw_src or "data.raw_src"
+            first = (str(exc).strip().splitlines() or [""])[0]
             raise KdkitError(
-                f"could not load the graph dataset ({type(exc).__name__}: {exc}); put its raw "
+                f"could not load the graph dataset ({type(exc).__name__}: {first}); put its raw "
                 f"files in {where} (set KDKIT_DATA_DIR) or go online so PyG can download them"
             ) from exc
 

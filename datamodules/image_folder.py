@@ -11,12 +11,19 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from datamodules.archives import file_error
 from datamodules.base import IMAGENET_MEAN, IMAGENET_STD, ImageDataModule
 from kdkit.errors import KdkitError
 
+IMAGE_HINT = "it is corrupt or truncated: replace it with a good copy or delete it"
+
 
 class _DictImageFolder(Dataset):
-    """``torchvision.datasets.ImageFolder`` samples as kdkit dict samples."""
+    """``torchvision.datasets.ImageFolder`` samples as kdkit dict samples.
+
+    Loads as ``ImageFolder.__getitem__`` does (loader, then transform), so that an image that
+    cannot be read raises a one-line KdkitError naming its file.
+    """
 
     def __init__(self, folder):
         self.folder = folder
@@ -25,7 +32,18 @@ class _DictImageFolder(Dataset):
         return len(self.folder)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        image, label = self.folder[index]
+        folder = self.folder
+        path, label = folder.samples[index]
+        try:
+            image = folder.loader(path)
+        # PIL: OSError (unreadable, truncated, UnidentifiedImageError: not an image), SyntaxError
+        # (some broken PNG/GIF headers)
+        except (OSError, SyntaxError) as err:
+            raise file_error(path, "image", err, IMAGE_HINT) from None
+        if folder.transform is not None:
+            image = folder.transform(image)
+        if folder.target_transform is not None:
+            label = folder.target_transform(label)
         return {"image": image, "label": torch.tensor(label), "index": torch.tensor(index)}
 
 
@@ -88,7 +106,10 @@ class ImageFolderDataModule(ImageDataModule):
         try:
             return ImageFolder(str(path), transform=transform)
         except FileNotFoundError as err:  # no class folders or no images
-            raise KdkitError(f"image folder {path}: {err}") from None
+            raise KdkitError(f"image folder {path}: {str(err).strip()} (expected "
+                             f"{path}/<class>/<image>: add the class folders and images)") from None
+        except OSError as err:  # a folder that cannot be listed (permissions)
+            raise file_error(path, "image folder", err) from None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

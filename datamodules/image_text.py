@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from urllib.parse import urlparse
 
 import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from datamodules.base import build_loader
+from datamodules.archives import ARCHIVE_ERRORS, file_error
+from datamodules.base import build_loader, check_loader_options
 from datamodules.cifar10 import CIFAR10DataModule
 from kdkit.errors import KdkitError
+
+IMAGE_HINT = "it is corrupt or truncated: replace it with a good copy"
 
 # The 18 CIFAR-10 prompts of CLIP's zero-shot evaluation (Radford et al. 2021, notebook
 # "Prompt_Engineering_for_ImageNet" / CIFAR templates).
@@ -142,17 +147,26 @@ class PairsFile(Dataset):
                  image_root: str | os.PathLike | None = None,
                  class_names: Sequence[str] | None = None):
         self.path = Path(path).expanduser()
-        if not self.path.is_file():
+        if not self.path.exists():
             raise KdkitError(f"pairs file not found: {self.path} (a CSV/TSV with columns "
                              f"{image_key!r}, {caption_key!r})")
         delimiter = "\t" if self.path.suffix.lower() == ".tsv" else ","
-        with open(self.path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f, delimiter=delimiter))
         wanted = [k for k in (image_key, caption_key, label_key) if k]
-        missing = [k for k in wanted if rows and k not in rows[0]]
-        if not rows or missing:
-            raise KdkitError(f"{self.path}: no rows or missing columns {missing}; columns are "
-                             f"{list(rows[0]) if rows else []}")
+        rows, lines, columns = self._read(delimiter)
+        if not columns:
+            raise KdkitError(f"pairs file {self.path} is empty: write a header line naming the "
+                             f"columns {wanted}, then one row per image-caption pair")
+        missing = [k for k in wanted if k not in columns]
+        if missing:
+            raise KdkitError(f"pairs file {self.path}: missing columns {missing}; columns are "
+                             f"{columns}: name them in data.image_key / caption_key / label_key")
+        if not rows:
+            raise KdkitError(f"pairs file {self.path} has a header but no rows: add one row per "
+                             "image-caption pair")
+        short = next((line for r, line in zip(rows, lines) if any(r[k] is None for k in wanted)), None)
+        if short is not None:
+            raise KdkitError(f"pairs file {self.path} line {short} has fewer fields than its header "
+                             f"{columns}: fix that row (separator {delimiter!r})")
         root = Path(image_root).expanduser() if image_root else self.path.parent
         self.images = [root / r[image_key] for r in rows]
         self.captions = [r[caption_key] for r in rows]
@@ -167,6 +181,27 @@ class PairsFile(Dataset):
             self.labels = torch.tensor([lookup[r[label_key]] for r in rows])
         self.tokenizer, self.transform = tokenizer, transform
 
+    def _read(self, delimiter: str) -> tuple[list[dict], list[int], list[str]]:
+        """(rows, the line each row ends on, the header's column names)."""
+        what = "pairs file"
+        try:
+            with open(self.path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f, delimiter=delimiter)
+                rows, lines = [], []
+                try:
+                    for row in reader:
+                        rows.append(row)
+                        lines.append(reader.line_num)
+                except csv.Error as err:  # e.g. a NUL byte: not a text file
+                    raise file_error(f"{self.path} (line {reader.line_num})", what, err,
+                                     "it is not a CSV/TSV text file: fix or replace it") from None
+                return rows, lines, list(reader.fieldnames or [])
+        except UnicodeDecodeError as err:
+            raise file_error(self.path, what, err, "it is not UTF-8 text: save it as UTF-8 CSV/TSV "
+                                                   "or replace it") from None
+        except OSError as err:
+            raise file_error(self.path, what, err) from None
+
     def __len__(self) -> int:
         return len(self.captions)
 
@@ -175,8 +210,16 @@ class PairsFile(Dataset):
 
         path = self.images[index]
         if not path.is_file():
-            raise KdkitError(f"image not found: {path} (listed in {self.path})")
-        with Image.open(path) as img:
+            raise KdkitError(f"image not found: {path} (listed in {self.path}): add it or remove "
+                             "its row")
+        try:
+            img = Image.open(path)
+            img.load()
+        # PIL: OSError (unreadable, truncated, UnidentifiedImageError: not an image), SyntaxError
+        # (some broken PNG/GIF headers)
+        except (OSError, SyntaxError) as err:
+            raise file_error(path, "image", err, f"{IMAGE_HINT} (listed in {self.path})") from None
+        with img:
             image = self.transform(img)
         sample = {"image": image, "text": self.tokenizer([self.captions[index]])[0],
                   "index": torch.tensor(index), "pair_id": self.pair_ids[index]}
@@ -203,6 +246,7 @@ class PairsDataModule(L.LightningDataModule):
                  pin_memory: bool = False, seed: int = 0,
                  class_names: Sequence[str] | None = None, templates: Sequence[str] | None = None):
         super().__init__()
+        check_loader_options(batch_size, eval_batch_size, num_workers)
         self.tokenizer = tokenizer
         self.image_size = int(image_size)
         self.augment = bool(augment)
@@ -331,13 +375,15 @@ class WebDatasetPairsDataModule(PairsDataModule):
         def to_sample(item: dict) -> dict[str, Tensor]:
             key = next((k for k in IMAGE_EXTENSIONS if k in item), None)
             if key is None or "txt" not in item:
-                raise KdkitError(f"shard sample {item.get('__key__')} lacks an image "
-                                 f"({'/'.join(IMAGE_EXTENSIONS)}) or a .txt caption")
+                raise KdkitError(f"shard sample {item.get('__key__')} in {item.get('__url__')} lacks "
+                                 f"an image ({'/'.join(IMAGE_EXTENSIONS)}) or a .txt caption: "
+                                 "rewrite that shard")
+            image, text, label = _decode(item, key)
             uid = stable_id(f"{item.get('__url__')}/{item['__key__']}")
-            sample = {"image": transform(item[key]), "text": self.tokenizer([item["txt"]])[0],
+            sample = {"image": transform(image), "text": self.tokenizer([text])[0],
                       "index": torch.tensor(uid), "pair_id": torch.tensor(uid)}
-            if "cls" in item:
-                sample["label"] = torch.tensor(int(item["cls"]))
+            if label is not None:
+                sample["label"] = torch.tensor(label)
             return sample
 
         return to_sample
@@ -345,13 +391,17 @@ class WebDatasetPairsDataModule(PairsDataModule):
     def _pipeline(self, split: str, train: bool):
         import webdataset as wds
 
+        handler = _shard_errors(self.urls[split])
         if train:
             data = wds.WebDataset(self.urls[split], resampled=True, shardshuffle=False,
-                                  nodesplitter=None, seed=self.seed).shuffle(self.shuffle_buffer)
+                                  nodesplitter=None, seed=self.seed, handler=handler)
+            _check_shard_ends(data, handler)
+            data = data.shuffle(self.shuffle_buffer)
         else:
-            data = wds.WebDataset(self.urls[split], shardshuffle=False,
+            data = wds.WebDataset(self.urls[split], shardshuffle=False, handler=handler,
                                   nodesplitter=wds.split_by_node, empty_check=False)
-        return data.decode("pil").map(self._sample(train))
+            _check_shard_ends(data, handler)
+        return data.map(self._sample(train))
 
     def _steps_per_epoch(self) -> int:
         from kdkit.distributed import world
@@ -386,9 +436,113 @@ class WebDatasetPairsDataModule(PairsDataModule):
         """The first ``n`` pairs of the first training shard, without augmentation."""
         import webdataset as wds
 
-        data = wds.WebDataset(self.urls["train"][:1], shardshuffle=False, empty_check=False)
-        samples = [s for _, s in zip(range(n), data.decode("pil").map(self._sample(train=False)))]
+        handler = _shard_errors(self.urls["train"][:1])
+        data = wds.WebDataset(self.urls["train"][:1], shardshuffle=False, empty_check=False,
+                              handler=handler)
+        _check_shard_ends(data, handler)
+        samples = [s for _, s in zip(range(n), data.map(self._sample(train=False)))]
         return default_collate(samples)
+
+
+SHARD = "webdataset shard"
+
+
+def _decode(item: dict, key: str) -> tuple:
+    """(PIL image, caption, class index or None) of a shard sample, as webdataset's "pil"
+    decoding gives them; a field that does not decode raises a KdkitError naming the sample."""
+    from PIL import Image
+
+    where = f"{item.get('__key__')}.{{}} in {SHARD} {item.get('__url__')}"
+    hint = "rewrite or replace that shard"
+    try:
+        image = Image.open(io.BytesIO(item[key]))
+        image.load()
+    except (OSError, SyntaxError) as err:  # PIL: not an image, truncated, broken header
+        raise file_error(where.format(key), "image", err, hint) from None
+    try:
+        text = item["txt"].decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise file_error(where.format("txt"), "caption", err, hint) from None
+    label = None
+    if "cls" in item:
+        try:
+            label = int(item["cls"])
+        except ValueError:
+            raise file_error(where.format("cls"), "class index", f"not an integer: {item['cls'][:20]!r}",
+                             hint) from None
+    return image, text, label
+
+
+def _shard_errors(urls: Sequence[str]) -> Callable[[Exception], bool]:
+    """A webdataset exception handler: a shard that cannot be opened or read (webdataset adds
+    the shard's URL to the exception's args) raises a one-line KdkitError naming it; anything
+    else is raised as it is."""
+    known = set(urls)
+
+    def handler(exn: Exception) -> bool:
+        url = next((a for a in exn.args if isinstance(a, str) and a in known), None)
+        url = url or getattr(exn, "filename", None)
+        if url is None or not isinstance(exn, ARCHIVE_ERRORS):
+            raise exn
+        first = str(exn.args[0]) if exn.args else ""
+        reason = f"{type(exn).__name__}: {first.split(' @ ')[0]}" if first else type(exn).__name__
+        raise file_error(url, SHARD, exn if isinstance(exn, OSError) and exn.filename else reason) from None
+
+    return handler
+
+
+class _CheckedShardOpen:
+    """Opens local shards as webdataset's ``StreamingOpen`` does, and checks each uncompressed
+    ``.tar`` shard, as tarfile stops without a word at a damaged or missing header, dropping the
+    rest of the shard: it must end in a zero end-of-archive block (else it is cut off), and once
+    webdataset's tar reader is done with it, only zeros may be left unread (a damage in the last
+    ~10 KB, read ahead by tarfile, goes unseen). Remote URLs are opened by webdataset."""
+
+    def __init__(self, handler: Callable[[Exception], bool]):
+        self.handler = handler
+
+    def __call__(self, urls):
+        from webdataset.cache import StreamingOpen
+
+        for url in urls:
+            url = url["url"] if isinstance(url, dict) else url
+            parsed = urlparse(url)
+            if parsed.scheme not in ("", "file"):
+                yield from StreamingOpen(handler=self.handler)([url])
+                continue
+            try:
+                stream = open(parsed.path, "rb")
+            except OSError as exn:
+                if self.handler(exn):
+                    continue
+                break
+            with stream:
+                plain = parsed.path.lower().endswith(".tar")
+                if plain:  # cut off: not whole 512-byte blocks, or no zero end block
+                    size = os.fstat(stream.fileno()).st_size
+                    stream.seek(max(size - 512, 0))
+                    if size % 512 or size < 512 or stream.read(512).count(0) != 512:
+                        raise file_error(url, SHARD, f"{size} bytes, not ending in tar's "
+                                                     "end-of-archive blocks")
+                    stream.seek(0)
+                yield dict(url=url, stream=stream, local_path=parsed.path)
+                # resumed: webdataset has read this shard and asks for the next one
+                while plain and (chunk := stream.read(1 << 20)):
+                    if chunk.count(0) != len(chunk):
+                        raise file_error(url, SHARD, "a damaged tar header: webdataset stopped "
+                                                     "reading before the end of the shard")
+
+
+def _check_shard_ends(data, handler: Callable[[Exception], bool]) -> None:
+    """Swap webdataset's shard opener in ``data`` for ``_CheckedShardOpen`` (when it has one:
+    with ``WDS_CACHE`` set webdataset opens through its file cache, and that is kept)."""
+    from webdataset.cache import StreamingOpen
+
+    stages = getattr(data, "pipeline", [])
+    for i, stage in enumerate(stages):
+        if isinstance(stage, StreamingOpen):
+            stages[i] = _CheckedShardOpen(handler)
+            return
 
 
 def _expand(urls: str | Sequence[str]) -> list[str]:

@@ -13,6 +13,8 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import BatchSampler, Sampler
 
+from kdkit.sampling import epoch_generator
+
 
 class LengthGroupedBatchSampler(BatchSampler):
     """Batches of texts of similar token length, in random order.
@@ -43,17 +45,25 @@ class LengthGroupedBatchSampler(BatchSampler):
         self.lengths = torch.as_tensor(lengths)
         self.window = int(window)
         self.seed = int(seed)
-        self._generator = torch.Generator().manual_seed(self.seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Seed this epoch's batch order from ``(seed, epoch)`` (Lightning calls it every epoch),
+        and pass the epoch on to the sample order, so a resumed run replays the same batches."""
+        self.epoch = int(epoch)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[list[int]]:
         order = torch.as_tensor(list(self.sampler), dtype=torch.long)
         if self.drop_last:  # the sampler's last samples, as BatchSampler drops them: no length bias
             order = order[: len(order) // self.batch_size * self.batch_size]
         span = self.batch_size * self.window
+        generator = epoch_generator(self.seed, self.epoch)
         for start in range(0, len(order), span):
             chunk = order[start:start + span]
             # stable sort: equal lengths keep the sampler's random order
             chunk = chunk[torch.sort(self.lengths[chunk], descending=True, stable=True).indices].tolist()
             batches = [chunk[j:j + self.batch_size] for j in range(0, len(chunk), self.batch_size)]
-            for k in torch.randperm(len(batches), generator=self._generator).tolist():
+            for k in torch.randperm(len(batches), generator=generator).tolist():
                 yield batches[k]

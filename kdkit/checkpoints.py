@@ -3,21 +3,21 @@
 Accepted: a bare ``state_dict`` saved with ``torch.save`` (what ``kdkit`` exports as
 ``student.pt``), a Lightning checkpoint ``{"state_dict": {"student.<name>": ...}}`` written by a
 kdkit stage (the ``student.`` prefix is stripped and adapters are dropped), a ``{"model": ...}``
-dict, a pickled ``nn.Module``, and ``.safetensors`` files. A ``module.`` prefix left by
+dict, ``.safetensors`` files, and (only with ``trust=True``) a pickled ``nn.Module``. A ``module.`` prefix left by
 ``DistributedDataParallel`` is stripped too.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from kdkit.errors import KdkitError
+from kdkit.checkpoint_io import safe_load
+from kdkit.errors import KdkitError, unreadable
 
 STUDENT_PREFIX = "student."
 
@@ -30,29 +30,28 @@ def existing_file(path: str | os.PathLike, what: str = "teacher checkpoint") -> 
     return resolved
 
 
-def _torch_load(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Lightning checkpoints may pickle hyper-parameters (e.g. OmegaConf nodes) that the
-        # safe loader refuses. The file is the user's own, named in their config: the same trust
-        # as ``trainer.fit(ckpt_path=...)``, which unpickles full checkpoints too.
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def _strip(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def read_state_dict(path: str | os.PathLike, what: str = "teacher checkpoint") -> dict[str, Tensor]:
-    """The model ``state_dict`` stored in ``path`` (see the module docstring for formats)."""
+def read_state_dict(path: str | os.PathLike, what: str = "teacher checkpoint",
+                    trust: bool = False) -> dict[str, Tensor]:
+    """The model ``state_dict`` stored in ``path`` (see the module docstring for formats).
+
+    Pickled files load with ``weights_only=True``: one that needs arbitrary unpickling (a
+    pickled ``nn.Module``, or a checkpoint with pickled objects) is refused unless ``trust``.
+    """
     path = existing_file(path, what)
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        obj = load_file(str(path), device="cpu")
+        try:
+            obj = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as err:
+            raise unreadable(path, what, err, "the file is truncated or corrupt; replace it") from None
     else:
-        obj = _torch_load(path)
+        obj = safe_load(path, what, trust=trust)
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if isinstance(obj, Mapping):
@@ -71,7 +70,7 @@ def read_state_dict(path: str | os.PathLike, what: str = "teacher checkpoint") -
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True,
-                 what: str = "teacher checkpoint") -> nn.Module:
+                 what: str = "teacher checkpoint", trust: bool = False) -> nn.Module:
     """Load the weights in ``path`` into ``model`` (in place) and return ``model``.
 
     Args:
@@ -79,8 +78,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True,
         path: checkpoint file (state_dict, Lightning checkpoint or safetensors).
         strict: require the keys to match exactly (shapes must always match).
         what: how error messages name the file.
+        trust: allow arbitrary unpickling (``teacher.trust_checkpoint``; off by default).
     """
-    state = read_state_dict(path, what)
+    state = read_state_dict(path, what, trust)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # size mismatches are raised even when strict=False

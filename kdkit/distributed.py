@@ -134,3 +134,72 @@ def refuse_relaunch_in_sweep(trainer) -> None:
             f"trainer.strategy=ddp with {launcher.num_processes} devices relaunches the command, "
             "which inside a -m sweep re-runs the sweep: use hydra/launcher=submitit_slurm "
             "(tasks_per_node = trainer.devices), trainer.strategy=ddp_spawn, or one device per job")
+
+
+_oversubscription_warned = False  # make_trainer runs once per stage: warn on the first only
+
+
+def warn_if_oversubscribed(trainer) -> str | None:
+    """Warn once (rank 0) when a CPU run's ranks x threads exceed the cores; return the warning.
+
+    ``trainer=ddp trainer.devices=3`` on 2 cores runs, with no complaint from Lightning, many
+    times slower than one process: ranks and their intra-op threads fight for the cores. The
+    threads per rank are what each rank will use: ``OMP_NUM_THREADS`` if set, else Lightning's
+    own split of the cores over several ranks (at least 1 each), else ``torch.get_num_threads()``.
+
+    Args:
+        trainer: a built ``lightning.Trainer`` (before ``fit``; nothing is launched).
+    """
+    global _oversubscription_warned
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    if _oversubscription_warned or not isinstance(trainer.accelerator, CPUAccelerator):
+        return None
+    ranks, cores = trainer.num_devices, _available_cores()
+    threads = _threads_per_rank(ranks, cores)
+    if ranks * threads <= cores or not _is_rank_zero(trainer):
+        return None
+    _oversubscription_warned = True
+    fixes = [f"trainer.devices={max(1, cores // threads)}"] if ranks > 1 else []
+    if threads > 1:
+        fixes.append("fewer threads per rank (OMP_NUM_THREADS or torch.set_num_threads, "
+                     f"now {threads})")
+    message = (f"{_plural(ranks, 'CPU rank')} x {_plural(threads, 'thread')} on "
+               f"{_plural(cores, 'core')} oversubscribes the CPU and runs many times slower; "
+               f"use {' or '.join(fixes)} so that ranks x threads <= {cores}")
+    from kdkit.errors import say
+
+    say(message, warning=True)
+    return message
+
+
+def _is_rank_zero(trainer) -> bool:
+    """Rank 0 of the job; relaunched DDP ranks build their Trainer before ranks are assigned."""
+    import os
+
+    return (trainer.global_rank == 0 and os.environ.get("LOCAL_RANK", "0") == "0"
+            and os.environ.get("NODE_RANK", "0") == "0")
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _available_cores() -> int:
+    """Cores this process may run on (its affinity mask under SLURM/taskset), at least 1."""
+    import os
+
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def _threads_per_rank(ranks: int, cores: int) -> int:
+    """Intra-op threads each rank will run with (see ``warn_if_oversubscribed``)."""
+    import os
+
+    if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    if ranks > 1:  # Lightning's launchers then set max(1, cores // ranks) threads per rank
+        return max(1, cores // ranks)
+    return torch.get_num_threads()

@@ -9,6 +9,15 @@ from collections.abc import Iterable
 class KdkitError(Exception):
     """A mistake in the user's input (config, paths, names) that kdkit explains in one line."""
 
+    def __str__(self) -> str:
+        text = super().__str__()
+        if "Original Traceback" in text:
+            # Raised in a DataLoader worker: torch re-raises it in the main process with the
+            # worker's traceback as the message; the user's line is the traceback's last one.
+            last = text.strip().splitlines()[-1]
+            return last.split("Error: ", 1)[1] if "Error: " in last else last
+        return text
+
 
 def close_names(name: str, candidates: Iterable[str], n: int = 8) -> str:
     """Comma-separated candidates closest to ``name`` (for 'did you mean' messages)."""
@@ -28,3 +37,31 @@ def find_kdkit_error(exc: BaseException) -> KdkitError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def unreadable(path, what: str, err: BaseException | str, hint: str = "") -> KdkitError:
+    """A one-line KdkitError for a file that exists but cannot be read as ``what``.
+
+    Args:
+        path: the file (named in full in the message).
+        what: what kdkit expected the file to be ("teacher checkpoint", "BEIR corpus", ...).
+        err: the underlying exception (its type and first line are kept) or a reason.
+        hint: what the user can do about it, e.g. "re-download it" (appended after a colon).
+    """
+    if isinstance(err, BaseException):
+        first = (str(err).strip().splitlines() or [""])[0]
+        reason = f"{type(err).__name__}: {first}" if first else type(err).__name__
+    else:
+        reason = str(err)
+    message = f"{what} {path} is unreadable ({reason})"
+    return KdkitError(f"{message}; {hint}" if hint else message)
+
+
+def say(message: str, warning: bool = False) -> None:
+    """One line for the user on stderr (rank 0 only): ``kdkit: <message>`` or a warning."""
+    import os
+    import sys
+
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+        return
+    print(f"kdkit: {'warning: ' if warning else ''}{message}", file=sys.stderr, flush=True)

@@ -35,6 +35,14 @@ def run_or_explain(cfg: DictConfig):
 
 
 def main() -> None:
+    """``kdkit-train``: a bad group choice or key is one line and exit 2; else Hydra runs."""
+    from kdkit.cli_checks import check_argv
+
+    # Hydra's own errors for these name neither the valid choices nor the key meant
+    message = check_argv(sys.argv[1:])
+    if message:
+        print(f"kdkit: error: {message}", file=sys.stderr)
+        sys.exit(2)
     _hydra_main()
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,35 @@ SMOKE = [
     "callbacks=none",
     "report.latency_batch_size=8",
 ]
+
+
+class _StderrAtEmit(logging.StreamHandler):
+    """A StreamHandler writing to ``sys.stderr`` as it is when a record is emitted.
+
+    Lightning's console handler keeps the ``sys.stderr`` of the moment ``lightning`` is
+    imported; imported inside a test, that is the test's capture stream (capsys), closed when
+    the test ends, and every later log line fails with "I/O operation on closed file".
+    """
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):  # StreamHandler.__init__ and setStream assign it: follow sys.stderr instead
+        pass
+
+
+@pytest.fixture(autouse=True)
+def _lightning_logs_follow_stderr():
+    """Once a test has imported lightning, point its console handlers at the live stderr."""
+    yield
+    if "lightning" not in sys.modules:  # lightning stays unimported until a test needs it
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if type(handler) is logging.StreamHandler:
+                handler.__class__ = _StderrAtEmit  # keeps its level and formatter
 
 
 @pytest.fixture

@@ -31,7 +31,11 @@ def test_callbacks_none_writes_no_checkpoints(compose_run, tmp_path):
 
 def test_exported_student_loads_into_bare_class_without_teacher(compose_run):
     cfg, _ = compose_run()
-    state = torch.load(f"{cfg.paths.output_dir}/export/student.pt")
+    state = torch.load(f"{cfg.paths.output_dir}/export/student.pt", weights_only=True)
+    from safetensors.torch import load_file
+
+    same = load_file(f"{cfg.paths.output_dir}/export/student.safetensors")
+    assert same.keys() == state.keys() and all(torch.equal(same[k], state[k]) for k in state)
     student = instantiate(cfg.student.model)
     student.load_state_dict(state)  # strict: exactly the student's keys
     teacher_keys = set(instantiate(cfg.teacher.model).state_dict())
@@ -50,25 +54,6 @@ def test_teacher_checkpoint_is_loaded_not_trained(compose_run, tmp_path):
     # evaluated on the full test set both times with the same weights: identical accuracy
     assert second["teacher"]["test/acc"] == pytest.approx(first["teacher"]["test/acc"])
     assert "fit_seconds" not in second["teacher"]
-
-
-def test_resume_skips_finished_stages_and_continues_the_interrupted_one(tmp_path):
-    base = ["trainer.max_epochs=2", "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
-            "report.latency_batch_size=8"]
-    out = str(tmp_path / "run")
-    run(compose(base, output_dir=out))
-    stages = tmp_path / "run" / "stages"
-    before = {p.name: p.stat().st_mtime_ns for p in stages.iterdir()}
-    (stages / "student.json").unlink()  # as if the job died during the student stage
-    last = tmp_path / "run" / "checkpoints" / "student" / "last.ckpt"
-    assert last.exists()
-    epoch_in_ckpt = torch.load(last, weights_only=False)["epoch"]
-    results = run(compose([*base, "ckpt_path=last", "trainer.max_epochs=3"], output_dir=out))
-    after = {p.name: p.stat().st_mtime_ns for p in stages.iterdir()}
-    assert after["teacher.json"] == before["teacher.json"]
-    assert after["baseline.json"] == before["baseline.json"]
-    assert torch.load(last, weights_only=False)["epoch"] == epoch_in_ckpt + 1  # one more epoch
-    assert "student" in results
 
 
 def test_timm_student_export_loads_with_timm_checkpoint_path(compose_run):
@@ -97,3 +82,35 @@ def test_role_optimizer_overrides_task_optimizer_for_that_role_only(tmp_path):
     assert student_task.optimizer_factory(params).defaults["weight_decay"] == 0.123
     teacher_wd = teacher_task.optimizer_factory(params).defaults["weight_decay"]
     assert teacher_wd == cfg.task.optimizer.weight_decay != 0.123
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["distiller=[fitnet]", "distiller.fitnet.student_feature=hiden.0",
+      "distiller.fitnet.teacher_feature=layer2"], "'hiden.0' is not a module"),
+    (["distiller=[fitnet]", "distiller.fitnet.student_feature=hidden.0",
+      "distiller.fitnet.teacher_feature=layer2", "distiller.fitnet.adapter=false"], "student shape"),
+    (["teacher.model.num_classes=7"], "7"),
+])
+def test_student_stage_mistakes_fail_before_the_teacher_trains(tmp_path, overrides, expected):
+    from kdkit.errors import KdkitError
+
+    cfg = compose(["trainer.enable_progress_bar=false", "callbacks=none", *overrides],
+                  output_dir=str(tmp_path / "run"))
+    with pytest.raises(KdkitError, match=expected):
+        run(cfg)
+    # nothing trained: no teacher weights, no stage logs, no stage results
+    assert not (tmp_path / "run" / "teacher.pt").exists()
+    assert not (tmp_path / "run" / "logs").exists() and not (tmp_path / "run" / "stages").exists()
+
+
+def test_the_probe_leaves_the_teacher_trainable_and_in_train_mode(tmp_path):
+    from kdkit.pipeline import check_before_training
+
+    cfg = compose(["distiller=[kd,rkd]"], output_dir=str(tmp_path))  # RKD taps the embeddings
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    teacher = instantiate(cfg.teacher.model)
+    check_before_training(cfg, dm, teacher)
+    assert all(p.requires_grad for p in teacher.parameters())
+    assert all(m.training for m in teacher.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in teacher.modules())  # taps gone

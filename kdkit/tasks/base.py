@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from kdkit.distillers.base import DistillContext, Distiller
+from kdkit.divergence import LossWatch, check_finite
 from kdkit.errors import KdkitError
 from kdkit.features import FeatureTap
 from kdkit.outputs import Outputs
@@ -77,6 +78,7 @@ class DistillationTask(L.LightningModule):
         self.channels_last = channels_last
         self.compile = compile
         self._built = False
+        self._loss_watch = LossWatch()
         self.student_role = "student"  # "teacher" while the runner trains the teacher itself
         self.student_tap = FeatureTap(student, self._feature_names("student"), "student")
         self.teacher_tap = (
@@ -148,17 +150,22 @@ class DistillationTask(L.LightningModule):
         return {"params": count_parameters(self.student), "latency_ms": ms}
 
     def export(self, directory, with_adapters: bool = False) -> list:
-        """Save the trained student alone (``student.pt``: a bare ``state_dict`` that loads
-        into the student class); adapters only when asked. Never the teacher."""
+        """Save the trained student alone, never the teacher: ``student.safetensors`` (loads
+        without unpickling anything) and ``student.pt`` (the same bare ``state_dict`` for
+        ``torch.load``); the distillers' adapters (``adapters.*``) only when asked."""
         from pathlib import Path
 
+        from kdkit.checkpoint_io import save_atomically
+
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        paths = [directory / "student.pt"]
-        torch.save(self.student.state_dict(), paths[0])
+        paths = []
+        parts = {"student": self.student}
         if with_adapters and len(self.distillers):
-            paths.append(directory / "adapters.pt")
-            torch.save(self.distillers.state_dict(), paths[1])
+            parts["adapters"] = self.distillers
+        for name, module in parts.items():
+            state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+            paths += [save_atomically(state, directory / f"{name}.pt"),
+                      _save_safetensors(state, directory / f"{name}.safetensors")]
         return paths
 
     # ---- outputs ----------------------------------------------------------------------------
@@ -206,6 +213,21 @@ class DistillationTask(L.LightningModule):
                 distiller.build(s.float(), t.float(), context)
         self._built = True
 
+    def probe(self, datamodule) -> None:
+        """Build and check everything on the datamodule's example batch, without a Trainer.
+
+        The pipeline probes every stage's task before any stage trains, so a wrong feature
+        name, a shape no adapter fits or a class-count mismatch costs seconds, not a teacher's
+        training. The probe's feature hooks are removed afterwards (its models live on).
+        """
+        try:
+            self.build(datamodule.example_batch(), getattr(datamodule, "num_train_samples", None),
+                       getattr(datamodule, "num_classes", None))
+        finally:
+            self.student_tap.remove()
+            if self.teacher_tap is not None:
+                self.teacher_tap.remove()
+
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "example_batch"):
@@ -238,7 +260,9 @@ class DistillationTask(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         losses, _ = self.losses(batch)
         total = torch.stack([v.float() for v in losses.values()]).sum()
-        if self._is_logging_step():
+        logging_step = self._is_logging_step()
+        self._loss_watch.check(self.global_step, losses, total, due=logging_step)
+        if logging_step:
             # Detached tensors only: Lightning reduces them lazily, so no host sync in the step.
             self.log_dict({f"train/loss/{k}": v.detach() for k, v in losses.items()},
                           on_step=True, on_epoch=False)
@@ -255,6 +279,12 @@ class DistillationTask(L.LightningModule):
         """
         connector = getattr(self._trainer, "_logger_connector", None) if self._trainer else None
         return bool(getattr(connector, "should_update_logs", True))
+
+    def on_train_epoch_end(self) -> None:
+        check_finite(self, f"the {self.student_role} after epoch {self.current_epoch}")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        check_finite(self, f"the {self.student_role} at step {self.global_step}")
 
     def _eval_step(self, stage: str, batch: dict) -> None:
         self.update_metrics(stage, self.student_outputs(batch), batch)
@@ -285,3 +315,11 @@ class DistillationTask(L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = self.scheduler_factory(optimizer, total_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _save_safetensors(state: dict, path) -> "Path":
+    from safetensors.torch import save_file
+
+    # safetensors refuses tensors that share storage (tied weights): store each once, cloned
+    save_file({k: v.clone() for k, v in state.items()}, str(path))
+    return path

@@ -185,6 +185,7 @@ class NodeTask(DistillationTask):
         return self.select_best_teacher if self.student_role == "teacher" else self.select_best
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         if self._best is not None:  # a resumed run still restores the best epoch seen before
             checkpoint["node_task_best"] = {"val_acc": self._best[0], "state_dict": self._best[1]}
 

@@ -91,6 +91,18 @@ class RetrievalTask(DistillationTask):
         self._table, self._teacher_index = dm.teacher_table, dm.teacher_index
         super().setup(stage)
 
+    def probe(self, datamodule) -> None:
+        """As the base class, with batches tokenised for this student (the teacher forwards live:
+        its embedding table is computed when its stage binds it)."""
+        from kdkit.models.text import tokenizer_identity
+
+        datamodule.bind(self.student, None)
+        teacher = self.teacher
+        if teacher is not None and (tokenizer_identity(self.student.tokenizer)
+                                    != tokenizer_identity(teacher.model.tokenizer)):
+            return  # the teacher reads its own tokens only through the table its stage computes
+        super().probe(datamodule)
+
     def on_train_start(self) -> None:
         self._fitted = True  # trained weights: not worth caching the corpus encoding
 

@@ -3,6 +3,8 @@ processes racing on the same destination, refuses unsafe members; iter_members; 
 
 from __future__ import annotations
 
+import errno
+import gzip
 import io
 import os
 import subprocess
@@ -16,8 +18,10 @@ import pytest
 import torch
 
 from datamodules import archives
-from datamodules.archives import MARKER, extract_once, fingerprint, iter_members, save_atomic
+from datamodules.archives import MARKER, extract_once, fingerprint, iter_members, save_atomic, warn_cached
 from kdkit.errors import KdkitError
+from tests.datamodules.fault_helpers import (damage_header, flip_middle, header_offsets, needs_non_root,
+                                             one_line, random_files, tar_bytes, truncate)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -150,3 +154,160 @@ def test_save_atomic(tmp_path):
     assert torch.equal(torch.load(path, weights_only=True)["x"], obj["x"])
     assert [p.name for p in path.parent.iterdir()] == ["t.pt"]
     assert oct(path.stat().st_mode & 0o777) == "0o644"
+
+
+# ---- damaged archives: one line that names the archive and says what to do ---------------------
+CORRUPT = "corrupt or truncated: re-download or replace it"
+
+
+def read_all(archive) -> dict[str, bytes]:
+    return dict(iter_members(archive))
+
+
+def test_truncated_tar_gz(tmp_path):
+    archive = make_tar(tmp_path / "t.tar.gz", random_files(8, 20_000))
+    truncate(archive)
+    with pytest.raises(KdkitError) as err:
+        read_all(archive)
+    assert "EOFError" in one_line(err, archive, CORRUPT)
+    with pytest.raises(KdkitError) as err:
+        extract_once([archive], tmp_path / "cache" / "out")
+    one_line(err, archive, CORRUPT)
+    assert list((tmp_path / "cache").iterdir()) == []  # nothing half-done is published
+
+
+def test_flipped_bytes_in_the_middle_of_a_tar_gz(tmp_path):
+    files = random_files(8, 20_000)
+    archive = flip_middle(make_tar(tmp_path / "t.tar.gz", files))
+    with pytest.raises(KdkitError) as err:
+        read_all(archive)
+    one_line(err, archive, CORRUPT)
+    with pytest.raises(KdkitError) as err:
+        extract_once([archive], tmp_path / "out")
+    one_line(err, archive, CORRUPT)
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
+def test_a_damaged_header_is_not_taken_for_the_end(tmp_path, suffix):
+    """tarfile stops at a bad header after the first member as if the archive ended there:
+    without the end check, the members after it would be silently lost."""
+    files = random_files(6, 3000)
+    data = damage_header(tar_bytes(files), member=3)
+    archive = tmp_path / f"t{suffix}"
+    archive.write_bytes(gzip.compress(data) if suffix == ".tar.gz" else data)  # valid gzip CRC
+    with tarfile.open(archive) as tf:
+        assert len(tf.getmembers()) == 3  # the silent stop this guards against
+    with pytest.raises(KdkitError) as err:
+        read_all(archive)
+    offset = header_offsets(tar_bytes(files))[3]
+    assert f"no valid tar header or end-of-archive block at byte {offset}" in one_line(err, archive, CORRUPT)
+    with pytest.raises(KdkitError) as err:
+        extract_once([archive], tmp_path / "out")
+    one_line(err, archive, CORRUPT)
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
+def test_intact_archives_pass_the_end_check(tmp_path, suffix):
+    files = random_files(5, 1500)
+    archive = tmp_path / f"t{suffix}"
+    data = tar_bytes(files)
+    archive.write_bytes(gzip.compress(data) if suffix == ".tar.gz" else data)
+    assert read_all(archive) == files
+    assert tree(extract_once([archive], tmp_path / "out")) == {**files, MARKER: fingerprint([archive]).encode()}
+
+
+def test_bad_crc_is_caught(tmp_path):
+    """A gzip whose tar parses but whose data changed (a flipped bit in a member): the CRC-32
+    check at the end of the stream catches it."""
+    files = random_files(3, 2000)
+    packed = bytearray(gzip.compress(tar_bytes(files), compresslevel=0))  # stored: bytes map 1:1
+    packed[len(packed) // 2] ^= 0x01
+    archive = tmp_path / "t.tar.gz"
+    archive.write_bytes(bytes(packed))
+    with pytest.raises(KdkitError) as err:
+        read_all(archive)
+    assert "CRC check failed" in one_line(err, archive, CORRUPT)
+
+
+@pytest.mark.parametrize("name, content, reason", [
+    ("empty.tar.gz", b"", "empty file"),
+    ("garbage.tar.gz", b"not an archive at all " * 50, "not a tar archive"),
+    ("garbage.zip", b"not a zip file " * 50, "BadZipFile"),
+    ("empty.zip", b"", "empty file"),
+])
+def test_empty_and_garbage_archives(tmp_path, name, content, reason):
+    archive = tmp_path / name
+    archive.write_bytes(content)
+    for read in (read_all, lambda a: extract_once([a], tmp_path / "out")):
+        with pytest.raises(KdkitError) as err:
+            read(archive)
+        assert reason in one_line(err, archive, CORRUPT)
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_zip(tmp_path):
+    archive = truncate(make_zip(tmp_path / "t.zip", random_files(4, 5000)), 0.7)
+    for read in (read_all, lambda a: extract_once([a], tmp_path / "out")):
+        with pytest.raises(KdkitError) as err:
+            read(archive)
+        one_line(err, archive, CORRUPT)
+
+
+def test_a_directory_where_the_archive_belongs(tmp_path):
+    archive = tmp_path / "t.tar.gz"
+    archive.mkdir()
+    for read in (read_all, lambda a: extract_once([a], tmp_path / "out")):
+        with pytest.raises(KdkitError) as err:
+            read(archive)
+        assert "IsADirectoryError" in one_line(err, archive, "it is a directory")
+
+
+@needs_non_root
+def test_unreadable_archive(tmp_path):
+    archive = make_tar(tmp_path / "t.tar.gz", FILES_A)
+    archive.chmod(0)
+    with pytest.raises(KdkitError) as err:
+        read_all(archive)
+    one_line(err, archive, "PermissionError", "check its permissions")
+
+
+def test_a_full_disk_is_not_blamed_on_the_archive(tmp_path, monkeypatch):
+    archive = make_tar(tmp_path / "t.tar.gz", FILES_A)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", full)
+    with pytest.raises(KdkitError) as err:
+        extract_once([archive], tmp_path / "out")
+    message = one_line(err, archive, "free disk space")
+    assert "corrupt" not in message
+
+
+def test_warn_cached_says_it_once_in_one_line(tmp_path, capsys):
+    warn_cached(tmp_path / "data", tmp_path / "cache" / "copy", "test data")
+    warn_cached(tmp_path / "data", tmp_path / "cache" / "copy", "test data")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("kdkit: warning: test data not found at")
+    assert str(tmp_path / "data") in err and str(tmp_path / "cache" / "copy") in err
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
+@pytest.mark.parametrize("cut", [0, 100], ids=["at-a-member", "in-a-header"])
+def test_a_tar_cut_off_without_its_end_blocks(tmp_path, suffix, cut):
+    """Cut where tarfile sees no header (or half of one) and stops as if at the end; the gzip
+    around it is intact, so only the missing end-of-archive blocks tell."""
+    files = random_files(6, 3000)
+    data = tar_bytes(files)
+    data = data[: header_offsets(data)[4] + cut]
+    archive = tmp_path / f"t{suffix}"
+    archive.write_bytes(gzip.compress(data) if suffix == ".tar.gz" else data)
+    with tarfile.open(archive) as tf:
+        assert len(tf.getmembers()) == 4  # the silent stop this guards against
+    with pytest.raises(KdkitError) as err:
+        read_all(archive)
+    offset = header_offsets(tar_bytes(files))[4]
+    assert f"no valid tar header or end-of-archive block at byte {offset}" in one_line(err, archive, CORRUPT)
+    with pytest.raises(KdkitError) as err:
+        extract_once([archive], tmp_path / "out")
+    one_line(err, archive, CORRUPT)

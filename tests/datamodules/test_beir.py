@@ -9,6 +9,7 @@ from datamodules.beir import (BEIRData, BEIRDataModule, Collate, EvalStream, loc
                               read_beir, sample_sentences, split_sentences, write_beir)
 from kdkit.errors import KdkitError
 from kdkit.models.text import hf_encoder
+from tests.datamodules.fault_helpers import needs_non_root, one_line, truncate
 
 WORDS = "cell heart gene virus brain lung protein cancer blood bone".split()
 
@@ -233,3 +234,131 @@ def test_group_by_length_batches_the_text_stream_by_token_count(toy_dir, tmp_pat
     seen, padding = epoch(grouped)
     assert len(seen) == len(set(seen)) == len(grouped.train_set) // 4 * 4  # each sample once, drop_last
     assert padding < epoch(plain)[1]  # queries (3 words) no longer padded to the passages' 4-5
+
+
+# ---- damaged files: one line naming the file (and line) and saying what to do -------------------
+def _zip_folder(folder, archive):
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in folder.rglob("*"):
+            if f.is_file():
+                zf.write(f, f"{folder.name}/{f.relative_to(folder)}")
+    return archive
+
+
+@pytest.mark.parametrize("name, what", [("corpus.jsonl", "BEIR corpus"), ("queries.jsonl", "BEIR queries")])
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_an_empty_jsonl_file(toy_dir, name, what, content):
+    (toy_dir / name).write_text(content)
+    with pytest.raises(KdkitError) as err:
+        read_beir(toy_dir)
+    one_line(err, f"{what} {toy_dir / name} is unreadable (empty file", "re-download the dataset")
+
+
+def test_a_bad_json_line_is_named_with_its_number(toy_dir):
+    path = toy_dir / "corpus.jsonl"
+    lines = path.read_text().splitlines()
+    lines[6] = lines[6][:-5]  # cut short: the closing quote and brace are gone
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(KdkitError) as err:
+        read_beir(toy_dir)
+    assert "not valid JSON" in one_line(err, f"{path} line 7", "BEIR corpus", "re-download the dataset")
+
+
+@pytest.mark.parametrize("name, line, reason", [
+    ("corpus.jsonl", '{"title": "no id", "text": "x"}', 'not a JSON object with an "_id"'),
+    ("corpus.jsonl", '["_id", "a list"]', 'not a JSON object with an "_id"'),
+    ("corpus.jsonl", '{"_id": "d99", "text": 42}', '"text" is not a string'),
+    ("queries.jsonl", '{"_id": "q99"}', '"text" is missing'),
+])
+def test_a_line_of_the_wrong_shape(toy_dir, name, line, reason):
+    path = toy_dir / name
+    n = len(path.read_text().splitlines())
+    path.write_text(path.read_text() + line + "\n")
+    with pytest.raises(KdkitError) as err:
+        read_beir(toy_dir)
+    assert reason in one_line(err, f"{path} line {n + 1}", "fix the file or re-download the dataset")
+
+
+def test_a_corpus_that_is_not_text(toy_dir):
+    path = toy_dir / "corpus.jsonl"
+    path.write_bytes(path.read_bytes()[:300] + bytes(range(128, 256)) * 4)
+    with pytest.raises(KdkitError) as err:
+        read_beir(toy_dir)
+    assert "UnicodeDecodeError" in one_line(err, path, "it is not UTF-8 text")
+
+
+def test_a_directory_where_the_corpus_belongs(toy_dir):
+    path = toy_dir / "corpus.jsonl"
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(KdkitError) as err:
+        read_beir(toy_dir)
+    one_line(err, path, "IsADirectoryError", "it is a directory")
+
+
+@needs_non_root
+def test_an_unreadable_queries_file(toy_dir):
+    (toy_dir / "queries.jsonl").chmod(0)
+    with pytest.raises(KdkitError) as err:
+        read_beir(toy_dir)
+    one_line(err, toy_dir / "queries.jsonl", "check its permissions")
+
+
+@pytest.mark.parametrize("content, where, reason", [
+    ("", "", "empty file"),
+    ("query-id\tcorpus-id\tscore\nq0\td0\t1\nq1\td1\tmaybe\n", " line 3", "score 'maybe' is not a whole number"),
+    ("query-id\tcorpus-id\tscore\nq0\td0\t1\n\nq1 d1 1\n", " line 4", "1 tab-separated fields, not 3"),
+    ("query-id\tcorpus-id\tscore\nq0\td0\t1\n".encode() + bytes(range(128, 256)), "", "not UTF-8 text"),
+])
+def test_a_bad_qrels_file(toy_dir, content, where, reason):
+    path = toy_dir / "qrels" / "train.tsv"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(KdkitError) as err:
+        read_beir(toy_dir)
+    assert reason in one_line(err, f"{path}{where}", "BEIR qrels", "re-download the dataset")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_a_damaged_zip_is_named(toy_dir, tmp_path, damage):
+    archive = _zip_folder(toy_dir, tmp_path / "toy.zip")
+    if damage == "truncate":
+        truncate(archive, 0.6)
+    else:
+        archive.write_bytes(b"" if damage == "empty" else b"PK not really a zip" * 30)
+    with pytest.raises(KdkitError) as err:
+        locate(None, str(archive), None, str(tmp_path / "cache"))
+    one_line(err, f"BEIR zip {archive}", "corrupt or truncated: re-download or replace it")
+    assert not (tmp_path / "cache" / "beir" / "toy").exists()  # nothing half-extracted is used
+
+
+def test_a_warm_download_cache_warns_about_the_data_dir(toy_dir, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    (cache / "beir").mkdir(parents=True)
+    _zip_folder(toy_dir, cache / "beir" / "toy.zip")  # downloaded by an earlier run
+    empty = tmp_path / "empty-data-dir"
+    (empty / "beir").mkdir(parents=True)
+    for _ in range(2):  # prepare_data, then setup
+        folder = locate("toy", None, str(empty), str(cache), download=True, url="file:///nowhere/{name}.zip")
+    assert read_beir(folder).doc_ids == toy_data().doc_ids
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1, warnings
+    assert str(empty / "beir" / "toy.zip") in warnings[0] and str(cache / "beir" / "toy.zip") in warnings[0]
+
+
+def test_a_damaged_embedding_cache_is_named(toy_dir, tmp_path):
+    dm = module(toy_dir, tmp_path)
+    teacher = tiny_encoder(0)
+    dm.static_embeddings(teacher, "corpus")
+    (path,) = (tmp_path / "cache" / "retrieval").rglob("corpus-*.pt")
+    truncate(path)
+    with pytest.raises(KdkitError) as err:
+        dm.static_embeddings(teacher, "corpus")
+    one_line(err, path, "cached teacher embeddings", "delete it")
+
+
+@pytest.mark.parametrize("option, value", [("batch_size", 0), ("eval_batch_size", 0),
+                                           ("teacher_batch_size", 0), ("num_workers", -2)])
+def test_bad_loader_options_are_refused(option, value):
+    with pytest.raises(KdkitError) as err:
+        BEIRDataModule(**{option: value})
+    one_line(err, f"data.{option}={value} must be a whole number >=")

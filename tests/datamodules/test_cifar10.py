@@ -18,16 +18,40 @@ from PIL import Image
 from datamodules import cifar10
 from datamodules.cifar10 import CLASSES, CIFAR10DataModule, RandomCropFlip, load_cifar10_arrays
 from kdkit.errors import KdkitError
+from tests.datamodules.fault_helpers import flip_middle, one_line, truncate
+
+
+def real_archive_dir() -> Path:
+    archive_dir = Path(os.environ.get("KDKIT_DATA_DIR", "/work/shared/data")) / "cifar10-jpeg"
+    if not archive_dir.is_dir():
+        pytest.skip(f"CIFAR-10 archives not found at {archive_dir}: set KDKIT_DATA_DIR (CI does)")
+    return archive_dir
+
+
+def count_members(archive_dir: Path) -> dict[str, Counter]:
+    """``{split: Counter(class index)}`` of the JPEGs listed in the archives, read with tarfile
+    (not with the code under test): the data decides the counts, as train parts may be added."""
+    counts = {"train": Counter(), "test": Counter()}
+    for archive in [*sorted(archive_dir.glob("train-part*.tar.gz")), archive_dir / "test.tar.gz"]:
+        with tarfile.open(archive) as tf:
+            for member in tf:
+                if member.isfile() and member.name.endswith(".jpg"):
+                    split, label, _ = member.name.split("/")[-3:]
+                    counts[split][CLASSES.index(label)] += 1
+    return counts
 
 
 @pytest.fixture(scope="session")
 def real(tmp_path_factory):
     """(archive_dir, cache_dir, arrays): the real archives decoded once into a fresh cache."""
-    archive_dir = Path(os.environ.get("KDKIT_DATA_DIR", "/work/shared/data")) / "cifar10-jpeg"
-    if not archive_dir.is_dir():
-        pytest.skip(f"CIFAR-10 archives not found at {archive_dir}: set KDKIT_DATA_DIR (CI does)")
+    archive_dir = real_archive_dir()
     cache = tmp_path_factory.mktemp("cifar10-cache")
     return archive_dir, cache, load_cifar10_arrays(archive_dir, cache)
+
+
+@pytest.fixture(scope="session")
+def counts(real) -> dict[str, Counter]:
+    return count_members(real[0])
 
 
 def test_cache_is_one_complete_file_and_is_reused(real, monkeypatch):
@@ -39,22 +63,28 @@ def test_cache_is_one_complete_file_and_is_reused(real, monkeypatch):
     assert all(torch.equal(again[k], arrays[k]) for k in arrays)
 
 
-def test_counts_and_classes(real):
+def test_counts_and_classes(real, counts):
     arrays = real[2]
-    assert arrays["train_images"].shape == (10_000, 3, 32, 32)  # train-part0: 1,000 per class
-    assert arrays["test_images"].shape == (10_000, 3, 32, 32)
+    parts = sorted(real[0].glob("train-part*.tar.gz"))
+    assert len(parts) >= 1
+    n_train, n_test = sum(counts["train"].values()), sum(counts["test"].values())
+    assert n_train >= 1000 * len(parts) and n_test > 0  # every part counts (1,000 per class each)
+    assert arrays["train_images"].shape == (n_train, 3, 32, 32)
+    assert arrays["test_images"].shape == (n_test, 3, 32, 32)
     assert arrays["train_images"].dtype == torch.uint8
     for split in ("train", "test"):
-        assert Counter(arrays[f"{split}_labels"].tolist()) == {c: 1000 for c in range(10)}
+        assert sorted(counts[split]) == list(range(10))
+        assert Counter(arrays[f"{split}_labels"].tolist()) == counts[split]
 
 
-def test_pixels_match_pil_decoding(real):
+def test_pixels_match_pil_decoding(real, counts):
     archive_dir, _, arrays = real
     with tarfile.open(archive_dir / "test.tar.gz") as tf:
         cats = sorted(m.name for m in tf.getmembers() if m.name.startswith("test/cat/"))
         raw = tf.extractfile(cats[0]).read()
     expected = torch.from_numpy(np.array(Image.open(io.BytesIO(raw)).convert("RGB"))).permute(2, 0, 1)
-    index = CLASSES.index("cat") * 1000  # class-major, file-name order
+    # class-major, file-name order: the first cat follows every test image of the earlier classes
+    index = sum(counts["test"][c] for c in range(CLASSES.index("cat")))
     assert arrays["test_labels"][index] == CLASSES.index("cat")
     diff = (arrays["test_images"][index].int() - expected.int()).abs()
     assert diff.max() <= 1, diff.max()  # same libjpeg-turbo decoder: identical or off by one
@@ -69,16 +99,19 @@ def dm(real):
     return module
 
 
-def test_splits(dm, real):
-    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (9000, 1000, 10_000)
-    assert dm.num_train_samples == 9000 and dm.num_classes == 10
+def test_splits(dm, real, counts):
+    n_train, n_test = sum(counts["train"].values()), sum(counts["test"].values())
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (n_train - 1000, 1000, n_test)
+    assert dm.num_train_samples == n_train - 1000 and dm.num_classes == 10
     train, val = dm.split_indices["train"], dm.split_indices["val"]
-    assert sorted(torch.cat([train, val]).tolist()) == list(range(10_000))
-    assert Counter(dm.val_set.labels.tolist()) == {c: 100 for c in range(10)}  # stratified
+    assert sorted(torch.cat([train, val]).tolist()) == list(range(n_train))
+    val_counts = Counter(dm.val_set.labels.tolist())  # stratified: each class its share of 1000
+    assert sum(val_counts.values()) == 1000
+    assert all(abs(val_counts[c] - 1000 * counts["train"][c] / n_train) <= 1 for c in range(10)), val_counts
     arrays = real[2]
     assert torch.equal(dm.val_set.images, arrays["train_images"][val])
     assert torch.equal(dm.train_set.labels, arrays["train_labels"][train])
-    assert Counter(dm.test_set.labels.tolist()) == {c: 1000 for c in range(10)}
+    assert Counter(dm.test_set.labels.tolist()) == counts["test"]
     # fixed mixed order: short prefixes (limit_test_batches, example_batch) see many classes
     assert len(set(dm.test_set.labels[:50].tolist())) >= 8
     assert len(set(dm.example_batch(8)["label"].tolist())) >= 4
@@ -104,7 +137,7 @@ def test_loaders_yield_the_batch_schema(dm):
     assert batch["image"].min() >= 0.0 and batch["image"].max() <= 1.0
     assert batch["label"].dtype == batch["index"].dtype == torch.long
     assert torch.equal(batch["label"], dm.train_set.labels[batch["index"]])
-    assert len(dm.train_dataloader()) == 90
+    assert len(dm.train_dataloader()) == len(dm.train_set) // 100  # the remainder is dropped
     test = next(iter(dm.test_dataloader()))
     assert torch.equal(test["index"], torch.arange(100))
     torch.testing.assert_close(test["image"], dm.test_set.images[:100].float() / 255)
@@ -275,3 +308,124 @@ def test_foreign_layout_is_refused(tmp_path):
     _tar(tmp_path / "test.tar.gz", "test", 1)
     with pytest.raises(KdkitError, match="unexpected file train/unicorn/0000.jpg"):
         load_cifar10_arrays(tmp_path, tmp_path / "cache")
+
+
+# ---- damaged archives, caches and options: one line naming the file, saying what to do ----------
+CORRUPT = "corrupt or truncated: re-download or replace it"
+
+
+def _real_copy(tmp_path: Path, damage) -> Path:
+    """A folder with a damaged copy of the real test archive and a tiny intact train part."""
+    folder = tmp_path / "archives"
+    folder.mkdir()
+    _tar(folder / "train-part0.tar.gz", "train", 1)
+    test = folder / "test.tar.gz"
+    test.write_bytes((real_archive_dir() / "test.tar.gz").read_bytes())
+    damage(test)
+    return test
+
+
+def test_truncated_test_archive(tmp_path):
+    test = _real_copy(tmp_path, truncate)
+    with pytest.raises(KdkitError) as err:
+        load_cifar10_arrays(test.parent, tmp_path / "cache")
+    message = one_line(err, test, "CIFAR-10 archive", CORRUPT)
+    assert "EOFError" in message
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+
+
+def test_flipped_bytes_in_the_test_archive_are_not_missing_classes(tmp_path):
+    test = _real_copy(tmp_path, flip_middle)
+    with pytest.raises(KdkitError) as err:
+        load_cifar10_arrays(test.parent, tmp_path / "cache")
+    assert "lack the classes" not in one_line(err, test, "CIFAR-10 archive", CORRUPT)
+
+
+@pytest.mark.parametrize("content, reason", [(b"", "empty file"), (b"\x1f\x8b garbage" * 99, "not a tar archive")])
+def test_empty_or_garbage_train_part(tmp_path, content, reason):
+    _tar(tmp_path / "test.tar.gz", "test", 1)
+    part = tmp_path / "train-part1.tar.gz"
+    _tar(tmp_path / "train-part0.tar.gz", "train", 1)
+    part.write_bytes(content)
+    with pytest.raises(KdkitError) as err:
+        load_cifar10_arrays(tmp_path, tmp_path / "cache")
+    assert reason in one_line(err, part, CORRUPT)
+
+
+def test_a_directory_named_like_the_test_archive(tmp_path):
+    _tar(tmp_path / "train-part0.tar.gz", "train", 1)
+    (tmp_path / "test.tar.gz").mkdir()
+    with pytest.raises(KdkitError) as err:
+        load_cifar10_arrays(tmp_path, tmp_path / "cache")
+    one_line(err, tmp_path / "test.tar.gz", "it is a directory")
+
+
+def test_a_damaged_jpeg_is_named(tmp_path):
+    _tar(tmp_path / "train-part0.tar.gz", "train", 2)
+    with tarfile.open(tmp_path / "test.tar.gz", "w:gz") as tf:
+        for label, name in enumerate(CLASSES):
+            data = _jpeg((label, 0, 0))
+            if name == "dog":
+                data = data[: len(data) // 3]  # a truncated JPEG inside an intact archive
+            info = tarfile.TarInfo(f"test/{name}/0000.jpg")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    with pytest.raises(KdkitError) as err:
+        load_cifar10_arrays(tmp_path, tmp_path / "cache")
+    one_line(err, f"test/dog/0000.jpg in {tmp_path / 'test.tar.gz'}", "re-download or replace test.tar.gz")
+
+
+def test_an_image_in_two_train_parts_is_refused(tmp_path):
+    _tar(tmp_path / "train-part0.tar.gz", "train", 2)
+    _tar(tmp_path / "train-part0-copy.tar.gz", "train", 1)  # matches train-part*: a second part
+    _tar(tmp_path / "test.tar.gz", "test", 1)
+    with pytest.raises(KdkitError) as err:
+        load_cifar10_arrays(tmp_path, tmp_path / "cache")
+    one_line(err, "train/airplane/0000.jpg", "train-part0-copy.tar.gz", "remove the extra copy")
+
+
+def test_a_damaged_tensor_cache_is_named(tmp_path):
+    _tar(tmp_path / "train-part0.tar.gz", "train", 1)
+    _tar(tmp_path / "test.tar.gz", "test", 1)
+    load_cifar10_arrays(tmp_path, tmp_path / "cache")
+    (cached,) = (tmp_path / "cache").glob("tensors-*.pt")
+    truncate(cached)
+    with pytest.raises(KdkitError) as err:
+        load_cifar10_arrays(tmp_path, tmp_path / "cache")
+    one_line(err, cached, "delete it")
+
+
+@pytest.mark.parametrize("data_dir", ["missing", "empty"])
+def test_a_warm_download_cache_warns_about_the_data_dir(tmp_path, capsys, data_dir):
+    from datamodules.archives import save_atomic
+
+    archive_dir = tmp_path / data_dir
+    if data_dir == "empty":
+        archive_dir.mkdir()
+    cached = tmp_path / "cache" / "tensors-torchvision.pt"
+    arrays = {f"{s}_{k}": torch.zeros(2, *shape, dtype=dt) for s in ("train", "test")
+              for k, shape, dt in (("images", (3, 32, 32), torch.uint8), ("labels", (), torch.long))}
+    save_atomic(arrays, cached)
+    module = CIFAR10DataModule(archive_dir=archive_dir, cache_dir=tmp_path / "cache", download=True)
+    module.prepare_data()
+    assert load_cifar10_arrays(archive_dir, tmp_path / "cache", download=True)["train_images"].shape[0] == 2
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1, warnings  # once, however often the data is looked up
+    assert str(archive_dir) in warnings[0] and str(cached) in warnings[0] and "KDKIT_DATA_DIR" in warnings[0]
+
+
+def test_no_warning_when_the_archives_are_there(tmp_path, capsys):
+    _tar(tmp_path / "train-part0.tar.gz", "train", 1)
+    _tar(tmp_path / "test.tar.gz", "test", 1)
+    load_cifar10_arrays(tmp_path, tmp_path / "cache", download=True)
+    load_cifar10_arrays(tmp_path, tmp_path / "cache", download=True)
+    assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value", [("batch_size", 0), ("eval_batch_size", 0), ("num_workers", -1),
+                                           ("batch_size", "many")])
+def test_bad_loader_options_are_refused_up_front(tmp_path, option, value):
+    with pytest.raises(KdkitError) as err:
+        CIFAR10DataModule(archive_dir=tmp_path, cache_dir=tmp_path, **{option: value})
+    shown = repr(value) if isinstance(value, str) else value
+    one_line(err, f"data.{option}={shown} must be a whole number >=")

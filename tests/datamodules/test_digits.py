@@ -13,6 +13,7 @@ from sklearn.datasets import load_digits
 
 from datamodules.digits import DigitsDataModule
 from kdkit.errors import KdkitError
+from tests.datamodules.fault_helpers import one_line
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "data" / "digits.yaml"
 
@@ -115,3 +116,23 @@ def test_bad_configuration_is_refused():
         DigitsDataModule(val_fraction=0.5, test_fraction=0.5).setup()
     with pytest.raises(KdkitError, match="batch_size=2000 exceeds the 1079"):
         DigitsDataModule(batch_size=2000).train_dataloader()
+
+
+def test_an_unreadable_sklearn_data_file_is_named(monkeypatch):
+    import sklearn.datasets
+
+    def damaged():  # what gzip raises on a truncated digits.csv.gz
+        raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+
+    monkeypatch.setattr(sklearn.datasets, "load_digits", damaged)
+    with pytest.raises(KdkitError) as err:
+        DigitsDataModule().setup()
+    path = Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"
+    assert path.is_file()
+    assert "EOFError" in one_line(err, path, "reinstall scikit-learn")
+
+
+def test_batch_size_zero_is_refused():
+    with pytest.raises(KdkitError) as err:
+        DigitsDataModule(batch_size=0)
+    one_line(err, "data.batch_size=0 must be a whole number >= 1")

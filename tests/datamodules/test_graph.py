@@ -6,6 +6,7 @@ from torch_geometric.data import Data
 
 from datamodules.graph import GraphDataModule
 from kdkit.errors import KdkitError
+from tests.datamodules.fault_helpers import needs_non_root, one_line, truncate
 
 
 def toy_graph(num_splits: int | None = None) -> list[Data]:
@@ -144,3 +145,102 @@ def test_real_cora_from_the_offline_copy(data_dir, tmp_path):
     assert b["x"].shape == (2708, 1433) and b["edge_index"].shape == (2, 10556)
     assert [int(b[k].sum()) for k in ("train_mask", "val_mask", "test_mask")] == [140, 500, 1000]
     assert dm.static_for_teacher
+
+
+# ---- damaged files: one line naming the file and saying what to do ------------------------------
+def cora_module(tmp_path) -> GraphDataModule:
+    """Cora read from tmp_path/data/Cora/raw, copied and processed into tmp_path/cache."""
+    from torch_geometric.datasets import Planetoid
+
+    root = tmp_path / "cache"
+    return GraphDataModule(functools.partial(Planetoid, root=str(root), name="Cora"),
+                           raw_src=str(tmp_path / "data" / "Cora" / "raw"), raw_dst=str(root / "Cora" / "raw"))
+
+
+def cora_copy(data_dir, tmp_path, damage=None) -> GraphDataModule:
+    """``cora_module`` over a copy of the real Cora raw files; ``damage``: (file name, callable)
+    applied to that copy."""
+    import shutil
+
+    raw_src = tmp_path / "data" / "Cora" / "raw"
+    shutil.copytree(data_dir / "planetoid" / "Cora" / "raw", raw_src)
+    if damage:
+        name, fn = damage
+        fn(raw_src / name)
+    return cora_module(tmp_path)
+
+
+@pytest.mark.parametrize("name, damage, reason", [
+    ("ind.cora.x", truncate, "UnpicklingError"),
+    ("ind.cora.graph", lambda p: p.write_bytes(b"\x80\x04garbage" * 50), "UnpicklingError"),
+    ("ind.cora.test.index", lambda p: p.write_bytes(bytes(range(128, 256))), "UnicodeDecodeError"),
+])
+def test_a_damaged_raw_file_is_named(data_dir, tmp_path, name, damage, reason):
+    dm = cora_copy(data_dir, tmp_path, (name, damage))
+    with pytest.raises(KdkitError) as err:
+        dm.prepare_data()
+    copy = tmp_path / "cache" / "Cora" / "raw" / name
+    assert reason in one_line(err, f"graph data file {copy} is unreadable", "delete it",
+                              str(tmp_path / "data" / "Cora" / "raw" / name))
+
+
+def test_an_empty_raw_file_is_named(data_dir, tmp_path):
+    dm = cora_copy(data_dir, tmp_path, ("ind.cora.y", lambda p: p.write_bytes(b"")))
+    with pytest.raises(KdkitError) as err:
+        dm.prepare_data()
+    src = tmp_path / "data" / "Cora" / "raw" / "ind.cora.y"
+    one_line(err, f"graph raw file {src} is unreadable (empty file)", "re-download or replace it")
+    assert not (tmp_path / "cache" / "Cora" / "raw" / "ind.cora.y").exists()  # not copied
+
+
+def test_a_damaged_processed_file_is_named(data_dir, tmp_path):
+    cora_copy(data_dir, tmp_path).prepare_data()
+    processed = tmp_path / "cache" / "Cora" / "processed" / "data.pt"
+    truncate(processed)
+    with pytest.raises(KdkitError) as err:
+        cora_module(tmp_path).setup()
+    one_line(err, processed, "delete it, and the raw files are processed again")
+
+
+@pytest.mark.parametrize("data_dir_state", ["missing", "empty"])
+def test_a_warm_cache_warns_when_the_data_dir_is_gone(data_dir, tmp_path, capsys, data_dir_state):
+    import shutil
+
+    cora_copy(data_dir, tmp_path).prepare_data()  # the cache is warm
+    raw_src = tmp_path / "data" / "Cora" / "raw"
+    shutil.rmtree(raw_src)  # KDKIT_DATA_DIR now points at nothing
+    if data_dir_state == "empty":
+        raw_src.mkdir()
+    capsys.readouterr()
+    dm = cora_module(tmp_path)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.batches["train"]["x"].shape[0] == 2708  # served from the cache
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1, warnings
+    assert str(raw_src) in warnings[0] and "KDKIT_DATA_DIR" in warnings[0]
+    assert str(tmp_path / "cache" / "Cora" / "raw") in warnings[0]
+
+
+def test_no_warning_while_the_data_dir_is_there(data_dir, tmp_path, capsys):
+    dm = cora_copy(data_dir, tmp_path)
+    dm.prepare_data()
+    cora_module(tmp_path).setup()  # a warm cache, and the data too
+    assert "warning" not in capsys.readouterr().err
+
+
+@needs_non_root
+def test_an_unreadable_raw_file_is_named(data_dir, tmp_path):
+    dm = cora_copy(data_dir, tmp_path, ("ind.cora.tx", lambda p: p.chmod(0)))
+    with pytest.raises(KdkitError) as err:
+        dm.prepare_data()
+    one_line(err, tmp_path / "data" / "Cora" / "raw" / "ind.cora.tx", "check its permissions")
+
+
+def test_a_directory_where_a_raw_file_belongs(data_dir, tmp_path):
+    dm = cora_copy(data_dir, tmp_path)
+    copy = tmp_path / "cache" / "Cora" / "raw" / "ind.cora.ty"
+    copy.mkdir(parents=True)  # so kdkit does not copy it, and PyG finds a folder there
+    with pytest.raises(KdkitError) as err:
+        dm.prepare_data()
+    one_line(err, f"graph data file {copy}", "IsADirectoryError", "it is a directory")

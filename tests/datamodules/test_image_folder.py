@@ -10,6 +10,7 @@ from PIL import Image
 
 from datamodules.image_folder import ImageFolderDataModule
 from kdkit.errors import KdkitError
+from tests.datamodules.fault_helpers import needs_non_root, one_line
 
 COLORS = {"ant": (255, 0, 0), "bee": (0, 128, 255), "cat": (10, 200, 30)}
 
@@ -96,3 +97,76 @@ def test_errors(tmp_path, root):
     (tmp_path / "empty" / "train").mkdir(parents=True)
     with pytest.raises(KdkitError, match="image folder .*empty/train"):
         ImageFolderDataModule(tmp_path / "empty").setup()
+
+
+# ---- damaged images: one line naming the file and saying what to do -----------------------------
+IMAGE_HINT = "replace it with a good copy or delete it"
+
+
+def _bad_image(root: Path, content: bytes | None, name: str = "bad.jpg") -> Path:
+    """Replace one train image of class bee with ``content`` (None: a truncated real JPEG)."""
+    folder = root / "train" / "bee"
+    path = folder / name
+    if content is None:
+        Image.new("RGB", (64, 64), (0, 128, 255)).save(path, format="JPEG")
+        content = path.read_bytes()[:200]
+    path.write_bytes(content)
+    return path
+
+
+def _load_every_train_image(dm):
+    dm.setup()
+    for i in range(len(dm.train_set)):
+        dm.train_set[i]
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"garbage, not a JPEG" * 10, "UnidentifiedImageError"),
+    (b"", "UnidentifiedImageError"),
+    (None, "truncated"),
+])
+def test_a_damaged_image_is_named(root, content, reason):
+    path = _bad_image(root, content)
+    with pytest.raises(KdkitError) as err:
+        _load_every_train_image(ImageFolderDataModule(root, image_size=8))
+    assert reason in one_line(err, path, "image", IMAGE_HINT)
+
+
+def test_an_image_gone_after_the_scan_is_named(root):
+    dm = ImageFolderDataModule(root, image_size=8)
+    dm.setup()
+    path = Path(dm.train_set.folder.samples[5][0])
+    path.unlink()
+    with pytest.raises(KdkitError) as err:
+        dm.train_set[5]
+    one_line(err, path, "it is missing")
+
+
+def test_a_dangling_link_to_an_image(root, tmp_path):
+    path = root / "train" / "bee" / "link.png"
+    path.symlink_to(tmp_path / "moved-away.png")
+    with pytest.raises(KdkitError) as err:
+        _load_every_train_image(ImageFolderDataModule(root, image_size=8))
+    one_line(err, path, "FileNotFoundError", "restore it or fix the path")
+
+
+@needs_non_root
+def test_an_unreadable_image(root):
+    path = root / "train" / "bee" / "0.png"
+    path.chmod(0)
+    with pytest.raises(KdkitError) as err:
+        _load_every_train_image(ImageFolderDataModule(root, image_size=8))
+    one_line(err, path, "check its permissions")
+
+
+def test_an_empty_split_folder_says_what_it_expects(tmp_path):
+    (tmp_path / "d" / "train").mkdir(parents=True)
+    with pytest.raises(KdkitError) as err:
+        ImageFolderDataModule(tmp_path / "d").setup()
+    one_line(err, tmp_path / "d" / "train", "add the class folders and images")
+
+
+def test_batch_size_zero_is_refused(root):
+    with pytest.raises(KdkitError) as err:
+        ImageFolderDataModule(root, batch_size=0)
+    one_line(err, "data.batch_size=0 must be a whole number >= 1")

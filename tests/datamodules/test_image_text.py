@@ -1,6 +1,8 @@
 """Image-text datamodules: CIFAR-10 captioned pairs (real archives), CSV/TSV files, webdataset."""
 
 import os
+import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from datamodules.image_text import (CIFAR_TEMPLATES, CIFAR10PairsDataModule, CSV
                                     WebDatasetPairsDataModule)
 from kdkit.errors import KdkitError
 from kdkit.models.clip import clip_tokenizer
+from tests.datamodules.fault_helpers import needs_non_root, one_line, truncate
 
 TOKENIZER = clip_tokenizer("kdkit-vit-p8-d32")
 
@@ -36,10 +39,22 @@ def cifar_pairs():
     return dm
 
 
+def jpeg_count(*archives: Path) -> int:
+    """JPEGs listed in the archives, counted with tarfile: the data decides (parts may be added)."""
+    total = 0
+    for archive in archives:
+        with tarfile.open(archive) as tf:
+            total += sum(1 for m in tf if m.isfile() and m.name.endswith(".jpg"))
+    return total
+
+
 def test_cifar_pairs_captions_name_the_class(cifar_pairs):
     dm = cifar_pairs
     assert dm.class_names[:2] == ["airplane", "automobile"] and dm.templates == list(CIFAR_TEMPLATES)
-    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (9000, 1000, 10000)
+    n_train = jpeg_count(*sorted(dm.archive_dir.glob("train-part*.tar.gz")))
+    n_test = jpeg_count(dm.archive_dir / "test.tar.gz")
+    assert n_train > 1000 and n_test > 1234
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (n_train - 1000, 1000, n_test)
     sample = dm.test_set[1234]
     assert set(sample) == {"image", "label", "index", "text", "pair_id"}
     assert sample["image"].shape == (3, 32, 32) and 0 <= sample["image"].min() <= sample["image"].max() <= 1
@@ -168,3 +183,139 @@ def test_yaml_configs_build_the_datamodules(tmp_path):
     assert isinstance(csv_dm, CSVPairsDataModule) and isinstance(wds_dm, WebDatasetPairsDataModule)
     assert isinstance(pairs_dm, CIFAR10PairsDataModule) and pairs_dm.tokenizer.context_length == 16
     assert csv_dm.example_batch(1)["text"].shape == (1, 16)
+
+
+# ---- damaged files: one line naming the file and saying what to do ------------------------------
+def pairs_module(path, **kwargs):
+    return CSVPairsDataModule(train_file=str(path), tokenizer=TOKENIZER, image_size=8, **kwargs)
+
+
+@pytest.mark.parametrize("content, reason, todo", [
+    (b"", "is empty", "write a header line"),
+    (b"filepath,title\n", "has a header but no rows", "add one row per image-caption pair"),
+    (b"filepath,title\nimg/im0.png,one\nimg/im1.png\n", "line 3 has fewer fields than its header", "fix that row"),
+    (b"filepath,title\n" + bytes(range(128, 256)), "UnicodeDecodeError", "save it as UTF-8"),
+])
+def test_a_bad_pairs_file(tmp_path, content, reason, todo):
+    path = tmp_path / "pairs.csv"
+    path.write_bytes(content)
+    with pytest.raises(KdkitError) as err:
+        pairs_module(path).setup()
+    assert reason in one_line(err, path, todo)
+
+
+def test_a_directory_where_the_pairs_file_belongs(tmp_path):
+    (tmp_path / "pairs.csv").mkdir()
+    with pytest.raises(KdkitError) as err:
+        pairs_module(tmp_path / "pairs.csv").setup()
+    one_line(err, tmp_path / "pairs.csv", "it is a directory")
+
+
+@needs_non_root
+def test_an_unreadable_pairs_file(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text("filepath,title\nx.png,hello\n")
+    path.chmod(0)
+    with pytest.raises(KdkitError) as err:
+        pairs_module(path).setup()
+    one_line(err, path, "check its permissions")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_image_in_a_pairs_file_is_named(tmp_path, damage):
+    write_images(tmp_path / "img", 2)
+    image = tmp_path / "img" / "im1.png"
+    if damage == "garbage":
+        image.write_bytes(b"not a picture" * 20)
+    else:
+        truncate(image, 0.5)
+    (tmp_path / "pairs.csv").write_text("filepath,title\nimg/im0.png,zero\nimg/im1.png,one\n")
+    dm = pairs_module(tmp_path / "pairs.csv")
+    dm.setup()
+    assert dm.train_set[0]["image"].shape == (3, 8, 8)
+    with pytest.raises(KdkitError) as err:
+        dm.train_set[1]
+    one_line(err, image, f"listed in {tmp_path / 'pairs.csv'}", "replace it with a good copy")
+
+
+def shard_files(tmp_path, n=6) -> tuple[Path, str]:
+    pattern = write_shards(tmp_path, "s", 1, n)
+    return tmp_path / "s-000.tar", pattern
+
+
+def wds_module(urls, **kwargs):
+    return WebDatasetPairsDataModule(train_urls=urls, test_urls=urls, train_samples=4, tokenizer=TOKENIZER,
+                                     image_size=8, batch_size=2, eval_batch_size=2, **kwargs)
+
+
+def read_test_split(dm):
+    return [b for b in dm.test_dataloader()]
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "cut at a member", "damaged header", "garbage"])
+def test_a_damaged_shard_is_named(tmp_path, damage):
+    from tests.datamodules.fault_helpers import damage_header, header_offsets
+
+    shard, urls = shard_files(tmp_path)
+    data = shard.read_bytes()
+    if damage == "empty":
+        data = b""
+    elif damage == "truncated":
+        data = data[: len(data) * 3 // 5]
+    elif damage == "cut at a member":
+        data = data[: header_offsets(data)[7]]
+    elif damage == "damaged header":
+        data = damage_header(data, 3)  # the first file of sample 1 (3 files per sample)
+    else:
+        data = os.urandom(len(data))
+    shard.write_bytes(data)
+    dm = wds_module(urls)
+    for read in (read_test_split, lambda dm: dm.example_batch(6)):
+        with pytest.raises(KdkitError) as err:
+            read(dm)
+        one_line(err, f"webdataset shard {shard}", "re-download or replace it")
+
+
+def test_intact_shards_read_fully(tmp_path):
+    _, urls = shard_files(tmp_path)
+    texts = [caption(t) for b in read_test_split(wds_module(urls)) for t in b["text"]]
+    assert texts == [f"sample {k}" for k in range(6)]
+
+
+@pytest.mark.parametrize("field, content, what", [
+    ("png", b"not a png", "image"),
+    ("txt", b"\xff\xfe caption", "caption"),
+    ("cls", b"three", "class index"),
+])
+def test_a_damaged_sample_in_a_shard_is_named(tmp_path, field, content, what):
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    good = {"png": buf.getvalue(), "txt": "fine", "cls": "1"}
+    with wds.TarWriter(str(tmp_path / "s.tar")) as sink:
+        sink.write({"__key__": "00000", **good})
+        sink.write({"__key__": "00001", **good, field: content})
+    with pytest.raises(KdkitError) as err:
+        read_test_split(wds_module(str(tmp_path / "s.tar")))
+    one_line(err, f"{what} 00001.{field} in webdataset shard {tmp_path / 's.tar'}", "rewrite or replace that shard")
+
+
+def test_a_shard_gone_after_the_start_is_named(tmp_path):
+    shard, urls = shard_files(tmp_path)
+    dm = wds_module(urls)
+    shard.unlink()
+    with pytest.raises(KdkitError) as err:
+        read_test_split(dm)
+    one_line(err, shard, "FileNotFoundError", "restore it or fix the path")
+
+
+@pytest.mark.parametrize("option, value", [("batch_size", 0), ("eval_batch_size", 0), ("num_workers", -1)])
+def test_bad_loader_options_are_refused(tmp_path, option, value):
+    (tmp_path / "p.csv").write_text("filepath,title\nx.png,hi\n")
+    with pytest.raises(KdkitError) as err:
+        pairs_module(tmp_path / "p.csv", **{option: value})
+    one_line(err, f"data.{option}={value} must be a whole number >=")

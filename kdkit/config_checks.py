@@ -1,0 +1,88 @@
+"""Config values that cannot be meant, refused before anything is built or trained.
+
+``distiller.kd.weight=-1`` trained a student that maximised the KD loss; ``trainer.max_epochs=0``
+saved and reported an untrained teacher; ``lr=nan`` trained NaNs. Each such value is one line of
+the error, naming the key and what would be valid.
+"""
+
+from __future__ import annotations
+
+import math
+
+from omegaconf import DictConfig
+
+from kdkit.errors import KdkitError
+
+# keys (the last part of a distiller's setting) that are softmax temperatures or scales: > 0
+TEMPERATURE_KEYS = ("temperature", "teacher_temperature", "init_temperature", "tau")
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _positive(problems: list[str], key: str, value, allow_zero: bool = False) -> None:
+    number = _number(value)
+    if value is None:
+        return
+    if number is None:
+        problems.append(f"{key}={value!r} is not a number")
+    elif not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
+        problems.append(f"{key}={value} must be a finite number {'>= 0' if allow_zero else '> 0'}")
+
+
+def _epochs(problems: list[str], key: str, value, max_steps) -> None:
+    if value is None:
+        return
+    number = _number(value)
+    if number is None or number != int(number):
+        problems.append(f"{key}={value!r} must be a whole number of epochs >= 1")
+    elif number == -1 and (_number(max_steps) or -1) > 0:
+        return  # Lightning: no epoch limit, trainer.max_steps ends the fit
+    elif number < 1:
+        problems.append(f"{key}={value} must be >= 1 (a stage that never trains would save and "
+                        "report an untrained model)")
+
+
+def _lrs(problems: list[str], prefix: str, node) -> None:
+    if isinstance(node, DictConfig) and "lr" in node:
+        _positive(problems, f"{prefix}.lr", node.lr)
+
+
+def config_problems(cfg: DictConfig) -> list[str]:
+    """Every impossible value in ``cfg``, one message each (empty when all is well)."""
+    problems: list[str] = []
+    trainer = cfg.get("trainer") or {}
+    max_steps = trainer.get("max_steps")
+    _epochs(problems, "trainer.max_epochs", trainer.get("max_epochs"), max_steps)
+    _epochs(problems, "teacher.max_epochs", (cfg.get("teacher") or {}).get("max_epochs"), max_steps)
+    data = cfg.get("data") or {}
+    for key in ("batch_size", "eval_batch_size"):
+        value = data.get(key)
+        number = _number(value)
+        if value is not None and (number is None or number < 1 or number != int(number)):
+            problems.append(f"data.{key}={value} must be a whole number >= 1")
+    task = cfg.get("task") or {}
+    _lrs(problems, "task.optimizer", task.get("optimizer"))
+    for role in ("teacher", "student"):
+        _lrs(problems, f"{role}.optimizer", (cfg.get(role) or {}).get("optimizer"))
+    _positive(problems, "task.task_loss_weight", task.get("task_loss_weight"), allow_zero=True)
+    for name, node in (cfg.get("distiller") or {}).items():
+        if not isinstance(node, DictConfig):
+            continue
+        _positive(problems, f"distiller.{name}.weight", node.get("weight"))
+        for key in TEMPERATURE_KEYS:
+            _positive(problems, f"distiller.{name}.{key}", node.get(key))
+    return problems
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise one KdkitError listing every impossible value (``; `` between them)."""
+    problems = config_problems(cfg)
+    if problems:
+        raise KdkitError("; ".join(problems))

@@ -1,0 +1,117 @@
+"""Resuming a really interrupted run: a real SIGINT mid-run, then ``ckpt_path=last``.
+
+The interruption is the operating system's: ``tests.faults.signals`` sends SIGINT to this process
+at the end of an epoch, Lightning's Ctrl-C handling runs and the checkpoint callback writes
+``last.ckpt``; the kill -9 / SIGTERM / DDP variants run as subprocesses in ``tests/faults``.
+"""
+
+import csv
+import json
+
+import pytest
+
+from kdkit.compose import compose
+from kdkit.errors import KdkitError
+from kdkit.pipeline import run
+
+BASE = ["trainer.max_epochs=3", "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
+        "report.latency_batch_size=8", "stages.baseline=false", "trainer.limit_train_batches=6",
+        "trainer.log_every_n_steps=2", "student.model.dropout=0.3"]  # dropout: the random state must resume too
+SIGINT_AFTER = ["+callbacks.interrupt._target_=tests.faults.signals.SignalAtEpochEnd",
+                "+callbacks.interrupt.stage=student", "+callbacks.interrupt.epoch=1"]
+ALLOW = ["resume.allow_changes=[callbacks.interrupt]"]
+
+
+def _metrics(results: dict) -> dict:
+    return {stage: {k: v for k, v in m.items() if k.startswith(("test/", "val/"))}
+            for stage, m in results.items()}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    return run(compose(BASE, output_dir=str(tmp_path_factory.mktemp("straight"))))
+
+
+def test_sigint_then_resume_equals_an_uninterrupted_run(tmp_path, straight, capsys):
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as exit_info:  # Lightning exits 1 after a Ctrl-C
+        run(compose([*BASE, *SIGINT_AFTER], output_dir=out))
+    assert exit_info.value.code == 1
+    assert "interrupted at epoch 1" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "stages" / "student.json").exists()  # really cut short
+
+    resumed = run(compose([*BASE, "ckpt_path=last", *ALLOW], output_dir=out))
+    err = capsys.readouterr().err
+    assert "resuming stage 'student' from" in err and "after epoch 1" in err
+    assert _metrics(resumed) == _metrics(straight)  # the same numbers, to the last digit
+    assert json.loads((tmp_path / "run" / "results.json").read_text()) == resumed
+
+    with open(tmp_path / "run" / "logs" / "student" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    val_epochs = [int(r["epoch"]) for r in rows if r.get("val/acc")]
+    assert val_epochs == [0, 1, 2]  # epochs before the interruption kept, none logged twice
+    steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    assert steps == sorted(set(steps)) and steps[0] < 6 < steps[-1]
+
+
+def test_resume_with_other_settings_is_refused_with_the_differences(tmp_path, straight):
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit):
+        run(compose([*BASE, *SIGINT_AFTER], output_dir=out))
+    changed = [b for b in BASE if not b.startswith("trainer.max_epochs")] + ["trainer.max_epochs=5"]
+    with pytest.raises(KdkitError) as err:
+        run(compose([*changed, "ckpt_path=last", *ALLOW], output_dir=out))
+    message = str(err.value)
+    assert "\n" not in message and "trainer.max_epochs: 3 -> 5" in message
+    assert "resume.allow_changes=[trainer.max_epochs]" in message
+    # allowed explicitly: the interrupted stage continues to the new epoch count
+    results = run(compose([*changed, "ckpt_path=last", "resume.allow_changes=[callbacks.interrupt,trainer.max_epochs]"],
+                          output_dir=out))
+    assert json.loads((tmp_path / "run" / "stages" / "student.json").read_text()) == results["student"]
+
+
+def test_ckpt_path_last_on_a_new_directory_says_there_is_nothing_to_resume(tmp_path, capsys):
+    run(compose([*BASE, "trainer.max_epochs=1", "stages.student=false", "ckpt_path=last"],
+                output_dir=str(tmp_path / "new")))
+    assert "no checkpoint of stage 'teacher'" in capsys.readouterr().err
+
+
+def test_config_changes_ignore_where_things_go_and_allowed_keys():
+    from kdkit.resume import config_changes
+
+    saved = {"paths": {"output_dir": "/a"}, "trainer": {"max_epochs": 40, "enable_progress_bar": True},
+             "distiller": {"kd": {"weight": 1.0}}, "logger": {"csv": {}}}
+    current = {"paths": {"output_dir": "/b"}, "trainer": {"max_epochs": 10, "enable_progress_bar": False},
+               "distiller": {"kd": {"weight": 1.0}, "fitnet": {"weight": 2.0}}, "logger": {}}
+    assert config_changes(saved, current) == ["distiller.fitnet.weight: <absent> -> 2.0",
+                                              "trainer.max_epochs: 40 -> 10"]
+    assert config_changes(saved, current, allowed=["trainer.max_epochs"]) == [
+        "distiller.fitnet.weight: <absent> -> 2.0"]
+
+
+@pytest.mark.parametrize("damaged, expected", [
+    ("stages/teacher.json", "the results of the finished stage 'teacher'"),
+    ("config.yaml", "the interrupted run's config"),
+])
+def test_damaged_run_files_are_one_line_naming_them(tmp_path, damaged, expected):
+    out = tmp_path / "run"
+    overrides = [*BASE, "trainer.max_epochs=1", "stages.student=false"]
+    run(compose(overrides, output_dir=str(out)))
+    (out / damaged).write_bytes(b"\x00\xff{[: garbage\n\tline two: [")
+    with pytest.raises(KdkitError) as err:
+        run(compose([*overrides, "ckpt_path=last"], output_dir=str(out)))
+    message = str(err.value)
+    assert "\n" not in message and str(out / damaged) in message and expected in message
+
+
+def test_a_damaged_metrics_csv_is_set_aside_and_the_stage_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        run(compose([*BASE, *SIGINT_AFTER], output_dir=str(out)))
+    log = out / "logs" / "student" / "metrics.csv"
+    log.write_bytes(b"\xff\xfe garbage \x00")
+    results = run(compose([*BASE, "ckpt_path=last", *ALLOW], output_dir=str(out)))
+    assert "student" in results and (out / "logs" / "student" / "metrics.csv.corrupt").exists()
+    assert "metrics.csv is unreadable" in capsys.readouterr().err
+    with open(log) as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f) if r.get("val/acc")] == [2]  # after resume
