@@ -127,7 +127,7 @@ def _check_crcs(path: Path, what: str) -> None:
             return
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError) as err:
         raise unreadable(path, what, err, "the file is truncated or corrupt; replace it") from None
     if bad is not None:
         raise unreadable(path, what, f"{bad} fails its CRC check: the bytes changed after it was "

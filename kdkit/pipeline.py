@@ -223,7 +223,9 @@ def make_trainer(cfg, out: Path, stage: str, max_epochs=None, resume_at=None) ->
         callbacks=callbacks,
         logger=loggers or False,
         plugins=[AtomicCheckpointIO()],
-        default_root_dir=str(out),
+        # per stage: Lightning's SLURM requeue writes hpc_ckpt_<n>.ckpt there and restores the
+        # newest one found there, which must be this stage's own
+        default_root_dir=str(out / "checkpoints" / stage),
         **overrides,
     )
     refuse_relaunch_in_sweep(trainer)

@@ -668,8 +668,8 @@ def kill9_mid_stage(stage: str, epoch: int):
         out.check(res.rc == -signal.SIGKILL, f"exit code {res.rc}, expected -9")
         out.check(not (run_dir / "stages" / f"{stage}.json").exists(), f"stage {stage} had finished: no fault")
         resumed = resume_and_compare(ctx, out, run_dir, LONG, exact=True)
-        out.check(f"resuming stage '{stage}' from {run_dir}/checkpoints/{stage}/last.ckpt" in " ".join(resumed.kdkit_lines),
-                  "the resume line does not name the stage's last.ckpt")
+        expected = f"resuming stage '{stage}' from {run_dir}/checkpoints/{stage}/last.ckpt"
+        out.check(expected in " ".join(resumed.kdkit_lines), "the resume line does not name the stage's last.ckpt")
         out.exit_code = f"{res.rc} (SIGKILL) -> {resumed.rc} (resume)"
         out.message = f"(killed after epoch {at[0] if at else '?'}, no message) -> {_resume_summary(resumed)}"
         return out
@@ -872,8 +872,10 @@ def resume_damaged(damage: str):
                 out.check(f"resuming stage 'student' from {previous}" in text, "did not resume from previous.ckpt")
             if damage == "last_malicious":
                 check_marker(out, marker)
-            if damage == "metrics_csv_garbage" and res.rc == 0:
-                out.notes.append("the garbage metrics.csv: " + ", ".join(res.kdkit_lines))
+            if damage == "metrics_csv_garbage":
+                kept = sorted(p.name for p in (run_dir / "logs" / "student").glob("metrics.csv*"))
+                out.data_lost += (f"; logs/student: {kept}, the new metrics.csv has validation rows of "
+                                  f"epochs {val_epochs(run_dir, 'student')}")
         else:
             res = run_kdkit(ctx, run_dir, [*LONG, "ckpt_path=last"], label="resume")
             check_error(out, res, *named)
@@ -927,36 +929,109 @@ def ddp_rank_death(rank: int):
     return fn
 
 
-def ddp_sigterm(ctx: Ctx) -> Outcome:
-    """SLURM pre-empting a DDP job: SIGTERM to every process of the job (its process group),
-    SIGKILL after the grace period if any is left; then ``ckpt_path=last``."""
+def ddp_sigterm(target: str):
+    """SIGTERM to a DDP job: to every process of the job (its process group: what SLURM's
+    pre-emption or ``scancel`` does), or to rank 0 alone (Lightning forwards it to rank 1).
+    SIGKILL after the grace period if any process is left; then ``ckpt_path=last``."""
+
+    def fn(ctx: Ctx) -> Outcome:
+        return _ddp_sigterm(ctx, target)
+    return fn
+
+
+def _ddp_sigterm(ctx: Ctx, target: str) -> Outcome:
     out = Outcome("")
     run_dir = ctx.dir / "run"
-    running = Running(ctx, run_dir, DDP, label="ddp-sigterm")
+    last = run_dir / "checkpoints" / "teacher" / "last.ckpt"
+    running = Running(ctx, run_dir, DDP, {"PYTHONFAULTHANDLER": "1"}, label=f"ddp-sigterm-{target}")
     wait_for_epoch(running, run_dir, "teacher", 1, timeout=600)
     members = group_members(running.pid)
+    before = ckpt_point(last)
     sent = time.monotonic()
-    running.signal_group(signal.SIGTERM)
+    if target == "group":
+        running.signal_group(signal.SIGTERM)
+    else:
+        os.kill(running.pid, signal.SIGTERM)
     while group_members(running.pid) and time.monotonic() - sent < SLURM_GRACE_S:
         running.proc.poll()
         time.sleep(0.05)
     exit_s = time.monotonic() - sent
     left = group_members(running.pid)
-    if left:
-        running.signal_group(signal.SIGKILL)
+    stacks = _hung_stacks(running, left) if left else {}
     res = running.wait(timeout=10)
-    out.values.update(exit_seconds=exit_s, processes=members, left=left, rank0_rc=res.rc)
+    after = ckpt_point(last)
+    out.values.update(exit_seconds=exit_s, processes=members, left=left, rank0_rc=res.rc,
+                      ckpt_before=before, ckpt_after=after)
+    if left:
+        written = after is not None and before is not None and after[1] > before[1]
+        out.notes.append(
+            f"the SIGTERM checkpoint (step {after[1]}) was written by rank 0 before the hang" if written
+            else f"no SIGTERM checkpoint: the newest is the one before the signal (step "
+                 f"{after[1] if after else '?'}); the steps after it were lost")
+        out.values["hung_in"] = {who: hung_frames(text) for who, text in stacks.items()}
+        out.notes.append("hung; where each process's main thread waited (faulthandler, on SIGABRT "
+                         "before the SIGKILL; innermost first): " + " // ".join(
+                             f"{who}: {' < '.join(frames) or '(no dump)'}"
+                             for who, frames in out.values["hung_in"].items()))
     out.check(not left, f"{len(left)} process(es) still alive {SLURM_GRACE_S:.0f} s after SIGTERM: SIGKILLed")
     out.check(res.rc == 143, f"rank 0 exit code {res.rc}, expected 143")
     text = " / ".join(res.kdkit_lines)
     out.check("checkpoint written" in text, "no 'checkpoint written' line")
     out.check("Traceback" not in res.stderr, "a traceback was printed")
     resumed = resume_and_compare(ctx, out, run_dir, DDP, exact=False, epochs=6)
+    if left:
+        out.data_lost = f"job SIGKILLed after the {SLURM_GRACE_S:.0f} s grace; final results: {out.data_lost}"
     out.exit_code = f"rank 0: {res.rc} -> {resumed.rc} (resume)"
     shown = text or (f"traceback: {last_error(res.stderr)}" if "Traceback" in res.stderr else "(no kdkit line)")
     out.message = (f"{shown} (all {len(members)} processes gone {exit_s:.1f} s after SIGTERM"
                    f"{'' if not left else ', SIGKILLed'}) -> {_resume_summary(resumed)}")
     return out
+
+
+def _hung_stacks(running: Running, pids: list[int]) -> dict[str, str]:
+    """Where each hung process waits: all are stopped (SIGSTOP) so that none reacts to another's
+    death, then each in turn gets SIGABRT + SIGCONT and faulthandler (``PYTHONFAULTHANDLER=1``)
+    prints its threads' stacks to the shared stderr; then SIGKILL for what is left."""
+    stacks = {}
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+    for pid in sorted(pids, key=lambda p: p == running.pid):  # rank 1 first, rank 0 last
+        start = running.err_path.stat().st_size
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGABRT)
+            os.kill(pid, signal.SIGCONT)
+        time.sleep(2)
+        with open(running.err_path, "rb") as f:
+            f.seek(start)
+            stacks["rank 0" if pid == running.pid else f"rank 1 (pid {pid})"] = f.read().decode(errors="replace")
+    running.signal_group(signal.SIGCONT)
+    running.signal_group(signal.SIGKILL)
+    return stacks
+
+
+def hung_frames(stderr: str, depth: int = 8) -> list[str]:
+    """The innermost ``depth`` frames of each main thread that faulthandler dumped (the thread
+    block whose stack reaches ``runpy``; observer threads are left out)."""
+    found, block, frames = [], None, []
+
+    def close():
+        if block is not None and any("runpy" in f for f in frames):
+            found.append(" < ".join(frames[:depth]))
+
+    for line in stderr.splitlines() + [""]:
+        text = line.strip()
+        if text.startswith(("Current thread", "Thread 0x")):
+            close()
+            block, frames = text, []
+        elif block is not None and text.startswith("File "):
+            path, _, rest = text[5:].partition(", line ")
+            number, _, func = rest.partition(" in ")
+            frames.append(f"{Path(path.strip(chr(34))).name}:{number} {func}")
+        elif block is not None:
+            close()
+            block, frames = None, []
+    return found
 
 
 def _cmdline(pid: int) -> str:
@@ -1169,7 +1244,9 @@ CASES: list[Case] = [
     Case("DDP: kill -9 rank 1", "ddp", "SIGKILL of rank 1 of 2 (gloo)", ddp_rank_death(1)),
     Case("DDP: kill -9 rank 0", "ddp", "SIGKILL of rank 0 of 2 (gloo)", ddp_rank_death(0)),
     Case("DDP: SIGTERM to the job (SLURM)", "ddp", "SIGTERM to both ranks, SIGKILL after 30 s",
-         ddp_sigterm),
+         ddp_sigterm("group")),
+    Case("DDP: SIGTERM to rank 0 only", "ddp", "SIGTERM to rank 0 (Lightning forwards it), "
+         "SIGKILL after 30 s", ddp_sigterm("rank0")),
     Case("resume: last.ckpt truncated", "resume files", "falls back to previous.ckpt",
          resume_damaged("last_truncated")),
     Case("resume: last.ckpt empty", "resume files", "a zero-byte newest checkpoint",
@@ -1207,21 +1284,17 @@ BY_NAME = {case.name: case for case in CASES}
 # Cases that fail because of a kdkit bug found by this suite (see the benchmark's notes):
 # name -> (reason, strict). The tests mark them xfail; remove an entry once the bug is fixed.
 KNOWN_BUGS: dict[str, tuple[str, bool]] = {
-    "teacher ckpt: flipped": ("kdkit bug: a teacher checkpoint with 4 KB of flipped tensor bytes "
-                              "loads silently (torch does not check the zip CRCs)", True),
-    "resume: last.ckpt tensor bytes flipped": ("kdkit bug: a resume checkpoint with flipped tensor "
-                                               "bytes loads silently (no CRC check), so kdkit resumes "
-                                               "from damaged weights instead of previous.ckpt", True),
-    "resume: stages/teacher.json garbage": ("kdkit bug: pipeline._load_stage reads a damaged "
-                                            "stages/<stage>.json unguarded: traceback, exit 1", True),
-    "resume: config.yaml garbage": ("kdkit bug: resume.check_resume_config puts the multi-line YAML "
-                                    "error into the message", True),
-    "resume: metrics.csv garbage": ("kdkit bug: csv_logger reads a damaged metrics.csv unguarded: "
-                                    "traceback, exit 1", True),
-    "config: distiller=[nope]": ("Hydra's own error (exit 1, several lines); the one-line CLI "
-                                 "message is being built elsewhere", False),
-    "config: distiller.kd.temprature=4": ("Hydra's own error (exit 1, several lines); the one-line "
-                                          "CLI message is being built elsewhere", False),
+    "DDP: SIGTERM to the job (SLURM)": (
+        "intermittent hang (most runs here): Lightning 2.6's SIGTERM handler calls "
+        "dist.broadcast inside the signal handler, so the ranks' collectives mismatch when they "
+        "handle the signal at different points (e.g. rank 0 blocked in DDP's gradient all-reduce); "
+        "the job waits until SIGKILL (rank 0 may or may not have written the SIGTERM checkpoint)", False),
+    "resume: last.ckpt 4 KB flipped": (
+        "kdkit bug: checkpoint_io._check_crcs lets zipfile's UnicodeDecodeError through when a "
+        "member's name bytes in a local header are damaged: traceback, exit 1, no fallback to "
+        "previous.ckpt", True),
+    "DDP: SIGTERM to rank 0 only": (
+        "intermittent hang (some runs here), as for SIGTERM to the whole job", False),
 }
 assert len(BY_NAME) == len(CASES), "case names must be unique"
 
