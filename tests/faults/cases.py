@@ -1289,10 +1289,6 @@ KNOWN_BUGS: dict[str, tuple[str, bool]] = {
         "dist.broadcast inside the signal handler, so the ranks' collectives mismatch when they "
         "handle the signal at different points (e.g. rank 0 blocked in DDP's gradient all-reduce); "
         "the job waits until SIGKILL (rank 0 may or may not have written the SIGTERM checkpoint)", False),
-    "resume: last.ckpt 4 KB flipped": (
-        "kdkit bug: checkpoint_io._check_crcs lets zipfile's UnicodeDecodeError through when a "
-        "member's name bytes in a local header are damaged: traceback, exit 1, no fallback to "
-        "previous.ckpt", True),
     "DDP: SIGTERM to rank 0 only": (
         "intermittent hang (some runs here), as for SIGTERM to the whole job", False),
 }
