@@ -6,7 +6,7 @@ so a reader
 sees either no destination or a complete one; when two processes race, the loser finds a complete
 destination and throws its copy away. The marker holds a fingerprint of the archives (names and
 sizes), so adding an archive (e.g. a new ``train-part1.tar.gz``) triggers a fresh extraction.
-``save_atomic`` gives single files the same guarantee; ``iter_members`` reads an archive without
+``kdkit.checkpoint_io.save_atomically`` gives single files the same guarantee; ``iter_members`` reads an archive without
 extracting it.
 
 Damaged archives (missing, empty, truncated, corrupt, unreadable) raise a one-line ``KdkitError``
@@ -240,22 +240,3 @@ def extract_once(archives: Sequence[str | os.PathLike], dest: str | os.PathLike,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
-
-
-def save_atomic(obj, path: str | os.PathLike) -> Path:
-    """``torch.save(obj, path)`` through a temporary file and a rename: readers (and concurrent
-    writers of the same content) only ever see a complete file."""
-    import torch
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared by users
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path

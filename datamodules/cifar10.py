@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from datamodules.archives import file_error, fingerprint, iter_members, save_atomic, warn_cached
+from datamodules.archives import file_error, fingerprint, iter_members, warn_cached
+from kdkit.checkpoint_io import save_atomically
 from datamodules.base import ImageDataModule, TensorImageDataset
 from kdkit.errors import KdkitError
 
@@ -155,7 +156,7 @@ def load_cifar10_arrays(archive_dir: Path, cache_dir: Path, download: bool = Fal
         archives = [*parts, test]
         cached = cache_dir / f"tensors-{fingerprint(archives)}.pt"
         if not cached.is_file():
-            save_atomic(decode_archives(archives), cached)
+            save_atomically(decode_archives(archives), cached)
         return _load_cache(cached)
     if download:
         cached = cache_dir / "tensors-torchvision.pt"
@@ -180,7 +181,7 @@ def _download(cache_dir: Path) -> dict[str, Tensor]:
             images = torch.from_numpy(np.asarray(ds.data, dtype=np.uint8))
             arrays[f"{split}_images"] = images.permute(0, 3, 1, 2).contiguous()
             arrays[f"{split}_labels"] = torch.tensor(ds.targets, dtype=torch.long)
-        save_atomic(arrays, cached)
+        save_atomically(arrays, cached)
     return _load_cache(cached)
 
 

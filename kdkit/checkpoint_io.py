@@ -82,7 +82,7 @@ def remove_stale_temporaries(path: str | os.PathLike, older_than: float = STALE_
 
 
 def safe_load(path: str | os.PathLike, what: str = "checkpoint", trust: bool = False,
-              trust_flag: str = "teacher.trust_checkpoint=true", map_location="cpu"):
+              trust_flag: str = "teacher.trust_checkpoint=true", map_location="cpu", mmap: bool = False):
     """``torch.load`` a file with ``weights_only=True`` (unless ``trust``), errors in one line.
 
     Args:
@@ -90,7 +90,7 @@ def safe_load(path: str | os.PathLike, what: str = "checkpoint", trust: bool = F
         what: how messages name it ("teacher checkpoint", "resume checkpoint", ...).
         trust: allow arbitrary unpickling (only for files the user vouches for).
         trust_flag: the setting that gives ``trust``, named in the refusal.
-        map_location: as in ``torch.load``.
+        map_location, mmap: as in ``torch.load`` (``mmap``: tensors are not read into memory).
     """
     path = Path(path)
     if not path.is_file():
@@ -100,7 +100,7 @@ def safe_load(path: str | os.PathLike, what: str = "checkpoint", trust: bool = F
                          "replace it or delete it")
     _check_crcs(path, what)
     try:
-        return torch.load(path, map_location=map_location, weights_only=not trust)
+        return torch.load(path, map_location=map_location, weights_only=not trust, mmap=mmap)
     except pickle.UnpicklingError as err:
         if _is_restricted_unpickle(err):
             raise KdkitError(

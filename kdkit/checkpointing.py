@@ -184,7 +184,7 @@ def find_resume_point(directory: str | os.PathLike) -> ResumePoint | None:
         if not path.exists():
             continue
         try:
-            ckpt = safe_load(path, "resume checkpoint")
+            ckpt = safe_load(path, "resume checkpoint", mmap=True)  # CRCs checked; Lightning loads it next
         except KdkitError as err:
             errors.append(str(err))
             continue

@@ -301,7 +301,7 @@ def _resume_point(cfg, out: Path, stage: str) -> ResumePoint | None:
         return point
     if cfg.get("ckpt_path"):
         path = Path(cfg.ckpt_path).expanduser()
-        ckpt = safe_load(path, "ckpt_path")
+        ckpt = safe_load(path, "ckpt_path", mmap=True)
         if not isinstance(ckpt, dict) or "global_step" not in ckpt:
             raise KdkitError(f"ckpt_path {path} is not a Lightning checkpoint of a kdkit stage")
         return ResumePoint(path, int(ckpt.get("epoch", 0)), int(ckpt["global_step"]))

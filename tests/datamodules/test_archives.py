@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from datamodules import archives
-from datamodules.archives import MARKER, extract_once, fingerprint, iter_members, save_atomic, warn_cached
+from datamodules.archives import MARKER, extract_once, fingerprint, iter_members, warn_cached
+from kdkit.checkpoint_io import save_atomically
 from kdkit.errors import KdkitError
 from tests.datamodules.fault_helpers import (damage_header, flip_middle, header_offsets, needs_non_root,
                                              one_line, random_files, tar_bytes, truncate)
@@ -150,7 +151,7 @@ def test_iter_members_reads_without_extracting(tmp_path):
 
 def test_save_atomic(tmp_path):
     obj = {"x": torch.arange(5)}
-    path = save_atomic(obj, tmp_path / "sub" / "t.pt")
+    path = save_atomically(obj, tmp_path / "sub" / "t.pt")
     assert torch.equal(torch.load(path, weights_only=True)["x"], obj["x"])
     assert [p.name for p in path.parent.iterdir()] == ["t.pt"]
     assert oct(path.stat().st_mode & 0o777) == "0o644"

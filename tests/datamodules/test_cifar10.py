@@ -397,7 +397,7 @@ def test_a_damaged_tensor_cache_is_named(tmp_path):
 
 @pytest.mark.parametrize("data_dir", ["missing", "empty"])
 def test_a_warm_download_cache_warns_about_the_data_dir(tmp_path, capsys, data_dir):
-    from datamodules.archives import save_atomic
+    from kdkit.checkpoint_io import save_atomically
 
     archive_dir = tmp_path / data_dir
     if data_dir == "empty":
@@ -405,7 +405,7 @@ def test_a_warm_download_cache_warns_about_the_data_dir(tmp_path, capsys, data_d
     cached = tmp_path / "cache" / "tensors-torchvision.pt"
     arrays = {f"{s}_{k}": torch.zeros(2, *shape, dtype=dt) for s in ("train", "test")
               for k, shape, dt in (("images", (3, 32, 32), torch.uint8), ("labels", (), torch.long))}
-    save_atomic(arrays, cached)
+    save_atomically(arrays, cached)
     module = CIFAR10DataModule(archive_dir=archive_dir, cache_dir=tmp_path / "cache", download=True)
     module.prepare_data()
     assert load_cifar10_arrays(archive_dir, tmp_path / "cache", download=True)["train_images"].shape[0] == 2
