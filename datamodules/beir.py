@@ -40,9 +40,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.archives import file_error, warn_cached
-from datamodules.base import check_loader_options
-from datamodules.length_grouping import LengthGroupedBatchSampler
+from kdkit.datamodules.archives import file_error, warn_cached
+from kdkit.datamodules.base import check_loader_options
+from kdkit.datamodules.length_grouping import LengthGroupedBatchSampler
 from kdkit.errors import KdkitError, unreadable
 from kdkit.sampling import EpochShuffleSampler
 
@@ -209,9 +209,9 @@ def write_beir(data: BEIRData, folder: str | os.PathLike, titles: dict[str, str]
 
 def _extract(archive: Path, dest: Path) -> Path:
     try:
-        from datamodules.archives import extract_once
+        from kdkit.datamodules.archives import extract_once
     except ImportError:  # pragma: no cover - the archives helper ships with kdkit
-        raise KdkitError("datamodules.archives is missing: reinstall kdkit") from None
+        raise KdkitError("kdkit.datamodules.archives is missing: reinstall kdkit") from None
     return extract_once([archive], dest, what="BEIR zip")
 
 

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from datamodules.archives import file_error, fingerprint, iter_members, warn_cached
+from kdkit.datamodules.archives import file_error, fingerprint, iter_members, warn_cached
 from kdkit.checkpoint_io import save_atomically
-from datamodules.base import ImageDataModule, TensorImageDataset
+from kdkit.datamodules.base import ImageDataModule, TensorImageDataset
 from kdkit.errors import KdkitError
 
 ARCHIVE = "CIFAR-10 archive"

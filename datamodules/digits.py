@@ -11,8 +11,8 @@ import zlib
 import numpy as np
 import torch
 
-from datamodules.archives import file_error
-from datamodules.base import ImageDataModule, TensorImageDataset
+from kdkit.datamodules.archives import file_error
+from kdkit.datamodules.base import ImageDataModule, TensorImageDataset
 from kdkit.errors import KdkitError
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.archives import CORRUPT_HINT, file_error, warn_cached
+from kdkit.datamodules.archives import CORRUPT_HINT, file_error, warn_cached
 from kdkit.errors import KdkitError
 
 SETTINGS = ("transductive", "inductive")

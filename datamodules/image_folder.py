@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from datamodules.archives import file_error
-from datamodules.base import IMAGENET_MEAN, IMAGENET_STD, ImageDataModule
+from kdkit.datamodules.archives import file_error
+from kdkit.datamodules.base import IMAGENET_MEAN, IMAGENET_STD, ImageDataModule
 from kdkit.errors import KdkitError
 
 IMAGE_HINT = "it is corrupt or truncated: replace it with a good copy or delete it"

@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from datamodules.archives import ARCHIVE_ERRORS, file_error
-from datamodules.base import build_loader, check_loader_options
-from datamodules.cifar10 import CIFAR10DataModule
+from kdkit.datamodules.archives import ARCHIVE_ERRORS, file_error
+from kdkit.datamodules.base import build_loader, check_loader_options
+from kdkit.datamodules.cifar10 import CIFAR10DataModule
 from kdkit.errors import KdkitError
 
 IMAGE_HINT = "it is corrupt or truncated: replace it with a good copy"

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from kdkit.errors import close_names
 
-CONFIG_MODULE = "conf"
+CONFIG_MODULE = "kdkit.conf"
 CONFIG_NAME = "train"
 _BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 

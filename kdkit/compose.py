@@ -17,7 +17,7 @@ def compose(overrides: Sequence[str] = (), output_dir: str | None = None) -> Dic
         overrides: Hydra command-line overrides, e.g. ``["experiment=cora_glnn", "seed=1"]``.
         output_dir: where the run writes; a fresh temporary directory when None.
     """
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_module(config_module="kdkit.conf", version_base="1.3"):
         cfg = hydra_compose(config_name="train", overrides=list(overrides))
     with open_dict(cfg):
         cfg.paths.output_dir = output_dir or tempfile.mkdtemp(prefix="kdkit-")

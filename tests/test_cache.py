@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from datamodules.base import ImageDataModule, TensorImageDataset
+from kdkit.datamodules.base import ImageDataModule, TensorImageDataset
 from kdkit.cache import TeacherCache, build_teacher_cache, topk_compress, topk_restore
 from kdkit.distillers.fitnet import FitNet
 from kdkit.distillers.kd import KD, kd_loss

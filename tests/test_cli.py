@@ -24,7 +24,7 @@ def test_help_is_light():
 
 def _available(group: str) -> str:
     """The choices of ``conf/<group>`` as the CLI lists them (read here so new configs keep up)."""
-    return ", ".join(sorted(p.name[:-5] for p in resources.files("conf").joinpath(group).iterdir()
+    return ", ".join(sorted(p.name[:-5] for p in resources.files("kdkit.conf").joinpath(group).iterdir()
                             if p.name.endswith(".yaml")))
 
 

@@ -45,7 +45,7 @@ def test_several_problems_are_all_reported_in_one_line(tmp_path):
 def test_defaults_and_every_experiment_pass(tmp_path):
     from pathlib import Path
 
-    import conf
+    import kdkit.conf as conf
 
     experiments = sorted(p.stem for p in (Path(conf.__file__).parent / "experiment").glob("*.yaml"))
     assert experiments

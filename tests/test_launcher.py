@@ -28,7 +28,7 @@ SLURM_RANK_1_OF_2 = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_P
 
 
 def hydra_cfg(*overrides):
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_module(config_module="kdkit.conf", version_base="1.3"):
         return hydra_compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
 
 

@@ -22,7 +22,7 @@ def test_each_epoch_is_a_permutation_fixed_by_seed_and_epoch():
 
 
 def test_lightning_sets_the_epoch_of_the_training_sampler():
-    from datamodules.digits import DigitsDataModule
+    from kdkit.datamodules.digits import DigitsDataModule
 
     dm = DigitsDataModule(batch_size=64, seed=0)
     dm.setup("fit")

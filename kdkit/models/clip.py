@@ -22,7 +22,7 @@ def config_dir() -> Path:
     try:
         from importlib.resources import files
 
-        path = Path(str(files("conf") / "clip_models"))
+        path = Path(str(files("kdkit.conf") / "clip_models"))
     except ModuleNotFoundError:  # running from a checkout without ``conf`` on the path
         path = Path(__file__).resolve().parents[2] / "conf" / "clip_models"
     return path

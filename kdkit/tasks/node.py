@@ -42,7 +42,7 @@ class NodeTask(DistillationTask):
     """Semi-supervised node classification, the GNN-to-MLP distillation setting of GLNN
     (Zhang et al. 2022), FF-G2M (Wu et al. 2023) and NOSMOG (Tian et al. 2023).
 
-    A batch is a whole graph (see ``datamodules.graph.GraphDataModule``). A GNN reads
+    A batch is a whole graph (see ``kdkit.datamodules.graph.GraphDataModule``). A GNN reads
     ``x`` and ``edge_index``, an MLP only ``x`` (see ``needs_graph``). ``Outputs`` hold every
     node of the batch: ``logits`` [N, C] and ``embedding`` [N, D] (the output of the model's
     ``embedding_module``), so distillers work on all nodes, labelled or not, as GLNN does; the

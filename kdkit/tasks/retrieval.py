@@ -24,7 +24,7 @@ FIELDS = ("text", "query", "passage")
 class RetrievalTask(DistillationTask):
     """Distil a text-embedding model (bi-encoder) for dense retrieval.
 
-    Batches (from ``datamodules.beir.BEIRDataModule``) carry tokenized text fields:
+    Batches (from ``kdkit.datamodules.beir.BEIRDataModule``) carry tokenized text fields:
     ``text_*`` (unlabeled texts), ``query_*`` and ``passage_*`` (``[B * G, L]``: per query its
     positive then its hard negatives), each with ``<field>_input_ids`` / ``_attention_mask`` and
     ``<field>_pool`` (the text's row in the datamodule's static teacher table), plus ``index``.

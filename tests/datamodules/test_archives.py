@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules import archives
-from datamodules.archives import MARKER, extract_once, fingerprint, iter_members, warn_cached
+from kdkit.datamodules import archives
+from kdkit.datamodules.archives import MARKER, extract_once, fingerprint, iter_members, warn_cached
 from kdkit.checkpoint_io import save_atomically
 from kdkit.errors import KdkitError
 from tests.datamodules.fault_helpers import (damage_header, flip_middle, header_offsets, needs_non_root,
@@ -87,7 +87,7 @@ def test_partial_tree_without_marker_is_redone(tmp_path):
 # that all start together, and extracts; it reports whether its final rename won or lost.
 CHILD = """
 import os, pathlib, sys, time
-from datamodules.archives import extract_once
+from kdkit.datamodules.archives import extract_once
 real_rename = os.rename
 def rename(src, dst):
     try:

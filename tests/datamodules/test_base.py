@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from datamodules.base import ImageDataModule, check_loader_options
+from kdkit.datamodules.base import ImageDataModule, check_loader_options
 from kdkit.errors import KdkitError
 from tests.datamodules.fault_helpers import one_line
 

@@ -5,7 +5,7 @@ import zipfile
 import pytest
 import torch
 
-from datamodules.beir import (BEIRData, BEIRDataModule, Collate, EvalStream, locate, mine_negatives,
+from kdkit.datamodules.beir import (BEIRData, BEIRDataModule, Collate, EvalStream, locate, mine_negatives,
                               read_beir, sample_sentences, split_sentences, write_beir)
 from kdkit.errors import KdkitError
 from kdkit.models.text import hf_encoder

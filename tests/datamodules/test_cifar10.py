@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules import cifar10
-from datamodules.cifar10 import CLASSES, CIFAR10DataModule, RandomCropFlip, load_cifar10_arrays
+from kdkit.datamodules import cifar10
+from kdkit.datamodules.cifar10 import CLASSES, CIFAR10DataModule, RandomCropFlip, load_cifar10_arrays
 from kdkit.errors import KdkitError
 from tests.datamodules.fault_helpers import flip_middle, one_line, truncate
 

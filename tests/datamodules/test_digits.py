@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from sklearn.datasets import load_digits
 
-from datamodules.digits import DigitsDataModule
+from kdkit.datamodules.digits import DigitsDataModule
 from kdkit.errors import KdkitError
 from tests.datamodules.fault_helpers import one_line
 

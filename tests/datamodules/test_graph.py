@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch_geometric.data import Data
 
-from datamodules.graph import GraphDataModule
+from kdkit.datamodules.graph import GraphDataModule
 from kdkit.errors import KdkitError
 from tests.datamodules.fault_helpers import needs_non_root, one_line, truncate
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.image_folder import ImageFolderDataModule
+from kdkit.datamodules.image_folder import ImageFolderDataModule
 from kdkit.errors import KdkitError
 from tests.datamodules.fault_helpers import needs_non_root, one_line
 

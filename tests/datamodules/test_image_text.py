@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.image_text import (CIFAR_TEMPLATES, CIFAR10PairsDataModule, CSVPairsDataModule,
+from kdkit.datamodules.image_text import (CIFAR_TEMPLATES, CIFAR10PairsDataModule, CSVPairsDataModule,
                                     WebDatasetPairsDataModule)
 from kdkit.errors import KdkitError
 from kdkit.models.clip import clip_tokenizer

@@ -5,7 +5,7 @@ import torch
 from lightning.fabric.utilities.data import _replace_dunder_methods, _update_dataloader
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler
 
-from datamodules.length_grouping import LengthGroupedBatchSampler
+from kdkit.datamodules.length_grouping import LengthGroupedBatchSampler
 
 # 40 short (10 tokens) and 60 long (128 tokens) texts, interleaved
 LENGTHS = [10 if i % 5 < 2 else 128 for i in range(100)]

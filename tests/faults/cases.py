@@ -1081,7 +1081,7 @@ def decoded_cifar_cache(ctx: Ctx) -> Path:
     found = sorted(cache.rglob("tensors-*.pt"))
     if not found:
         ctx.log("  decoding the CIFAR-10 archives once")
-        code = ("from pathlib import Path; from datamodules.cifar10 import load_cifar10_arrays; "
+        code = ("from pathlib import Path; from kdkit.datamodules.cifar10 import load_cifar10_arrays; "
                 f"load_cifar10_arrays(Path({str(SHARED_DATA / 'cifar10-jpeg')!r}), "
                 f"Path({str(cache / 'cifar10-jpeg')!r}))")
         subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env_for(), check=True,

@@ -83,7 +83,7 @@ def _train_and_test(model, dm, epochs: int, lr: float) -> float:
 
 @pytest.fixture(scope="module")
 def digits():
-    from datamodules.digits import DigitsDataModule
+    from kdkit.datamodules.digits import DigitsDataModule
 
     dm = DigitsDataModule(batch_size=64, mean=[0.3055], std=[0.3761])
     dm.setup()

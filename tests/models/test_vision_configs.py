@@ -51,4 +51,4 @@ def test_data_configs_resolve():
         cfg = compose([f"data={data}"])
         assert cfg.data.num_classes == classes
         assert len(cfg.data.mean) == len(cfg.data.std) == (1 if data == "digits" else 3)
-        assert cfg.data._target_.startswith("datamodules.")
+        assert cfg.data._target_.startswith("kdkit.datamodules.")

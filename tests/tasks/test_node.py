@@ -9,7 +9,7 @@ from torch import nn
 from torch_geometric.data import Data
 from torch_geometric.nn import GCN
 
-from datamodules.graph import GraphDataModule
+from kdkit.datamodules.graph import GraphDataModule
 from kdkit.distillers.ffg2m import FFG2M
 from kdkit.distillers.hidden import HiddenRep
 from kdkit.distillers.kd import KD

@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 
-from datamodules.beir import BEIRData, BEIRDataModule, write_beir
+from kdkit.datamodules.beir import BEIRData, BEIRDataModule, write_beir
 from kdkit.distillers.embed import Embed
 from kdkit.distillers.listwise import Listwise
 from kdkit.distillers.margin_mse import MarginMSE

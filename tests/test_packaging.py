@@ -1,0 +1,48 @@
+"""The installed distribution exposes one top-level name, ``kdkit``: the repository's ``conf/``
+and ``datamodules/`` folders are installed as ``kdkit.conf`` and ``kdkit.datamodules``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_only_kdkit_is_importable_outside_the_repository(tmp_path):
+    code = (
+        "import importlib.util as u, kdkit.conf, kdkit.datamodules.cifar10\n"
+        "print(u.find_spec('conf') is None, u.find_spec('datamodules') is None)\n"
+        "print(kdkit.conf.__name__, kdkit.datamodules.cifar10.__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split()
+    assert out == ["True", "True", "kdkit.conf", "kdkit.datamodules.cifar10"]
+
+
+def test_hydra_finds_the_installed_config_module(tmp_path):
+    code = (
+        "from kdkit.compose import compose\n"
+        "cfg = compose(['experiment=cora_glnn'])\n"
+        "print(cfg.data._target_)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.strip().splitlines()[-1]
+    assert out == "kdkit.datamodules.graph.GraphDataModule"
+
+
+@pytest.mark.slow
+def test_wheel_holds_one_top_level_package(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=600)
+    (wheel,) = tmp_path.glob("kdkit-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"kdkit"}
+    for must in ("kdkit/conf/train.yaml", "kdkit/conf/experiment/cora_glnn.yaml",
+                 "kdkit/conf/clip_models/kdkit-vit-p8-d64.json", "kdkit/datamodules/cifar10.py"):
+        assert must in names
