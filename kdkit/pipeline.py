@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdkit.checkpoint_io import AtomicCheckpointIO, save_atomically, safe_load
 from kdkit.checkpointing import ResumePoint, find_resume_point
 from kdkit.config_checks import check_config
+from kdkit.data_facts import fill_data_facts
 from kdkit.distributed import refuse_relaunch_in_sweep, warn_if_oversubscribed
 from kdkit.divergence import DivergenceError, check_finite
 from kdkit.errors import KdkitError, say, unreadable
@@ -53,6 +54,7 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    fill_data_facts(cfg, datamodule)  # class/feature counts the config leaves to the data
     results: dict[str, dict] = {}
 
     teacher, trained = None, False
