@@ -67,13 +67,19 @@ class BatchesDataModule(L.LightningDataModule):
         static: whether the teacher sees a sample identically every epoch (for the cache).
     """
 
+    teacher_input_fingerprint = None
+    fixed_shards = False
+
+    def use_fixed_shards(self) -> None:
+        self.fixed_shards = True  # one process: nothing to shard
+
     def __init__(self, batches: list[dict], num_classes: int, static: bool = True):
         super().__init__()
         self.batches, self.num_classes, self.static_for_teacher = batches, num_classes, static
         self.num_train_samples = sum(len(b["index"]) for b in batches)
 
-    def example_batch(self, n: int = 4) -> dict:
-        return {k: v[:n] for k, v in self.batches[0].items()}
+    def example_batch(self, n: int | None = None) -> dict:
+        return {k: v[:n or 4] for k, v in self.batches[0].items()}
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.batches, batch_size=None, shuffle=False)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from kdkit.data_contract import ClassificationData
 from kdkit.distributed import FixedShardSampler, eval_sampler, world
 from kdkit.errors import KdkitError
 from kdkit.sampling import EpochShuffleSampler
@@ -69,8 +70,9 @@ class TensorImageDataset(Dataset):
         return {"image": image, "label": self.labels[index], "index": torch.tensor(index)}
 
 
-class ImageDataModule(L.LightningDataModule):
-    """Base of the image datamodules: loaders, ``example_batch`` and dataset facts.
+class ImageDataModule(L.LightningDataModule, ClassificationData):
+    """Base of the image datamodules: loaders, ``example_batch`` and dataset facts
+    (``kdkit.data_contract.ClassificationData``).
 
     Subclasses fill ``self.train_set``, ``self.val_set``, ``self.test_set`` and
     ``self.plain_train_set`` (the train set without augmentation, same order) in ``setup``.
@@ -84,6 +86,10 @@ class ImageDataModule(L.LightningDataModule):
         num_classes: expected class count (from the config, checked against the data).
         mean, std: per-channel statistics of this data, read by the task for normalisation.
     """
+
+    augment: bool = False  # random augmentation of training images (subclasses' option)
+    fixed_shards: bool = False  # True after use_fixed_shards(): see kdkit.data_contract
+    teacher_input_fingerprint: str | None = None  # the data config stands for the teacher's inputs
 
     def __init__(self, batch_size: int = 128, eval_batch_size: int | None = None,
                  num_workers: int = 0, pin_memory: bool = False, seed: int = 0,
@@ -99,7 +105,6 @@ class ImageDataModule(L.LightningDataModule):
         self.expected_num_classes = num_classes
         self.mean = tuple(mean) if mean is not None else None
         self.std = tuple(std) if std is not None else None
-        self.fixed_shards = False  # set by kdkit.cache for per-rank teacher caches under DDP
         self.train_set = self.val_set = self.test_set = self.plain_train_set = None
         self.classes: list[str] = []
 
@@ -121,7 +126,11 @@ class ImageDataModule(L.LightningDataModule):
     @property
     def static_for_teacher(self) -> bool:
         """True when a train sample is the same every epoch (teacher outputs can be cached)."""
-        return not getattr(self, "augment", False)
+        return not self.augment
+
+    def use_fixed_shards(self) -> None:
+        """Keep every DDP rank on a fixed training shard (a per-rank teacher cache asks)."""
+        self.fixed_shards = True
 
     def check_num_classes(self) -> None:
         expected = self.expected_num_classes
@@ -129,10 +138,11 @@ class ImageDataModule(L.LightningDataModule):
             raise KdkitError(f"data.num_classes={expected} but the data has {len(self.classes)} "
                              f"classes ({', '.join(self.classes[:5])}, ...)")
 
-    def example_batch(self, n: int = 4) -> dict[str, Tensor]:
-        """The first ``n`` train samples, without augmentation: a small deterministic batch."""
+    def example_batch(self, n: int | None = None) -> dict[str, Tensor]:
+        """The first ``n`` (default 4) train samples, without augmentation: a small
+        deterministic batch."""
         self._require_setup()
-        n = min(n, len(self.plain_train_set))
+        n = min(4 if n is None else n, len(self.plain_train_set))
         return default_collate([self.plain_train_set[i] for i in range(n)])
 
     # ---- loaders -----------------------------------------------------------------------------
@@ -167,7 +177,7 @@ def build_loader(dm, dataset: Dataset, train: bool) -> DataLoader:
     sampler = None
     if not train:
         sampler = eval_sampler(dataset)
-    elif getattr(dm, "fixed_shards", False) and world()[1] > 1:
+    elif dm.fixed_shards and world()[1] > 1:
         sampler = FixedShardSampler(dataset, seed=dm.seed)
     if train and sampler is None:
         sampler = EpochShuffleSampler(dataset, seed=dm.seed)  # same order when resumed mid-run

@@ -40,9 +40,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from kdkit.data_contract import RetrievalData
 from kdkit.datamodules.archives import file_error, warn_cached
 from kdkit.datamodules.base import check_loader_options
 from kdkit.datamodules.length_grouping import LengthGroupedBatchSampler
+from kdkit.distributed import FixedShardSampler, world
 from kdkit.errors import KdkitError, unreadable
 from kdkit.sampling import EpochShuffleSampler
 
@@ -454,8 +456,9 @@ def mine_negatives(query_emb: Tensor, doc_emb: Tensor, positives: Sequence[set[i
 
 
 # ---- the datamodule -------------------------------------------------------------------------------
-class BEIRDataModule(L.LightningDataModule):
-    """A BEIR dataset for dense-retrieval distillation (see the module docstring for the streams).
+class BEIRDataModule(L.LightningDataModule, RetrievalData):
+    """A BEIR dataset for dense-retrieval distillation (see the module docstring for the streams;
+    ``kdkit.data_contract.RetrievalData``).
 
     The task calls ``bind(student, teacher)`` in its ``setup``: the student's tokenizer and max
     length are used for batches; the teacher's embeddings of every static training text are
@@ -497,7 +500,22 @@ class BEIRDataModule(L.LightningDataModule):
         seed: seeds the shuffle, the validation hold-out and the example batch.
     """
 
-    static_for_teacher = True  # a text's teacher embedding never changes (no augmentation)
+    num_classes = None  # retrieval data has no class labels
+    teacher_table: Tensor | None = None  # [N_docs + N_train_queries (+ sentences), D]
+    teacher_index: Tensor | None = None  # [N_docs, D], teacher's own length
+    eval_max_length: int | None = None  # set by bind() from the student unless given
+    fixed_shards: bool = False  # True after use_fixed_shards(): see kdkit.data_contract
+    teacher_input_fingerprint: str | None = None  # the data config stands for the teacher's inputs
+
+    @property
+    def static_for_teacher(self) -> bool:
+        """True for the text stream: a text's teacher embedding never changes (no augmentation);
+        tuple streams draw fresh negatives every epoch."""
+        return self.stream == "text"
+
+    def use_fixed_shards(self) -> None:
+        """Keep every DDP rank on a fixed training shard (a per-rank teacher cache asks)."""
+        self.fixed_shards = True
 
     def __init__(self, name: str | None = "scifact", path: str | None = None, data_dir: str | None = None,
                  cache_dir: str = "~/.cache/kdkit", download: bool = False, stream: str = "text",
@@ -728,12 +746,13 @@ class BEIRDataModule(L.LightningDataModule):
                 self._train_set = tuples if self.stream == "tuples" else BothStreams(text, tuples)
         return self._train_set
 
-    def example_batch(self, n: int = 4) -> dict[str, Tensor]:
-        """The first ``n`` training samples (fixed negatives), tokenized like a training batch."""
+    def example_batch(self, n: int | None = None) -> dict[str, Tensor]:
+        """The first ``n`` (default 4) training samples (fixed negatives), tokenized like a
+        training batch."""
         dataset = self.train_set
         g = torch.Generator().manual_seed(self.seed)
-        items = [dataset.sample(i, g) if hasattr(dataset, "sample") else dataset[i]
-                 for i in range(min(n, len(dataset)))]
+        n = min(4 if n is None else n, len(dataset))
+        items = [dataset.sample(i, g) if hasattr(dataset, "sample") else dataset[i] for i in range(n)]
         return Collate(self._tokenizer(), self.max_length)(items)
 
     def passage_texts(self, n: int) -> list[str]:
@@ -757,6 +776,8 @@ class BEIRDataModule(L.LightningDataModule):
             raise KdkitError(f"batch_size={self.batch_size} exceeds the {len(dataset)} training samples")
         collate = Collate(self._tokenizer(), self.max_length)
         order = EpochShuffleSampler(dataset, seed=self.seed)  # same order when resumed mid-run
+        if self.fixed_shards and world()[1] > 1:
+            order = FixedShardSampler(dataset, seed=self.seed)
         workers = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
         if self.group_by_length:
             lengths = [len(ids) for ids in self._tokenizer()(list(dataset.texts), truncation=True,

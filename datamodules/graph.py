@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 import shutil
 import traceback
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
@@ -14,11 +16,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from kdkit.data_contract import GraphData
 from kdkit.datamodules.archives import CORRUPT_HINT, file_error, warn_cached
+from kdkit.datamodules.graph_splits import MASKS, graph_masks, node_labels
 from kdkit.errors import KdkitError
 
 SETTINGS = ("transductive", "inductive")
-MASKS = ("train_mask", "val_mask", "test_mask")
 # What a dataset raises on a damaged file: OSError (unreadable), EOFError and UnpicklingError
 # (truncated or garbage pickles), UnicodeDecodeError and ValueError (text files that do not
 # parse), RuntimeError (torch.load of a damaged processed file), zlib.error.
@@ -39,6 +42,50 @@ def _file_in_traceback(exc: BaseException) -> Path | None:
     return found
 
 
+def dataset_factory(node):
+    """A ``data.dataset`` config node (``_target_`` + arguments) as a callable building the
+    dataset; one line for a missing value, an unknown class, or arguments the class does not
+    take (checked against its signature before anything is downloaded)."""
+    from hydra.utils import get_object, instantiate
+    from omegaconf import DictConfig, OmegaConf
+
+    node = node if isinstance(node, DictConfig) else OmegaConf.create(dict(node))
+    if "_target_" not in node or OmegaConf.is_missing(node, "_target_"):
+        raise KdkitError("data.dataset._target_ is required: a torch_geometric dataset class, "
+                         "e.g. data.dataset._target_=torch_geometric.datasets.Amazon")
+    for key in node:
+        if OmegaConf.is_missing(node, key):
+            what = " (the folder PyG downloads and processes into)" if key == "root" else ""
+            raise KdkitError(f"data.dataset.{key} is required{what}: set data.dataset.{key}=...")
+    target = node._target_
+    try:
+        cls = get_object(target)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the same user mistake
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise KdkitError(f"data.dataset._target_={target} cannot be imported ({first}): give a "
+                         "dataset class's import path, e.g. torch_geometric.datasets.Amazon") from None
+    given = [str(k) for k in node if not str(k).startswith("_")]
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # no signature to check against: let the call tell
+        params = None
+    if params is not None:
+        name = getattr(cls, "__name__", target)
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        needed = [p.name for p in params.values()
+                  if p.kind in kinds and p.default is p.empty and p.name not in given]
+        if needed:
+            raise KdkitError(f"{name} needs {', '.join(needed)}: add "
+                             + " ".join(f"+data.dataset.{k}=..." for k in needed))
+        if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            unknown = [k for k in given if k not in params]
+            if unknown:
+                raise KdkitError(f"{name} takes no {', '.join(unknown)}: drop it with "
+                                 + " ".join(f"~data.dataset.{k}" for k in unknown)
+                                 + f" ({name} takes {', '.join(params) or 'no arguments'})")
+    return instantiate(node, _partial_=True)
+
+
 class _OneBatch(Dataset):
     """A dataset of one item: the graph batch (a loader over it yields it once per epoch)."""
 
@@ -52,7 +99,12 @@ class _OneBatch(Dataset):
         return self.batch
 
 
-class GraphDataModule(L.LightningDataModule):
+def _num_classes(y: Tensor) -> int:
+    """Classes of the labelled nodes (``y >= 0``): the largest class id + 1."""
+    return int(y[y >= 0].max()) + 1
+
+
+class GraphDataModule(L.LightningDataModule, GraphData):  # kdkit.data_contract.GraphData
     """Full-batch node classification on one graph from any PyG dataset.
 
     Every batch is a whole graph, as a dict of tensors: ``x`` [N, F], ``edge_index`` [2, E],
@@ -73,17 +125,23 @@ class GraphDataModule(L.LightningDataModule):
     so to the teacher-output cache.
 
     Args:
-        dataset: the PyG dataset, or a callable building it (a Hydra node with
-            ``_partial_: true``, e.g. ``torch_geometric.datasets.Planetoid`` with ``root`` and
-            ``name``); called only after the raw files are in place.
+        dataset: the PyG dataset, a callable building it (a Hydra node with ``_partial_: true``,
+            e.g. ``torch_geometric.datasets.Planetoid`` with ``root`` and ``name``), or a config
+            node (``_target_`` + arguments: ``conf/data/pyg.yaml``); built only after the raw
+            files are in place. One graph; ``y`` one class per node (``-1``: unlabelled).
         raw_src: folder of raw files to copy into ``raw_dst`` before PyG processes them (the
             offline copy, e.g. ``$KDKIT_DATA_DIR/planetoid/Cora/raw``); when it does not exist
             PyG downloads as usual.
         raw_dst: the dataset's own ``raw_dir`` (for Planetoid: ``<root>/<name>/raw``).
         setting: "transductive" or "inductive".
-        split: which column of ``[N, k]`` masks to use when the dataset ships k splits.
+        split: which column of ``[N, k]`` masks to use when the dataset ships k splits
+            (required then); None or 0 for one ``[N]`` split, None when it ships no masks.
+        num_train_per_class, num_val, num_test: the random split drawn (with ``split_seed``)
+            for a dataset with no masks, as PyG's ``RandomNodeSplit(split="random")``:
+            ``num_train_per_class`` nodes of each class, then ``num_val`` / ``num_test`` of the
+            other labelled nodes (a count, or a float in (0, 1): a fraction of them).
         inductive_rate: fraction of test nodes held out in the inductive setting (GLNN: 0.2).
-        split_seed: seed of the held-out draw.
+        split_seed: seed of the held-out draw and of the random split.
         normalize_features: row-normalise (non-negative, e.g. bag-of-words) node features to
             sum 1 (Kipf & Welling 2017; the DGL citation datasets that GLNN and FF-G2M load are
             normalised this way).
@@ -91,16 +149,24 @@ class GraphDataModule(L.LightningDataModule):
             nonzero, and the first layer of ``kdkit.models.gnn`` models then does about 10x less
             work on a CPU; keep False for dense features or models that need dense input.
         num_classes, num_features: what the configs promise the models; checked against the
-            data at setup.
+            data at setup; None: read from the data (labelled ``y``'s max + 1, ``x``'s columns).
     """
 
     static_for_teacher = True
+    fixed_shards: bool = False  # True after use_fixed_shards(): see kdkit.data_contract
+    teacher_input_fingerprint: str | None = None  # the data config stands for the teacher's inputs
+
+    def use_fixed_shards(self) -> None:
+        """Nothing to change: every rank trains on the whole graph, so every rank's teacher
+        cache is complete after one epoch."""
+        self.fixed_shards = True
 
     def __init__(self, dataset, raw_src: str | None = None, raw_dst: str | None = None,
-                 setting: str = "transductive", split: int = 0, inductive_rate: float = 0.2,
-                 split_seed: int = 0, normalize_features: bool = True,
+                 setting: str = "transductive", split: int | None = None,
+                 inductive_rate: float = 0.2, split_seed: int = 0, normalize_features: bool = True,
                  sparse_features: bool = False, num_classes: int | None = None,
-                 num_features: int | None = None):
+                 num_features: int | None = None, num_train_per_class: int = 20,
+                 num_val: int | float = 500, num_test: int | float = 1000):
         super().__init__()
         if setting not in SETTINGS:
             raise KdkitError(f"data.setting={setting!r}: use one of {', '.join(SETTINGS)}")
@@ -110,7 +176,9 @@ class GraphDataModule(L.LightningDataModule):
         self.raw_src = Path(raw_src) if raw_src else None
         self.raw_dst = Path(raw_dst) if raw_dst else None
         self.setting = setting
-        self.split = int(split)
+        self.split = None if split is None else int(split)
+        self.random_split = {"num_train_per_class": num_train_per_class, "num_val": num_val,
+                             "num_test": num_test}
         self.inductive_rate = float(inductive_rate)
         self.split_seed = int(split_seed)
         self.normalize_features = normalize_features
@@ -158,10 +226,13 @@ class GraphDataModule(L.LightningDataModule):
         return file_error(path, "graph data file", exc, hint)
 
     def _load(self):
-        if not callable(self.dataset_factory):
-            return self.dataset_factory
+        factory = self.dataset_factory
+        if isinstance(factory, Mapping):  # a config node (DictConfig or dict with _target_)
+            factory = self.dataset_factory = dataset_factory(factory)
+        if not callable(factory):
+            return factory
         try:
-            return self.dataset_factory()
+            return factory()
         except Exception as exc:  # offline download failure, missing or damaged files
             path = getattr(exc, "filename", None) if isinstance(exc, OSError) else None
             if path is not None and os.path.exists(path):  # e.g. a directory where a file belongs
@@ -170,12 +241,11 @@ class GraphDataModule(L.LightningDataModule):
                 path = _file_in_traceback(exc) if isinstance(exc, FILE_ERRORS) else None
             if path is not None:
                 raise self._damaged(path, exc) from exc
-            where = self.raw_src or "data.raw_src"
             first = (str(exc).strip().splitlines() or [""])[0]
-            raise KdkitError(
-                f"could not load the graph dataset ({type(exc).__name__}: {first}); put its raw "
-                f"files in {where} (set KDKIT_DATA_DIR) or go online so PyG can download them"
-            ) from exc
+            where = (f"put its raw files in {self.raw_src} (set KDKIT_DATA_DIR) or "
+                     if self.raw_src is not None else "check data.dataset's arguments and ")
+            raise KdkitError(f"could not load the graph dataset ({type(exc).__name__}: {first}); "
+                             f"{where}go online so PyG can download it") from exc
 
     # ---- batches ----------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -193,36 +263,41 @@ class GraphDataModule(L.LightningDataModule):
                 batch["x"] = batch["x"].to_sparse_csr()
 
     def _graph(self, dataset) -> dict[str, Tensor]:
+        name = type(dataset).__name__
+        if len(dataset) != 1:
+            raise KdkitError(f"{name} holds {len(dataset)} graphs: kdkit's graph data is node "
+                             "classification on one graph; use a single-graph dataset")
         data = dataset[0]
-        for key in ("x", "y", "edge_index", *MASKS):
+        from torch_geometric.data import HeteroData
+
+        if isinstance(data, HeteroData):
+            raise KdkitError(f"{name} is heterogeneous (node types {', '.join(data.node_types)}): "
+                             "use a homogeneous graph dataset (one node type)")
+        for key in ("x", "y", "edge_index"):
             if getattr(data, key, None) is None:
-                raise KdkitError(f"{type(dataset).__name__} has no `{key}`: a node classification "
-                                 f"dataset with predefined {', '.join(MASKS)} is needed")
-        x = data.x.float()
+                raise KdkitError(f"{name} has no `{key}`: a node classification dataset with node "
+                                 f"features x, labels y and edge_index is needed")
+        x = (data.x if data.x.layout == torch.strided else data.x.to_dense()).float()
         if self.normalize_features:
+            if (x < 0).any():
+                raise KdkitError(f"{name} has negative features, which row normalisation (sum 1) "
+                                 "does not fit: set data.normalize_features=false")
             x = x / x.sum(dim=1, keepdim=True).clamp(min=1e-12)
-        y = data.y.view(-1).long()
+        y = node_labels(data.y, name)
+        if y.numel() != x.shape[0]:
+            raise KdkitError(f"{name} has {y.numel()} labels for {x.shape[0]} nodes: node "
+                             "classification needs one class id per node")
+        if not (y >= 0).any():
+            raise KdkitError(f"{name} has no labelled node (every y < 0)")
         graph = {"x": x, "edge_index": data.edge_index.long(), "y": y,
                  "index": torch.arange(x.shape[0])}
-        for key in MASKS:
-            graph[key] = self._pick_split(getattr(data, key), key)
+        graph.update(graph_masks(data, y, name, self.split, seed=self.split_seed,
+                                 **self.random_split))
         self._check(graph, dataset)
         return graph
 
-    def _pick_split(self, mask: Tensor, key: str) -> Tensor:
-        mask = mask.bool()
-        if mask.dim() == 1:
-            if self.split != 0:
-                raise KdkitError(f"data.split={self.split}, but the dataset has one predefined "
-                                 f"split: use data.split=0")
-            return mask
-        if not 0 <= self.split < mask.shape[1]:
-            raise KdkitError(f"data.split={self.split}: the dataset has {mask.shape[1]} splits "
-                             f"(0..{mask.shape[1] - 1})")
-        return mask[:, self.split].clone()
-
     def _check(self, graph: dict[str, Tensor], dataset) -> None:
-        found = {"num_classes": int(graph["y"].max()) + 1, "num_features": graph["x"].shape[1]}
+        found = {"num_classes": _num_classes(graph["y"]), "num_features": graph["x"].shape[1]}
         for key, want in self.expected.items():
             if want is not None and int(want) != found[key]:
                 raise KdkitError(f"data.{key}={want}, but {type(dataset).__name__} has "
@@ -255,7 +330,7 @@ class GraphDataModule(L.LightningDataModule):
 
     @property
     def num_classes(self) -> int:
-        return int(self._batch("test")["y"].max()) + 1
+        return _num_classes(self._batch("test")["y"])
 
     @property
     def num_features(self) -> int:

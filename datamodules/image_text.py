@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from kdkit.data_contract import ImageTextData
 from kdkit.datamodules.archives import ARCHIVE_ERRORS, file_error
 from kdkit.datamodules.base import build_loader, check_loader_options
 from kdkit.datamodules.cifar10 import CIFAR10DataModule
@@ -66,8 +67,9 @@ class ClassCaptions(Dataset):
         return sample
 
 
-class CIFAR10PairsDataModule(CIFAR10DataModule):
-    """CIFAR-10 (see ``CIFAR10DataModule`` for splits and archives) as image-caption pairs.
+class CIFAR10PairsDataModule(CIFAR10DataModule, ImageTextData):
+    """CIFAR-10 (see ``CIFAR10DataModule`` for splits and archives) as image-caption pairs
+    (``kdkit.data_contract.ImageTextData``).
 
     A caption is a prompt template filled with the class name ("a blurry photo of a cat.").
     Training draws a template per sample and epoch; evaluation uses template ``index mod T``.
@@ -81,6 +83,10 @@ class CIFAR10PairsDataModule(CIFAR10DataModule):
             (default: the 18 CIFAR-10 templates of CLIP).
         **kwargs: see ``CIFAR10DataModule`` (archives, cache, val split, loaders).
     """
+
+    tokenizer: Callable | None = None
+    templates: list[str] | None = None
+    static_for_teacher = False  # a training caption is drawn anew at every access
 
     def __init__(self, tokenizer: Callable, templates: Sequence[str] | None = None, **kwargs):
         kwargs.setdefault("mean", (0.0, 0.0, 0.0))  # unused: each CLIP normalises its own way
@@ -228,8 +234,9 @@ class PairsFile(Dataset):
         return sample
 
 
-class PairsDataModule(L.LightningDataModule):
-    """Shared loader plumbing of the file-based image-text datamodules.
+class PairsDataModule(L.LightningDataModule, ImageTextData):
+    """Shared loader plumbing of the file-based image-text datamodules
+    (``kdkit.data_contract.ImageTextData``).
 
     Args:
         tokenizer: callable list[str] -> [N, L] token ids.
@@ -240,6 +247,13 @@ class PairsDataModule(L.LightningDataModule):
         class_names: class names for zero-shot accuracy, in label order (optional).
         templates: zero-shot prompt templates (optional; the task's default otherwise).
     """
+
+    tokenizer: Callable | None = None
+    class_names: list[str] | None = None
+    templates: list[str] | None = None
+    num_classes: int | None = None  # len(class_names) when given
+    fixed_shards: bool = False  # True after use_fixed_shards(): see kdkit.data_contract
+    teacher_input_fingerprint: str | None = None  # the data config stands for the teacher's inputs
 
     def __init__(self, tokenizer: Callable, image_size: int = 224, augment: bool = True,
                  batch_size: int = 128, eval_batch_size: int | None = None, num_workers: int = 0,
@@ -267,10 +281,20 @@ class PairsDataModule(L.LightningDataModule):
         self._require_setup()
         return len(self.train_set)
 
-    def example_batch(self, n: int = 4) -> dict[str, Tensor]:
-        """The first ``n`` training pairs without augmentation."""
+    @property
+    def static_for_teacher(self) -> bool:
+        """True without augmentation: a training pair is then the same every epoch."""
+        return not self.augment
+
+    def use_fixed_shards(self) -> None:
+        """Keep every DDP rank on a fixed training shard (a per-rank teacher cache asks)."""
+        self.fixed_shards = True
+
+    def example_batch(self, n: int | None = None) -> dict[str, Tensor]:
+        """The first ``n`` (default 4) training pairs without augmentation."""
         self._require_setup()
-        return default_collate([self.plain_train_set[i] for i in range(min(n, len(self.plain_train_set)))])
+        n = min(4 if n is None else n, len(self.plain_train_set))
+        return default_collate([self.plain_train_set[i] for i in range(n)])
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         return build_loader(self, dataset, train)
@@ -367,7 +391,15 @@ class WebDatasetPairsDataModule(PairsDataModule):
 
     @property
     def num_train_samples(self) -> int:
+        """Training pairs per epoch (``train_samples``); ``index`` is a hash, not below it."""
         return self.train_samples
+
+    # shards are resampled and a sample's ``index`` is a 63-bit hash: no per-index teacher cache
+    static_for_teacher = False
+
+    def use_fixed_shards(self) -> None:
+        raise KdkitError("webdataset training resamples shards on every rank: fixed per-rank "
+                         "shards (teacher.cache) are not possible; set teacher.cache=false")
 
     def _sample(self, train: bool) -> Callable:
         transform = image_transform(self.image_size, train, self.augment)
@@ -432,8 +464,9 @@ class WebDatasetPairsDataModule(PairsDataModule):
     def test_dataloader(self):
         return self._eval_loader("test")
 
-    def example_batch(self, n: int = 4) -> dict[str, Tensor]:
-        """The first ``n`` pairs of the first training shard, without augmentation."""
+    def example_batch(self, n: int | None = None) -> dict[str, Tensor]:
+        """The first ``n`` (default 4) pairs of the first training shard, without augmentation."""
+        n = 4 if n is None else n
         import webdataset as wds
 
         handler = _shard_errors(self.urls["train"][:1])

@@ -86,7 +86,7 @@ def weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def describe_teacher_input(cfg, datamodule) -> dict:
+def describe_teacher_input(cfg, datamodule, teacher_cfg=None) -> dict:
     """Everything besides the weights that decides the teacher's outputs on a sample index.
 
     The datamodule may say it itself (``teacher_input_fingerprint``: a string that changes
@@ -99,18 +99,18 @@ def describe_teacher_input(cfg, datamodule) -> dict:
     def plain(node):
         return OmegaConf.to_container(node, resolve=True) if isinstance(node, Container) else node
 
-    data = getattr(datamodule, "teacher_input_fingerprint", None)
+    data = datamodule.teacher_input_fingerprint
     if data is None:
         data = {k: v for k, v in (plain(cfg.data) or {}).items() if k not in LOADER_KEYS}
     task = {k: v for k, v in (plain(cfg.get("task")) or {}).items()
             if k not in ("optimizer", "scheduler", "compile", "task_loss_weight")}
-    teacher = cfg.teacher
+    teacher = cfg.teacher if teacher_cfg is None else teacher_cfg
     return {
         "data": data,
         "datamodule": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}",
         "task": task,
         "teacher": {k: plain(teacher.get(k))
-                    for k in ("normalize", "precision", "cache_dtype", "cache_topk")},
+                    for k in ("normalize", "image_size", "precision", "cache_dtype", "cache_topk")},
     }
 
 
@@ -339,8 +339,10 @@ def _open_npy(path: Path, shape: tuple, dtype: np.dtype) -> np.memmap:
 
 
 # ---- entry point for the runner -------------------------------------------------------------
-def build_teacher_cache(cfg, teacher_model: nn.Module, datamodule) -> TeacherCache:
-    """The cache ``teacher.cache`` asks for (called by ``kdkit.pipeline.make_task``).
+def build_teacher_cache(cfg, teacher_model: nn.Module, datamodule, teacher_cfg=None) -> TeacherCache:
+    """The cache ``teacher.cache`` asks for (called by ``kdkit.pipeline.make_task``), for the
+    teacher configured by ``teacher_cfg`` (default ``cfg.teacher``); each teacher of a run has
+    its own cache, keyed by its own fingerprint.
 
     Config (``teacher.*``; defaults apply when a key is absent):
         cache: true / memory (host RAM), disk (memory-mapped under
@@ -348,29 +350,29 @@ def build_teacher_cache(cfg, teacher_model: nn.Module, datamodule) -> TeacherCac
         cache_dtype: null (as produced), float16 or bfloat16.
         cache_topk: null, or k: keep only the top-k logits per sample.
 
-    A datamodule with a ``fixed_shards`` attribute is asked for fixed per-rank training shards
+    The datamodule is asked (``use_fixed_shards()``) for fixed per-rank training shards
     (``kdkit.distributed.FixedShardSampler``), so that under DDP each rank's cache is complete
     after one epoch.
     """
-    mode = MODES.get(cfg.teacher.get("cache"))
+    teacher = cfg.teacher if teacher_cfg is None else teacher_cfg
+    mode = MODES.get(teacher.get("cache"))
     if mode is None:
-        raise KdkitError(f"teacher.cache={cfg.teacher.get('cache')!r}: use false, true (memory), "
+        raise KdkitError(f"teacher.cache={teacher.get('cache')!r}: use false, true (memory), "
                          "memory or disk")
-    if not getattr(datamodule, "static_for_teacher", False):
+    if not datamodule.static_for_teacher:
         raise KdkitError(
             f"teacher.cache=true needs data that reach the teacher unchanged every epoch, but "
             f"{type(datamodule).__name__} applies random augmentation to the teacher's input "
             "(static_for_teacher is false): switch augmentation off or set teacher.cache=false")
-    num_samples = getattr(datamodule, "num_train_samples", None)
+    num_samples = datamodule.num_train_samples
     if not num_samples:
         raise KdkitError(f"teacher.cache needs datamodule.num_train_samples "
                          f"({type(datamodule).__name__} has none)")
-    dtype_name = cfg.teacher.get("cache_dtype")
+    dtype_name = teacher.get("cache_dtype")
     if dtype_name not in DTYPES:
         raise KdkitError(f"teacher.cache_dtype={dtype_name!r}: use null, float16 or bfloat16")
-    fingerprint = cache_fingerprint(teacher_model, describe_teacher_input(cfg, datamodule))
-    if hasattr(datamodule, "fixed_shards"):  # under DDP: keep each rank on the shard it caches
-        datamodule.fixed_shards = True
+    fingerprint = cache_fingerprint(teacher_model, describe_teacher_input(cfg, datamodule, teacher))
+    datamodule.use_fixed_shards()  # under DDP: keep each rank on the shard it caches
     return TeacherCache(num_samples, fingerprint, mode=mode,
                         directory=Path(cfg.paths.cache_dir) / "teacher" / fingerprint,
-                        dtype=DTYPES[dtype_name], topk=cfg.teacher.get("cache_topk"))
+                        dtype=DTYPES[dtype_name], topk=teacher.get("cache_topk"))

@@ -60,7 +60,11 @@ def config_problems(cfg: DictConfig) -> list[str]:
     trainer = cfg.get("trainer") or {}
     max_steps = trainer.get("max_steps")
     _epochs(problems, "trainer.max_epochs", trainer.get("max_epochs"), max_steps)
-    _epochs(problems, "teacher.max_epochs", (cfg.get("teacher") or {}).get("max_epochs"), max_steps)
+    teachers = {"teacher": cfg.get("teacher") or {},
+                **{f"teachers.{k}": v or {} for k, v in (cfg.get("teachers") or {}).items()}}
+    for key, node in teachers.items():
+        _epochs(problems, f"{key}.max_epochs", node.get("max_epochs"), max_steps)
+        _lrs(problems, f"{key}.optimizer", node.get("optimizer"))
     data = cfg.get("data") or {}
     for key in ("batch_size", "eval_batch_size"):
         value = data.get(key)
@@ -69,8 +73,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
             problems.append(f"data.{key}={value} must be a whole number >= 1")
     task = cfg.get("task") or {}
     _lrs(problems, "task.optimizer", task.get("optimizer"))
-    for role in ("teacher", "student"):
-        _lrs(problems, f"{role}.optimizer", (cfg.get(role) or {}).get("optimizer"))
+    _lrs(problems, "student.optimizer", (cfg.get("student") or {}).get("optimizer"))
     _positive(problems, "task.task_loss_weight", task.get("task_loss_weight"), allow_zero=True)
     for name, node in (cfg.get("distiller") or {}).items():
         if not isinstance(node, DictConfig):

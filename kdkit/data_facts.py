@@ -4,14 +4,24 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, open_dict
 
-# data.<key> left null in the config is filled from the datamodule attribute of the same name
-# after setup, before any model is built, so ``${data.num_classes}`` in model configs resolves.
+from kdkit.data_contract import DistillationData, GraphData
+
+# data.<key> left null in the config is filled from the datamodule's member of the same name
+# (kdkit.data_contract) after setup, before any model is built, so ``${data.num_classes}`` in
+# model configs resolves.
 FACTS = ("num_classes", "num_features")
 
 
-def fill_data_facts(cfg: DictConfig, datamodule) -> None:
+def data_facts(datamodule: DistillationData) -> dict[str, int | None]:
+    """``{fact: value}`` of ``datamodule``; None where its setting has no such fact."""
+    return {"num_classes": datamodule.num_classes,
+            "num_features": datamodule.num_features if isinstance(datamodule, GraphData) else None}
+
+
+def fill_data_facts(cfg: DictConfig, datamodule: DistillationData) -> None:
     """Set every null ``cfg.data.<fact>`` from ``datamodule.<fact>``."""
+    facts = data_facts(datamodule)
     with open_dict(cfg):
         for key in FACTS:
-            if key in cfg.data and cfg.data[key] is None and getattr(datamodule, key, None) is not None:
-                cfg.data[key] = int(getattr(datamodule, key))
+            if key in cfg.data and cfg.data[key] is None and facts[key] is not None:
+                cfg.data[key] = int(facts[key])

@@ -23,8 +23,10 @@ import torch
 from hydra.utils import get_method, instantiate
 from lightning.pytorch.callbacks import Checkpoint, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from kdkit.checkpoint_io import AtomicCheckpointIO, save_atomically, safe_load
 from kdkit.checkpointing import ResumePoint, find_resume_point
@@ -34,6 +36,7 @@ from kdkit.distributed import refuse_relaunch_in_sweep, warn_if_oversubscribed
 from kdkit.divergence import DivergenceError, check_finite
 from kdkit.errors import KdkitError, say, unreadable
 from kdkit.resume import check_resume_config
+from kdkit.teachers import SHORTHAND, make_distillers, results_key, stage_name, teacher_configs, weights_file
 
 STAGES = ("teacher", "baseline", "student")
 
@@ -57,18 +60,27 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     fill_data_facts(cfg, datamodule)  # class/feature counts the config leaves to the data
     results: dict[str, dict] = {}
 
-    teacher, trained = None, False
+    teacher_cfgs = teacher_configs(cfg)
+    if cfg.stages.student and not teacher_cfgs:
+        raise KdkitError("the student stage needs a teacher: set teacher=<one of conf/teacher> or "
+                         "+teacher@teachers.<name>=<...>, or stages.student=false")
+    teachers: dict[str, tuple] = {}  # name -> (model, has trained weights)
     if cfg.stages.teacher or cfg.stages.student:
-        teacher, trained = load_teacher(cfg, out)
-    check_before_training(cfg, datamodule, teacher)
-    if teacher is not None:
-        teacher_results = teacher_stage(cfg, datamodule, out, teacher, trained)
+        teachers = {name: load_teacher(cfg, tcfg, out, name) for name, tcfg in teacher_cfgs.items()}
+    check_before_training(cfg, datamodule, teachers, teacher_cfgs)
+    for name, (model, trained) in teachers.items():
+        teacher_results = teacher_stage(cfg, teacher_cfgs[name], name, datamodule, out, model, trained)
         if teacher_results is not None:
-            results["teacher"] = teacher_results
+            results[results_key(name)] = teacher_results
     if cfg.stages.baseline:
-        results["baseline"] = train_stage(cfg, datamodule, out, "baseline", teacher=None)
+        results["baseline"], _ = train_stage(cfg, datamodule, out, "baseline")
+        warn_weaker_teachers(results)
     if cfg.stages.student:
-        results["student"] = train_stage(cfg, datamodule, out, "student", teacher=teacher)
+        models = {name: model for name, (model, _) in teachers.items()}
+        results["student"], student = train_stage(cfg, datamodule, out, "student", models, teacher_cfgs)
+        for k in range(2, generations(cfg) + 1):  # born-again: student k-1 teaches student k
+            results[f"student/gen{k}"], student = train_stage(
+                cfg, datamodule, out, f"student-gen{k}", {f"gen{k - 1}": student}, {f"gen{k - 1}": cfg.student})
 
     _write_on_rank_zero(out / "results.json", json.dumps(results, indent=2))
     _print_table(results, cfg.get("name", "kdkit"))
@@ -76,129 +88,209 @@ def run(cfg: DictConfig) -> dict[str, dict]:
 
 
 # ---- stages -------------------------------------------------------------------------------
-def load_teacher(cfg, out: Path):
-    """The teacher network and whether it already has trained weights.
+def load_teacher(cfg, tcfg, out: Path, name: str = SHORTHAND):
+    """Teacher ``name``'s network and whether it already has trained weights.
 
-    Weights come from ``teacher.ckpt_path`` (loaded with ``weights_only=True`` unless
-    ``teacher.trust_checkpoint``), from the model factory (``teacher.pretrained``), or from this
-    run directory's ``teacher.pt`` when its stage finished before; otherwise it is trained.
+    Weights come from its ``ckpt_path`` (loaded with ``weights_only=True`` unless its
+    ``trust_checkpoint``), from the model factory (``pretrained``), or from this run
+    directory's ``teacher[-<name>].pt`` when its stage finished before; otherwise it is trained.
     """
     from kdkit.checkpoints import load_weights
 
-    model = instantiate(cfg.teacher.model)
-    trust = bool(cfg.teacher.get("trust_checkpoint", False))
-    if cfg.teacher.get("ckpt_path"):
-        load_weights(model, cfg.teacher.ckpt_path, trust=trust)
+    model = instantiate(tcfg.model)
+    trust = bool(tcfg.get("trust_checkpoint", False))
+    if tcfg.get("ckpt_path"):
+        load_weights(model, tcfg.ckpt_path, trust=trust)
         return model, True
-    if cfg.teacher.get("pretrained"):
+    if tcfg.get("pretrained"):
         return model, True  # the model factory already loaded trained weights (hub or local)
-    saved = out / "teacher.pt"
-    if _done(out, "teacher") and saved.exists():
-        load_weights(model, saved, what="this run's teacher.pt")
+    saved = out / weights_file(name)
+    if _done(out, stage_name(name)) and saved.exists():
+        load_weights(model, saved, what=f"this run's {saved.name}")
         return model, True
     return model, False
 
 
-def teacher_stage(cfg, datamodule, out: Path, model, trained: bool) -> dict | None:
-    """Train ``model`` unless ``trained``, then test it; the teacher's results (None when
+def teacher_stage(cfg, tcfg, name: str, datamodule, out: Path, model, trained: bool) -> dict | None:
+    """Train teacher ``name`` unless ``trained``, then test it; its results (None when
     ``stages.teacher`` is off)."""
+    stage = stage_name(name)
     if not trained:
         L.seed_everything(cfg.seed, workers=True)  # the teacher trains the same way every run
-        task = make_task(cfg, student=model, role_of_student="teacher")
-        results = fit_and_test(cfg, task, datamodule, out, "teacher", train=True,
-                               evaluate=cfg.stages.teacher, max_epochs=cfg.teacher.get("max_epochs"))
-        check_finite(model, "the trained teacher")
+        task = make_task(cfg, student=model, role_of_student="teacher", student_cfg=tcfg)
+        results = fit_and_test(cfg, task, datamodule, out, stage, train=True,
+                               evaluate=cfg.stages.teacher, max_epochs=tcfg.get("max_epochs"))
+        check_finite(model, f"the trained {stage}")
         if rank_zero_only.rank == 0:
-            save_atomically(model.state_dict(), out / "teacher.pt")
+            save_atomically(model.state_dict(), out / weights_file(name))
         return results
     if not cfg.stages.teacher:
         return None
-    if _done(out, "teacher"):
-        return _load_stage(out, "teacher")
-    task = make_task(cfg, student=model, role_of_student="teacher")
-    return fit_and_test(cfg, task, datamodule, out, "teacher", train=False)
+    if _done(out, stage):
+        return _load_stage(out, stage)
+    task = make_task(cfg, student=model, role_of_student="teacher", student_cfg=tcfg)
+    return fit_and_test(cfg, task, datamodule, out, stage, train=False, validate=bool(cfg.stages.baseline))
 
 
-def check_before_training(cfg, datamodule, teacher) -> None:
+def check_before_training(cfg, datamodule, teachers: dict, teacher_cfgs: dict) -> None:
     """Build every task the run's stages will train, and probe each on one example batch.
 
-    A wrong feature name, a shape no adapter fits, a class-count mismatch or a bad distiller
-    setting fails here, in seconds, instead of after the teacher and the baseline have trained.
+    Every teacher (its own pipeline and taps), the student, every distiller and adapter and,
+    with born-again generations, a student taught by a student: a wrong feature name, a shape
+    no adapter fits, a class-count mismatch, an unknown teacher name or a bad distiller setting
+    fails here, in seconds, instead of after the teachers and the baseline have trained.
     """
-    trainable = [(p, p.requires_grad) for p in teacher.parameters()] if teacher is not None else []
-    modes = [(m, m.training) for m in teacher.modules()] if teacher is not None else []
+    models = {name: model for name, (model, _) in teachers.items()}
+    trainable = [(p, p.requires_grad) for m in models.values() for p in m.parameters()]
+    modes = [(m, m.training) for model in models.values() for m in model.modules()]
     tasks = []
-    if teacher is not None and cfg.stages.teacher:
-        tasks.append(make_task(cfg, student=teacher, role_of_student="teacher", probe=True))
+    for name, (model, trained) in teachers.items():
+        if cfg.stages.teacher or not trained:
+            tasks.append(make_task(cfg, student=model, role_of_student="teacher",
+                                   student_cfg=teacher_cfgs[name], probe=True))
     if cfg.stages.baseline or cfg.stages.student:
         distillers = make_distillers(cfg) if cfg.stages.student else {}
         tasks.append(make_task(cfg, student=instantiate(cfg.student.model),
-                               teacher=teacher if distillers else None, distillers=distillers,
-                               probe=True))
+                               teachers=models if distillers else None, distillers=distillers,
+                               teacher_cfgs=teacher_cfgs, probe=True))
+    if cfg.stages.student and generations(cfg) > 1:
+        tasks.append(make_task(cfg, student=instantiate(cfg.student.model),
+                               teachers={"gen1": instantiate(cfg.student.model)},
+                               distillers=_unrouted(make_distillers(cfg)),
+                               teacher_cfgs={"gen1": cfg.student}, probe=True))
     try:
         for task in tasks:
             task.probe(datamodule)
-    finally:  # the student stage's probe froze the teacher in place; its own stage may train it
+    finally:  # the student stage's probe froze the teachers in place; their own stages may train them
         for param, flag in trainable:
             param.requires_grad_(flag)
         for module, training in modes:
             module.training = training
 
 
-def make_distillers(cfg) -> dict:
-    distillers = {name: instantiate(node) for name, node in (cfg.get("distiller") or {}).items()}
-    if not distillers:
-        raise KdkitError("the student stage has no distillers: pick some with distiller=[kd,...]")
+def generations(cfg) -> int:
+    """``stages.generations``: how many students are trained in sequence (born-again)."""
+    value = cfg.stages.get("generations", 1) or 1
+    if int(value) < 1:
+        raise KdkitError(f"stages.generations={value} must be >= 1")
+    return int(value)
+
+
+def _unrouted(distillers: dict) -> dict:
+    """The distillers reading whatever teacher there is (a born-again generation has one)."""
+    for d in distillers.values():
+        if d.reads_several_teachers:
+            d.teacher_names = None
+        else:
+            d.reading(None)
     return distillers
 
 
-def train_stage(cfg, datamodule, out: Path, stage: str, teacher) -> dict:
-    if _done(out, stage):
-        return _load_stage(out, stage)
+def train_stage(cfg, datamodule, out: Path, stage: str, teachers: dict | None = None,
+                teacher_cfgs: dict | None = None) -> tuple[dict, nn.Module]:
+    """Train the student alone (``baseline``) or with distillers; its results and the student.
+
+    ``student-gen<k>`` stages are born-again generations: their one teacher is the student of
+    generation k-1, and their distillers read it whatever teacher they name. Generation k's
+    student is exported to ``export/gen<k>/`` (the first generation to ``export/``).
+    """
     L.seed_everything(cfg.seed, workers=True)  # baseline and student start from the same init
     student = instantiate(cfg.student.model)
-    distillers = make_distillers(cfg) if stage == "student" else {}
-    task = make_task(cfg, student=student, teacher=teacher if distillers else None,
-                     distillers=distillers, datamodule=datamodule)
+    generation = stage.startswith("student-gen")
+    export = out / "export" / stage.removeprefix("student-") if generation else out / "export"
+    if _done(out, stage):
+        if stage != "baseline" and (export / "student.pt").exists():
+            from kdkit.checkpoints import load_weights
+
+            load_weights(student, export / "student.pt", what=f"this run's exported {stage}")
+        return _load_stage(out, stage), student
+    distillers = {}
+    if stage != "baseline":
+        distillers = _unrouted(make_distillers(cfg)) if generation else make_distillers(cfg)
+    task = make_task(cfg, student=student, teachers=teachers if distillers else None,
+                     distillers=distillers, datamodule=datamodule, teacher_cfgs=teacher_cfgs)
     results = fit_and_test(cfg, task, datamodule, out, stage, train=True)
-    if stage == "student":
-        check_finite(task, "the distilled student")
+    if stage != "baseline":
+        check_finite(task, f"the distilled {stage}")
         if rank_zero_only.rank == 0:
-            task.export(out / "export", with_adapters=cfg.export.adapters)
-    return results
+            task.export(export, with_adapters=cfg.export.adapters)
+    return results, student
 
 
-def make_task(cfg, student, teacher=None, distillers=None, role_of_student: str = "student",
-              datamodule=None, probe: bool = False):
+def warn_weaker_teachers(results: dict) -> None:
+    """One warning line per teacher whose validation score is below the baseline's, and the
+    fact (``weaker_than_baseline``) in its results: distilling such a teacher usually hurts."""
+    base = _validation_score(results.get("baseline", {}))
+    if base is None:
+        return
+    for key, stage_results in results.items():
+        score = _validation_score(stage_results) if key.startswith("teacher") else None
+        if score is None:
+            continue
+        stage_results["weaker_than_baseline"] = score[1] < base[1]
+        if score[1] < base[1]:
+            say(f"warning: {key} scores {score[0]}={score[1]:.4f} on validation data, below the "
+                f"student trained alone ({base[1]:.4f}); distilling it usually hurts the student")
+
+
+def _validation_score(stage_results: dict) -> tuple[str, float] | None:
+    """(key, value) of the stage's primary validation metric: the kept weights' when the task
+    selects weights (``val/<metric>_selected``), else the last validation."""
+    metric = stage_results.get("primary_metric")
+    for key in (f"val/{metric}_selected", f"val/{metric}") if metric else ():
+        if isinstance(stage_results.get(key), (int, float)):
+            return key, float(stage_results[key])
+    return None
+
+
+def make_task(cfg, student, teachers: dict | None = None, distillers=None,
+              role_of_student: str = "student", datamodule=None, probe: bool = False,
+              student_cfg=None, teacher_cfgs: dict | None = None):
     """Instantiate ``cfg.task`` (a partial) around the given models.
 
-    ``probe``: a task only to be probed (``check_before_training``): no teacher cache is
-    built and nothing is compiled.
+    ``student_cfg``: the config of the trained model (``cfg.student``, or a teacher's config in
+    its own stage): its optimizer settings and input pipeline. ``teacher_cfgs``: name -> config
+    of each teacher (input pipeline, precision, cache). ``probe``: a task only to be probed
+    (``check_before_training``): no teacher cache is built and nothing is compiled.
     """
+    student_cfg = cfg.student if student_cfg is None else student_cfg
+    teachers = teachers or {}
+    teacher_cfgs = teacher_cfgs or {}
     kwargs = dict(
         student=student,
         # task.task_loss_weight is the mixing weight of the *distilled* objective; a model
         # trained alone (teacher, baseline) always learns from its task loss.
         **({} if distillers else {"task_loss_weight": 1.0}),
-        teacher=teacher,
+        teachers=teachers,
         distillers=distillers or {},
-        teacher_precision=cfg.teacher.get("precision"),
-        student_normalize=_container(cfg[role_of_student].get("normalize")),
-        teacher_normalize=_container(cfg.teacher.get("normalize")),
+        teacher_precision={name: teacher_cfgs[name].get("precision") for name in teachers},
+        inputs={"student": input_options(student_cfg),
+                **{name: input_options(teacher_cfgs[name]) for name in teachers}},
     )
     if probe:
         kwargs["compile"] = False
-    if teacher is not None and cfg.teacher.get("cache") and not probe:
+    caches = {name: teacher_cfgs[name] for name in teachers if teacher_cfgs[name].get("cache")}
+    if caches and not probe:
         from kdkit.cache import build_teacher_cache
 
-        kwargs["teacher_cache"] = build_teacher_cache(cfg, teacher, datamodule)
+        kwargs["teacher_cache"] = {name: build_teacher_cache(cfg, teachers[name], datamodule, tcfg)
+                                   for name, tcfg in caches.items()}
     task_cfg = cfg.task
-    own = cfg[role_of_student].get("optimizer")
+    own = student_cfg.get("optimizer")
     if own:  # <role>.optimizer: this model's own optimizer settings (e.g. a student's weight decay)
         task_cfg = OmegaConf.merge(cfg.task, {"optimizer": own})
     task = instantiate(task_cfg)(**kwargs)
     task.student_role = role_of_student
     return task
+
+
+# keys of a model's config that make its own input pipeline (read by image tasks)
+INPUT_KEYS = ("normalize", "image_size")
+
+
+def input_options(model_cfg) -> dict:
+    """A model's own input pipeline from its config, without the unset keys."""
+    return {key: _container(model_cfg.get(key)) for key in INPUT_KEYS if model_cfg.get(key) is not None}
 
 
 def make_trainer(cfg, out: Path, stage: str, max_epochs=None, resume_at=None) -> L.Trainer:
@@ -246,11 +338,13 @@ def _resume_kwargs(node, resume_at) -> dict:
 
 
 def fit_and_test(cfg, task, datamodule, out: Path, stage: str, train: bool,
-                 evaluate: bool = True, max_epochs=None) -> dict | None:
+                 evaluate: bool = True, max_epochs=None, validate: bool = False) -> dict | None:
     """Train (optionally) and test one stage with one Trainer, so its logs stay in one place.
 
     Returns the stage's results (test metrics as logged + ``task.inference_report``), also
-    written to ``stages/<stage>.json``; None when ``evaluate`` is false.
+    written to ``stages/<stage>.json``; None when ``evaluate`` is false. ``validate``: measure
+    an untrained (evaluated-only) model on the validation data too, for comparisons that must
+    not look at the test set (``warn_weaker_teachers``).
     """
     resume = _resume_point(cfg, out, stage) if train else None
     trainer = make_trainer(cfg, out, stage, max_epochs,
@@ -272,6 +366,11 @@ def fit_and_test(cfg, task, datamodule, out: Path, stage: str, train: bool,
     if not evaluate:
         _finish_wandb(trainer)
         return None
+    if validate and not train and is_overridden("val_dataloader", datamodule, L.LightningDataModule):
+        for metrics in trainer.validate(task, datamodule=datamodule, verbose=False):
+            results.update({k: float(v) for k, v in metrics.items() if k.startswith("val/")})
+    if task.primary_metric:
+        results["primary_metric"] = task.primary_metric
     metrics = trainer.test(task, datamodule=datamodule, verbose=False)[0]
     results = {**{k: float(v) for k, v in metrics.items()},
                **task.fit_summary(), **task.inference_report(_latency_batch(cfg, datamodule)),
@@ -312,9 +411,7 @@ def _resume_point(cfg, out: Path, stage: str) -> ResumePoint | None:
 
 # ---- helpers ------------------------------------------------------------------------------
 def _latency_batch(cfg, datamodule) -> dict:
-    params = inspect.signature(datamodule.example_batch).parameters
-    size = cfg.get("report", {}).get("latency_batch_size")
-    return datamodule.example_batch(n=size) if size and "n" in params else datamodule.example_batch()
+    return datamodule.example_batch(n=cfg.get("report", {}).get("latency_batch_size") or None)
 
 
 def _container(node):

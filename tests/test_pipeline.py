@@ -77,7 +77,8 @@ def test_role_optimizer_overrides_task_optimizer_for_that_role_only(tmp_path):
     cfg = compose(["experiment=digits_demo", "+student.optimizer.weight_decay=0.123"],
                   output_dir=str(tmp_path))
     student_task = make_task(cfg, student=instantiate(cfg.student.model))
-    teacher_task = make_task(cfg, student=instantiate(cfg.teacher.model), role_of_student="teacher")
+    teacher_task = make_task(cfg, student=instantiate(cfg.teacher.model), role_of_student="teacher",
+                             student_cfg=cfg.teacher)
     params = [torch.nn.Parameter(torch.zeros(2))]
     assert student_task.optimizer_factory(params).defaults["weight_decay"] == 0.123
     teacher_wd = teacher_task.optimizer_factory(params).defaults["weight_decay"]
@@ -110,7 +111,7 @@ def test_the_probe_leaves_the_teacher_trainable_and_in_train_mode(tmp_path):
     dm = instantiate(cfg.data)
     dm.setup("fit")
     teacher = instantiate(cfg.teacher.model)
-    check_before_training(cfg, dm, teacher)
+    check_before_training(cfg, dm, {"teacher": (teacher, False)}, {"teacher": cfg.teacher})
     assert all(p.requires_grad for p in teacher.parameters())
     assert all(m.training for m in teacher.modules())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in teacher.modules())  # taps gone

@@ -32,13 +32,34 @@ class Distiller(nn.Module):
     loss terms from ``forward``. The task multiplies every term by ``weight``, sums and logs
     each as ``train/loss/<distiller>/<term>``.
 
+    A distiller reads one teacher: ``teacher_name`` (config ``distiller.<x>.teacher``), or the
+    only teacher when that is None. Distillers that read several teachers at once derive from
+    ``MultiTeacherDistiller``.
+
     Args:
         weight: multiplier for every loss term of this distiller.
     """
 
+    reads_several_teachers = False
+    teacher_name: str | None = None
+
     def __init__(self, weight: float = 1.0):
         super().__init__()
         self.weight = float(weight)
+        self.progress = (0, 0)  # (epoch, global step) of the current training step
+
+    def reading(self, teacher: str | None) -> Distiller:
+        """Read the teacher named ``teacher`` (None: the only one); returns ``self``."""
+        self.teacher_name = teacher
+        return self
+
+    def teachers_for_step(self, names: list[str]) -> list[str]:
+        """Of the teachers routed to this distiller, those it reads this step (all by default)."""
+        return names
+
+    def set_progress(self, epoch: int, step: int) -> None:
+        """Called by the task before every training step (schedules read it)."""
+        self.progress = (int(epoch), int(step))
 
     @property
     def student_features(self) -> list[str]:
@@ -79,3 +100,32 @@ def check_same_shape(student: Tensor, teacher: Tensor, who: str, hint: str = "")
             f"{who}: student shape {tuple(student.shape[1:])} does not match teacher shape "
             f"{tuple(teacher.shape[1:])}{hint}"
         )
+
+
+class MultiTeacherDistiller(Distiller):
+    """Base of the distillers that combine several teachers (ensembles, per-sample weighting,
+    per-teacher heads, schedules): ``build`` and ``forward`` receive ``{name: Outputs}`` of the
+    teachers they read instead of one ``Outputs``. Nothing outside such a distiller's own file
+    knows how it combines them.
+
+    Args:
+        weight: multiplier for every loss term.
+        teachers: names of the teachers it reads, in order; None: every teacher of the run.
+    """
+
+    reads_several_teachers = True
+
+    def __init__(self, weight: float = 1.0, teachers=None):
+        super().__init__(weight)
+        self.teacher_names = None if teachers is None else [str(t) for t in teachers]
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}, teachers={self.teacher_names or 'all'}"
+
+
+def read_teachers(teachers: dict, who: str, at_least: int = 1) -> dict:
+    """``teachers`` checked to hold at least ``at_least`` entries (a clear error otherwise)."""
+    if len(teachers) < at_least:
+        raise KdkitError(f"{who} combines at least {at_least} teachers, got {list(teachers)}: "
+                         "add teachers (teachers.<name>=...) or use a one-teacher distiller")
+    return teachers

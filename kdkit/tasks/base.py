@@ -14,37 +14,51 @@ from kdkit.errors import KdkitError
 from kdkit.features import FeatureTap
 from kdkit.outputs import Outputs
 from kdkit.teacher import FrozenTeacher
+from kdkit.teacher_source import CachedTeacher, LiveTeacher, TeacherSource
 
 
 class DistillationTask(L.LightningModule):
-    """Train a student with a task loss plus weighted distiller losses against a frozen teacher.
+    """Train a student with a task loss plus weighted distiller losses against frozen teachers.
 
-    loss = task_loss_weight * L_task(student) + sum_d weight_d * sum_terms L_d(student, teacher)
+    loss = task_loss_weight * L_task(student) + sum_d weight_d * sum_terms L_d(student, teacher(s) of d)
 
     Subclasses say how a batch feeds a model (``forward_outputs``), what the task loss is
     (``task_loss``) and how results are measured (``update_metrics`` / ``compute_metrics``).
 
-    The teacher is held *outside* the module tree (``self.teacher`` is a property over a plain
-    attribute): it is absent from ``state_dict`` and checkpoints, from the optimizer, and from
-    DDP's gradient sync and buffer broadcast, yet ``.to(device)`` moves it (``_apply``).
+    Teachers are held *outside* the module tree (``self.teachers`` is a plain dict): they are
+    absent from ``state_dict`` and checkpoints, from the optimizer, and from DDP's gradient sync
+    and buffer broadcast, yet ``.to(device)`` moves them (``_apply``). Each teacher is read
+    through a ``kdkit.teacher_source.TeacherSource`` chosen here (live, cached, memoized).
+
+    A distiller reads the teacher it names (``Distiller.teacher_name``), or the only teacher;
+    a ``MultiTeacherDistiller`` reads the teachers it lists, or all of them. A wrong name fails
+    when the task is built, with the list of names.
 
     Args:
         student: the network being trained.
-        teacher: frozen teacher network, or None (baseline / teacher-training stages).
+        teacher: one frozen teacher network (named "teacher"), or None (baseline /
+            teacher-training stages). Shorthand for ``teachers={"teacher": teacher}``.
         distillers: name -> Distiller; their adapters train and are saved with the student.
         task_loss_weight: weight of the task's own loss (0 for pure distillation).
         optimizer: ``functools.partial`` of a torch optimizer (Hydra ``_partial_: true``).
         scheduler: partial taking ``(optimizer, total_steps=...)``; stepped every step.
-        teacher_precision: autocast precision for the teacher only ("bf16", "16" or None).
+        teacher_precision: autocast precision of the teacher forwards ("bf16", "16" or None),
+            or ``{name: precision}``.
         teacher_cache: teacher outputs by sample index for static data, or None: an object with
-            ``lookup(index, device) -> Outputs | None`` (None unless every index is cached) and
-            ``store(index, outputs)`` (see ``kdkit.cache``).
+            ``lookup(index, device) -> Outputs | None`` and ``store(index, outputs)`` (see
+            ``kdkit.cache``), or ``{name: cache}``.
         channels_last: convert models (and 4-D inputs) to channels_last memory format.
         compile: wrap the student forward in ``torch.compile``.
-        student_normalize, teacher_normalize: ``{"mean": [...], "std": [...]}`` a model expects
-            on its input when it differs from the data's default (e.g. ImageNet statistics for
-            pretrained hub weights); tasks with image inputs apply them.
+        teachers: name -> frozen teacher network (several teachers).
+        inputs: role -> that model's own input pipeline options, for roles "student" and each
+            teacher name (e.g. ``{"normalize": {"mean", "std"}, "image_size": 224}`` for image
+            tasks); the task subclass interprets the keys it knows.
+        student_normalize, teacher_normalize: shorthands for ``inputs[role]["normalize"]``
+            (``teacher_normalize`` applies to every teacher without its own).
     """
+
+    # the validation metric (without "val/") that ranks models of this task, e.g. "acc"
+    primary_metric: str | None = None
 
     def __init__(
         self,
@@ -54,60 +68,112 @@ class DistillationTask(L.LightningModule):
         task_loss_weight: float = 1.0,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
-        teacher_precision: str | None = None,
+        teacher_precision=None,
         teacher_cache=None,
         channels_last: bool = False,
         compile: bool = False,
+        teachers: Mapping[str, nn.Module] | None = None,
+        inputs: Mapping[str, Mapping] | None = None,
         student_normalize: Mapping | None = None,
         teacher_normalize: Mapping | None = None,
     ):
         super().__init__()
-        self.normalize_overrides = {"student": student_normalize, "teacher": teacher_normalize}
+        models = _teacher_models(teacher, teachers)
+        self.inputs = _input_options(inputs, models, student_normalize, teacher_normalize)
         self.student = student
         self.distillers = nn.ModuleDict(dict(distillers or {}))
-        if self.distillers and teacher is None:
+        if self.distillers and not models:
             raise KdkitError(f"distillers {list(self.distillers)} need a teacher, but none given")
-        frozen = None
-        if teacher is not None:
-            frozen = teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher, teacher_precision)
-        object.__setattr__(self, "_teacher", frozen)  # hidden from nn.Module registration
+        precisions = _per_teacher(teacher_precision, models, "teacher_precision")
+        frozen = {name: m if isinstance(m, FrozenTeacher) else FrozenTeacher(m, precisions[name])
+                  for name, m in models.items()}
+        object.__setattr__(self, "_teachers", frozen)  # hidden from nn.Module registration
+        self.routes = {name: _route(name, d, list(frozen)) for name, d in self.distillers.items()}
         self.task_loss_weight = float(task_loss_weight)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.teacher_cache = teacher_cache
+        caches = _per_teacher(teacher_cache, frozen, "teacher_cache")
+        self.teacher_caches = {name: c for name, c in caches.items() if c is not None}
         self.channels_last = channels_last
         self.compile = compile
         self._built = False
         self._loss_watch = LossWatch()
-        self.student_role = "student"  # "teacher" while the runner trains the teacher itself
-        self.student_tap = FeatureTap(student, self._feature_names("student"), "student")
-        self.teacher_tap = (
-            FeatureTap(frozen.model, self._feature_names("teacher"), "teacher") if frozen else None
-        )
+        self.student_role = "student"  # "teacher" while the runner trains a teacher itself
+        self._taps: dict[str, FeatureTap] = {}  # created on first use: subclasses set up first
         if channels_last:
             self.student.to(memory_format=torch.channels_last)
-            if frozen is not None:
-                frozen.to(memory_format=torch.channels_last)
-        # Hidden like the teacher: the compiled wrapper would otherwise duplicate the student's
+            for t in frozen.values():
+                t.to(memory_format=torch.channels_last)
+        # Hidden like the teachers: the compiled wrapper would otherwise duplicate the student's
         # weights in state_dict under another prefix.
         object.__setattr__(self, "_student_forward", torch.compile(student) if compile else student)
+        self.teacher_sources = {name: self.make_teacher_source(name, self.teacher_caches.get(name))
+                                for name in frozen}
 
     # ---- teacher plumbing -------------------------------------------------------------------
     @property
+    def teachers(self) -> dict[str, FrozenTeacher]:
+        return self._teachers
+
+    @property
     def teacher(self) -> FrozenTeacher | None:
-        return self._teacher
+        """The only teacher (None without one); with several, ask ``teachers[name]``."""
+        if len(self._teachers) > 1:
+            raise KdkitError(f"this task has several teachers ({', '.join(self._teachers)}): "
+                             "use task.teachers[name]")
+        return next(iter(self._teachers.values()), None)
+
+    @property
+    def teacher_cache(self):
+        """The only teacher's cache (None without one)."""
+        return next(iter(self.teacher_caches.values()), None) if len(self._teachers) == 1 else None
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
-        if self._teacher is not None:
-            self._teacher._apply(fn, *args, **kwargs)
+        for t in self._teachers.values():
+            t._apply(fn, *args, **kwargs)
         return self
+
+    def make_teacher_source(self, name: str, cache) -> TeacherSource:
+        """How teacher ``name`` is read: live, or through its cache. Subclasses may reuse
+        outputs otherwise (``MemoizedTeacher``, ``PrecomputedTeacher``)."""
+        live = LiveTeacher(name, lambda batch: self.run_teacher(name, batch))
+        return CachedTeacher(live, cache) if cache is not None else live
+
+    def tap(self, role: str) -> FeatureTap:
+        """The feature tap of ``role`` ("student" or a teacher's name), created on first use."""
+        if role not in self._taps:
+            model = self.student if role == "student" else self._teachers[role].model
+            self._taps[role] = FeatureTap(model, self._feature_names(role), _label(role, self._teachers))
+        return self._taps[role]
+
+    @property
+    def student_tap(self) -> FeatureTap:
+        return self.tap("student")
+
+    @property
+    def teacher_tap(self) -> FeatureTap | None:
+        return self.tap(self._only_teacher()) if self._teachers else None
+
+    def remove_taps(self) -> None:
+        for tap in self._taps.values():
+            tap.remove()
+        self._taps.clear()
 
     def _feature_names(self, role: str) -> list[str]:
         names = list(self.extra_feature_names(role))
-        for d in self.distillers.values():
-            names += d.student_features if role == "student" else d.teacher_features
-        return names
+        for name, d in self.distillers.items():
+            if role == "student":
+                names += d.student_features
+            elif role in self.routes[name]:
+                names += d.teacher_features
+        return list(dict.fromkeys(names))
+
+    def _only_teacher(self) -> str:
+        if len(self._teachers) != 1:
+            raise KdkitError(f"this task has {len(self._teachers)} teachers "
+                             f"({', '.join(self._teachers) or 'none'}): name the one you mean")
+        return next(iter(self._teachers))
 
     # ---- what subclasses provide ------------------------------------------------------------
     def extra_feature_names(self, role: str) -> list[str]:
@@ -170,23 +236,22 @@ class DistillationTask(L.LightningModule):
 
     # ---- outputs ----------------------------------------------------------------------------
     def student_outputs(self, batch: dict) -> Outputs:
+        tap = self.tap("student")  # hooks in place before the forward
         out = self.forward_outputs(self._student_forward, batch, "student")
-        out.features.update(self.student_tap.pop())
+        out.features.update(tap.pop())
         return self.finish_outputs(out, "student")
 
-    def teacher_outputs(self, batch: dict) -> Outputs:
-        cache = self.teacher_cache
-        if cache is not None:
-            cached = cache.lookup(batch["index"], device=self.device)
-            if cached is not None:
-                return cached
-        with torch.no_grad(), self.teacher.autocast(self.device.type):
-            out = self.forward_outputs(self.teacher.model, batch, "teacher")
-            out.features.update(self.teacher_tap.pop())
-        out = self.finish_outputs(out, "teacher")
-        if cache is not None:
-            cache.store(batch["index"], out)
-        return out
+    def teacher_outputs(self, batch: dict, name: str | None = None) -> Outputs:
+        """Teacher ``name``'s outputs on ``batch`` (the only teacher when None), from its source."""
+        return self.teacher_sources[name or self._only_teacher()].outputs(batch)
+
+    def run_teacher(self, name: str, batch: dict) -> Outputs:
+        """One live forward of teacher ``name``: no grad, its own precision, its taps."""
+        teacher, tap = self._teachers[name], self.tap(name)
+        with torch.no_grad(), teacher.autocast(self.device.type):
+            out = self.forward_outputs(teacher.model, batch, name)
+            out.features.update(tap.pop())
+        return self.finish_outputs(out, name)
 
     def finish_outputs(self, out: Outputs, role: str) -> Outputs:
         """Hook to post-process raw outputs (e.g. move the tapped embedding into place)."""
@@ -195,23 +260,30 @@ class DistillationTask(L.LightningModule):
     # ---- build (adapters) -------------------------------------------------------------------
     def build(self, example_batch: dict, num_samples: int | None = None,
               num_classes: int | None = None) -> None:
-        """Probe both models on a small batch, check they fit together, build adapters."""
+        """Probe every model on a small batch, check they fit together, build adapters."""
         if self._built:
             return
         was_training = self.student.training
         self.student.eval()
         with torch.no_grad():
             s = self.student_outputs(example_batch)
-            t = self.teacher_outputs(example_batch) if self.teacher is not None else None
+            ts = {name: self.teacher_outputs(example_batch, name) for name in self._teachers}
         self.student.train(was_training)
         self.check_outputs(s, self.student_role)
-        if t is not None:
-            self.check_outputs(t, "teacher")
+        for name, t in ts.items():
+            self.check_outputs(t, _label(name, self._teachers))
             self.check_compatible(s, t)
-            context = DistillContext(num_samples=num_samples, num_classes=num_classes)
-            for distiller in self.distillers.values():
-                distiller.build(s.float(), t.float(), context)
+        context = DistillContext(num_samples=num_samples, num_classes=num_classes)
+        for name, distiller in self.distillers.items():
+            distiller.build(s.float(), self._routed(name, {n: t.float() for n, t in ts.items()}), context)
         self._built = True
+
+    def _routed(self, distiller: str, outputs: dict[str, Outputs], names: list[str] | None = None):
+        """What distiller ``distiller`` reads: one teacher's ``Outputs``, or ``{name: Outputs}``."""
+        names = self.routes[distiller] if names is None else names
+        if self.distillers[distiller].reads_several_teachers:
+            return {n: outputs[n] for n in names}
+        return outputs[names[0]]
 
     def probe(self, datamodule) -> None:
         """Build and check everything on the datamodule's example batch, without a Trainer.
@@ -221,43 +293,45 @@ class DistillationTask(L.LightningModule):
         training. The probe's feature hooks are removed afterwards (its models live on).
         """
         try:
-            self.build(datamodule.example_batch(), getattr(datamodule, "num_train_samples", None),
-                       getattr(datamodule, "num_classes", None))
+            self.build(datamodule.example_batch(), datamodule.num_train_samples, datamodule.num_classes)
         finally:
-            self.student_tap.remove()
-            if self.teacher_tap is not None:
-                self.teacher_tap.remove()
+            self.remove_taps()
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is None or not hasattr(dm, "example_batch"):
-            raise KdkitError("the datamodule must provide example_batch() for the probe forward")
-        self.build(dm.example_batch(), getattr(dm, "num_train_samples", None),
-                   getattr(dm, "num_classes", None))
+        dm = self.trainer.datamodule
+        if dm is None:
+            raise KdkitError("the task needs a datamodule (kdkit.data_contract): trainer.fit(task, datamodule=...)")
+        self.build(dm.example_batch(), dm.num_train_samples, dm.num_classes)
 
     # ---- loop -------------------------------------------------------------------------------
     def losses(self, batch: dict) -> tuple[dict[str, Tensor], Outputs]:
         """Weighted named loss terms for one batch, and the student's outputs."""
-        # Teacher first: its no-grad activations are freed before the student's graph is built.
-        # In the other order the student's saved activations are alive while the teacher
+        # Teachers first: their no-grad activations are freed before the student's graph is
+        # built. In the other order the student's saved activations are alive while a teacher
         # allocates, and on CPU the allocator returns and re-faults those pages every step
         # (73k vs 11k page faults per ResNet-56 -> ResNet-20 step; benchmarks/results/scale.md).
-        t = self.teacher_outputs(batch) if len(self.distillers) else None
+        # Only the teachers some distiller reads this step run (a schedule reads one at a time).
+        step_routes = {name: d.teachers_for_step(self.routes[name]) for name, d in self.distillers.items()}
+        needed = dict.fromkeys(n for names in step_routes.values() for n in names)
+        ts = {name: self.teacher_outputs(batch, name) for name in needed}
         s = self.student_outputs(batch)
         losses: dict[str, Tensor] = {}
         if self.task_loss_weight:
             task = self.task_loss(s, batch)
             if task is not None:
                 losses["task"] = self.task_loss_weight * task
-        if t is not None:
-            for name, distiller in self.distillers.items():
-                for term, value in distiller(s, t, batch).items():
-                    losses[name if term == "loss" else f"{name}/{term}"] = distiller.weight * value
+        for name, distiller in self.distillers.items():
+            if not step_routes[name]:
+                continue
+            for term, value in distiller(s, self._routed(name, ts, step_routes[name]), batch).items():
+                losses[name if term == "loss" else f"{name}/{term}"] = distiller.weight * value
         if not losses:
             raise KdkitError("nothing to optimise: task_loss_weight is 0 and no distillers")
         return losses, s
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        for distiller in self.distillers.values():
+            distiller.set_progress(self.current_epoch, self.global_step)
         losses, _ = self.losses(batch)
         total = torch.stack([v.float() for v in losses.values()]).sum()
         logging_step = self._is_logging_step()
@@ -323,3 +397,77 @@ def _save_safetensors(state: dict, path) -> "Path":
     # safetensors refuses tensors that share storage (tied weights): store each once, cloned
     save_file({k: v.clone() for k, v in state.items()}, str(path))
     return path
+
+
+# ---- construction helpers ---------------------------------------------------------------------
+def _teacher_models(teacher, teachers) -> dict[str, nn.Module]:
+    models = dict(teachers or {})
+    if teacher is not None:
+        if "teacher" in models:
+            raise KdkitError("a teacher named 'teacher' is given twice (teacher= and teachers=)")
+        models = {"teacher": teacher, **models}
+    for name in models:
+        check_teacher_name(name)
+    return models
+
+
+def check_teacher_name(name: str) -> None:
+    """Teacher names key buffers, stage names and results: a Python identifier, not 'student'."""
+    if not isinstance(name, str) or not name.isidentifier() or name == "student":
+        raise KdkitError(f"teacher name {name!r}: use a Python identifier other than 'student' "
+                         "(letters, digits and _, e.g. teachers.gcn)")
+
+
+def _per_teacher(value, teachers: Mapping, what: str) -> dict:
+    """``value`` for every teacher: a mapping name -> value, or one value for the only teacher."""
+    if isinstance(value, Mapping) and not hasattr(value, "lookup"):
+        unknown = set(value) - set(teachers)
+        if unknown:
+            raise KdkitError(f"{what} names unknown teachers {sorted(unknown)}; teachers: {list(teachers)}")
+        return {name: value.get(name) for name in teachers}
+    if value is not None and len(teachers) > 1:
+        raise KdkitError(f"{what}: one value for {len(teachers)} teachers; give {{name: value}}")
+    return {name: value for name in teachers}
+
+
+def _input_options(inputs, teachers: Mapping, student_normalize, teacher_normalize) -> dict[str, dict]:
+    options = {role: dict(opts or {}) for role, opts in (inputs or {}).items()}
+    unknown = set(options) - {"student", *teachers}
+    if unknown:
+        raise KdkitError(f"inputs for unknown models {sorted(unknown)}: roles are student, {', '.join(teachers)}")
+    options.setdefault("student", {})
+    if student_normalize is not None:
+        options["student"]["normalize"] = student_normalize
+    for name in teachers:
+        options.setdefault(name, {})
+        if teacher_normalize is not None and options[name].get("normalize") is None:
+            options[name]["normalize"] = teacher_normalize
+    return options
+
+
+def _route(distiller: str, d: Distiller, teachers: list[str]) -> list[str]:
+    """The teachers distiller ``distiller`` reads, checked against ``teachers``."""
+    listing = ", ".join(teachers) or "none"
+    if d.reads_several_teachers:
+        names = d.teacher_names if d.teacher_names is not None else teachers
+        unknown = [n for n in names if n not in teachers]
+        if unknown:
+            raise KdkitError(f"distiller '{distiller}' reads teachers {unknown}, which this run does "
+                             f"not have; its teachers: {listing}")
+        return list(names)
+    if d.teacher_name is not None:
+        if d.teacher_name not in teachers:
+            raise KdkitError(f"distiller '{distiller}' reads teacher '{d.teacher_name}', which this run "
+                             f"does not have; its teachers: {listing}")
+        return [d.teacher_name]
+    if len(teachers) > 1:
+        raise KdkitError(f"distiller '{distiller}' reads one teacher but this run has {len(teachers)} "
+                         f"({listing}): set distiller.{distiller}.teacher=<name>")
+    return list(teachers[:1])
+
+
+def _label(role: str, teachers: Mapping) -> str:
+    """How messages name a model: "student", "teacher", or "teacher 'gcn'" among several."""
+    if role == "student" or role not in teachers:
+        return role
+    return "teacher" if role == "teacher" else f"teacher '{role}'"

@@ -13,24 +13,29 @@ from kdkit.errors import KdkitError
 from kdkit.features import INPUT_SUFFIX, last_linear
 from kdkit.outputs import Outputs
 from kdkit.tasks.base import DistillationTask
+from kdkit.tasks.image_inputs import ImageInputs
 
 
-class ClassificationTask(DistillationTask):
+class ClassificationTask(ImageInputs, DistillationTask):
     """Image classification distillation (Hinton et al. 2015 setting): accuracy on the test set.
 
     Batches are dicts ``{"image": float [B, C, H, W] in [0, 1], "label": long [B],
-    "index": long [B]}``. Each model normalises with its own mean/std, so a teacher trained with
-    another normalisation (e.g. ImageNet statistics for a timm model) is fed what it expects.
+    "index": long [B]}``. Each model gets its own image pipeline (``ImageInputs``): its own
+    mean/std and input size (``inputs[role]["normalize"]`` / ``["image_size"]``), so a teacher
+    trained with other statistics, or a CLIP zero-shot head reading 224 x 224 images, is fed
+    what it expects.
 
     Args:
         num_classes: number of classes (checked against both models at start-up).
-        mean, std: the data's normalisation (per channel), used by every model whose
-            ``student_normalize`` / ``teacher_normalize`` (see ``DistillationTask``) is unset.
+        mean, std: the data's normalisation (per channel), used by every model without its
+            own ``normalize`` input option (see ``DistillationTask``'s ``inputs``).
         label_smoothing: for the task cross-entropy.
         embedding_module: module whose *input* is the pooled embedding ("auto": the last
             ``nn.Linear``; None: no embedding). ``teacher_embedding_module`` likewise.
         **kwargs: see ``DistillationTask``.
     """
+
+    primary_metric = "acc"  # compared across stages on validation data (warn_weaker_teachers)
 
     def __init__(
         self,
@@ -45,39 +50,39 @@ class ClassificationTask(DistillationTask):
         teacher_embedding_module: str | None = "auto",
         **kwargs,
     ):
-        emb = {
-            "student": _embedding_name(student, embedding_module),
-            "teacher": _embedding_name(teacher, teacher_embedding_module) if teacher is not None else None,
-        }
-        object.__setattr__(self, "_embedding_names", emb)
         super().__init__(student, teacher, **kwargs)
+        self.embedding_modules = {"student": embedding_module, "teacher": teacher_embedding_module}
+        self._embedding_names: dict[str, str | None] = {}
         self.num_classes = int(num_classes)
         self.label_smoothing = label_smoothing
-        for role in ("student", "teacher"):
-            norm = self.normalize_overrides[role] or {"mean": mean, "std": std}
-            self.register_buffer(f"{role}_mean", _channel_stat(norm["mean"]), persistent=False)
-            self.register_buffer(f"{role}_std", _channel_stat(norm["std"]), persistent=False)
+        self.register_image_pipelines({
+            role: {**(opts.get("normalize") or {"mean": mean, "std": std}), "size": opts.get("image_size")}
+            for role, opts in self.inputs.items()})
         self.metrics = nn.ModuleDict({
             stage: torchmetrics.classification.MulticlassAccuracy(self.num_classes, average="micro")
             for stage in ("val", "test")
         })
 
+    def embedding_name(self, role: str) -> str | None:
+        """The tapped module whose input is ``role``'s pooled embedding (None: no embedding)."""
+        if role not in self._embedding_names:
+            model = self.student if role == "student" else self.teachers[role].model
+            key = "student" if role == "student" else "teacher"
+            self._embedding_names[role] = _embedding_name(model, self.embedding_modules[key])
+        return self._embedding_names[role]
+
     def extra_feature_names(self, role: str) -> list[str]:
-        name = self._embedding_names[role]
+        name = self.embedding_name(role)
         return [name] if name else []
 
     def model_input(self, batch: dict, role: str) -> Tensor:
-        x = batch["image"]
-        x = (x - getattr(self, f"{role}_mean")) / getattr(self, f"{role}_std")
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return self.image_input(batch, role)
 
     def forward_outputs(self, model, batch: dict, role: str) -> Outputs:
         return Outputs(logits=model(self.model_input(batch, role)))
 
     def finish_outputs(self, out: Outputs, role: str) -> Outputs:
-        name = self._embedding_names[role]
+        name = self.embedding_name(role)
         if name and name in out.features:
             out.embedding = out.features.pop(name).flatten(1)
         return out
@@ -99,10 +104,6 @@ class ClassificationTask(DistillationTask):
         acc = self.metrics[stage].compute()  # torchmetrics reduces over ranks
         self.metrics[stage].reset()
         return {"acc": acc}
-
-
-def _channel_stat(values: Sequence[float]) -> Tensor:
-    return torch.tensor(list(values), dtype=torch.float32).view(1, -1, 1, 1)
 
 
 def _embedding_name(model: nn.Module | None, name: str | None) -> str | None:

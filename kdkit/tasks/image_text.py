@@ -10,13 +10,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdkit.distillers.clip_common import clip_parts, contrastive_loss
+from kdkit.data_contract import ImageTextData
 from kdkit.errors import KdkitError
 from kdkit.outputs import Outputs
 from kdkit.tasks.base import DistillationTask
+from kdkit.tasks.image_inputs import ImageInputs
 from kdkit.tasks.image_text_metrics import EvalEmbeddings, recall_at_k, zero_shot_accuracy
 
 
-class ImageTextTask(DistillationTask):
+class ImageTextTask(ImageInputs, DistillationTask):
     """CLIP distillation (CLIP-KD, Yang et al. 2024; TinyCLIP, Wu et al. 2023 settings).
 
     Batches are dicts ``{"image": float [B, 3, H, W] in [0, 1], "text": long [B, L] token ids,
@@ -48,6 +50,8 @@ class ImageTextTask(DistillationTask):
         **kwargs: see ``DistillationTask`` (``teacher_cache`` is not supported here).
     """
 
+    primary_metric = "zeroshot_acc"  # compared across stages on validation data (warn_weaker_teachers)
+
     def __init__(
         self,
         student: nn.Module,
@@ -72,26 +76,16 @@ class ImageTextTask(DistillationTask):
         from kdkit.models.clip import preprocess_stats
 
         self.model_specs = {"student": preprocess_stats(student)}
-        if teacher is not None:
-            self.model_specs["teacher"] = preprocess_stats(self.teacher.model)
-        for role, spec in self.model_specs.items():
-            norm = self.normalize_overrides.get(role) or spec
-            self.register_buffer(f"{role}_mean", _channel_stat(norm["mean"]), persistent=False)
-            self.register_buffer(f"{role}_std", _channel_stat(norm["std"]), persistent=False)
+        for name, frozen in self.teachers.items():
+            self.model_specs[name] = preprocess_stats(frozen.model)
+        self.register_image_pipelines({
+            role: {**spec, **(self.inputs[role].get("normalize") or {}),
+                   "size": self.inputs[role].get("image_size") or spec["size"]}
+            for role, spec in self.model_specs.items()})
         self.eval_store = nn.ModuleDict({stage: EvalEmbeddings() for stage in ("val", "test")})
         self._class_embeddings: Tensor | None = None
 
     # ---- inputs -----------------------------------------------------------------------------
-    def image_input(self, batch: dict, role: str) -> Tensor:
-        x = batch["image"]
-        size = self.model_specs[role]["size"]
-        if size is not None and tuple(x.shape[-2:]) != size:
-            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-        x = (x - getattr(self, f"{role}_mean")) / getattr(self, f"{role}_std")
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
-
     def text_input(self, tokens: Tensor, role: str) -> Tensor:
         return fit_context(tokens, self.model_specs[role]["context_length"])
 
@@ -131,9 +125,9 @@ class ImageTextTask(DistillationTask):
     # ---- evaluation -------------------------------------------------------------------------
     def _eval_setting(self, name: str, default=None):
         value = getattr(self, name)
-        if value is None:
-            dm = getattr(getattr(self, "_trainer", None), "datamodule", None)
-            value = getattr(dm, name, None)
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        if value is None and isinstance(dm, ImageTextData):
+            value = {"class_names": dm.class_names, "tokenizer": dm.tokenizer, "templates": dm.templates}[name]
         return default if value is None else value
 
     @torch.no_grad()
@@ -224,7 +218,3 @@ def fit_context(tokens: Tensor, context_length: int | None) -> Tensor:
         raise KdkitError(f"texts of {tokens.shape[-1]} tokens do not fit a model with context "
                          f"length {context_length}: tokenize with context_length={context_length}")
     return tokens[:, :context_length]
-
-
-def _channel_stat(values: Sequence[float]) -> Tensor:
-    return torch.tensor(list(values), dtype=torch.float32).view(1, -1, 1, 1)

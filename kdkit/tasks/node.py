@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from kdkit.errors import KdkitError
 from kdkit.outputs import Outputs
 from kdkit.tasks.base import DistillationTask
-from kdkit.teacher import FrozenTeacher
+from kdkit.teacher_source import MemoizedTeacher, TeacherSource
 
 
 def needs_graph(model: nn.Module) -> bool:
@@ -76,32 +76,38 @@ class NodeTask(DistillationTask):
         **kwargs: see ``DistillationTask``.
     """
 
+    primary_metric = "acc"  # compared across stages on validation data (warn_weaker_teachers)
+
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, num_classes: int,
                  embedding_module: str | None = "embedding", select_best: bool = True,
                  select_best_teacher: bool = False, memoize_teacher: bool = True, latency_repeats: int = 20, **kwargs):
-        teacher_model = teacher.model if isinstance(teacher, FrozenTeacher) else teacher
-        names = {"student": _has_module(student, embedding_module),
-                 "teacher": _has_module(teacher_model, embedding_module)}
-        object.__setattr__(self, "_embedding_names", names)
+        self.embedding_module = embedding_module
+        self._embedding_names: dict[str, str | None] = {}
+        self.memoize_teacher = memoize_teacher  # read by make_teacher_source during super().__init__
         if not kwargs.get("distillers"):
             kwargs["task_loss_weight"] = 1.0  # no distillers: cross-entropy is the whole loss
         super().__init__(student, teacher, **kwargs)
         self.num_classes = int(num_classes)
         self.select_best = select_best
         self.select_best_teacher = select_best_teacher
-        self.memoize_teacher = memoize_teacher
         self.latency_repeats = int(latency_repeats)
         self.metrics = nn.ModuleDict({
             name: torchmetrics.classification.MulticlassAccuracy(self.num_classes, average="micro")
             for name in ("val", "test", "test_observed")
         })
-        self._memo: tuple[Tensor, Tensor, Outputs] | None = None
         self._best: tuple[float, dict[str, Tensor]] | None = None
         self._last_val_acc: float | None = None
 
     # ---- outputs ----------------------------------------------------------------------------
+    def embedding_name(self, role: str) -> str | None:
+        """``embedding_module`` when model ``role`` has it (None: no embedding)."""
+        if role not in self._embedding_names:
+            model = self.student if role == "student" else self.teachers[role].model
+            self._embedding_names[role] = _has_module(model, self.embedding_module)
+        return self._embedding_names[role]
+
     def extra_feature_names(self, role: str) -> list[str]:
-        name = self._embedding_names[role]
+        name = self.embedding_name(role)
         return [name] if name else []
 
     def forward_outputs(self, model, batch: dict, role: str) -> Outputs:
@@ -110,20 +116,16 @@ class NodeTask(DistillationTask):
         return Outputs(logits=model(batch["x"]))
 
     def finish_outputs(self, out: Outputs, role: str) -> Outputs:
-        name = self._embedding_names[role]
+        name = self.embedding_name(role)
         if name and name in out.features:
             out.embedding = out.features.pop(name)
         return out
 
-    def teacher_outputs(self, batch: dict) -> Outputs:
-        if not self.memoize_teacher or self.teacher_cache is not None:
-            return super().teacher_outputs(batch)
-        index, edges = batch["index"], batch["edge_index"]
-        if self._memo is not None and _same(self._memo[0], index) and _same(self._memo[1], edges):
-            return self._memo[2]
-        out = super().teacher_outputs(batch)
-        self._memo = (index, edges, out)
-        return out
+    def make_teacher_source(self, name: str, cache) -> TeacherSource:
+        source = super().make_teacher_source(name, cache)
+        if cache is None and self.memoize_teacher:
+            return MemoizedTeacher(source, key=lambda batch: (batch["index"], batch["edge_index"]))
+        return source
 
     def check_compatible(self, student: Outputs, teacher: Outputs) -> None:
         if student.logits.shape[-1] != teacher.logits.shape[-1]:
@@ -273,10 +275,6 @@ def _has_module(model: nn.Module | None, name: str | None) -> str | None:
     if model is None or not name:
         return None
     return name if name in dict(model.named_modules()) else None
-
-
-def _same(a: Tensor, b: Tensor) -> bool:
-    return a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b))
 
 
 def _synced(fn, like: Tensor):

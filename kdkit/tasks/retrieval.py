@@ -13,10 +13,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from kdkit.distributed import gather, world
+from kdkit.data_contract import RetrievalData
 from kdkit.errors import KdkitError
 from kdkit.outputs import Outputs
 from kdkit.retrieval_metrics import DEFAULT_METRICS, retrieval_metrics
 from kdkit.tasks.base import DistillationTask
+from kdkit.teacher_source import PrecomputedTeacher, TeacherSource
 
 FIELDS = ("text", "query", "passage")
 
@@ -56,6 +58,8 @@ class RetrievalTask(DistillationTask):
             InfoNCE term joins the distillers only when asked; stages without distillers use 1).
     """
 
+    primary_metric = "ndcg@10"  # compared across stages on validation data (warn_weaker_teachers)
+
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, temperature: float = 0.05,
                  asymmetric: bool = True, metrics=DEFAULT_METRICS, search_backend: str = "torch",
                  throughput_passages: int = 64, throughput_batch_size: int = 32, throughput_repeats: int = 3,
@@ -66,6 +70,9 @@ class RetrievalTask(DistillationTask):
         for key in ("student_normalize", "teacher_normalize"):
             if kwargs.get(key):
                 raise KdkitError(f"{key} is an image option; text encoders normalise nothing")
+        if len(kwargs.get("teachers") or {}) + (teacher is not None) > 1:
+            raise KdkitError("the retrieval task reads one teacher (its embedding table is built "
+                             "per run); several retrieval teachers are not supported yet")
         super().__init__(student, teacher, **kwargs)
         self.temperature = float(temperature)
         self.asymmetric = asymmetric
@@ -79,9 +86,9 @@ class RetrievalTask(DistillationTask):
         self._fitted = False
 
     # ---- binding to the data --------------------------------------------------------------------
-    def _datamodule(self):
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is None or not hasattr(dm, "bind"):
+    def _datamodule(self) -> RetrievalData:
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        if not isinstance(dm, RetrievalData):
             raise KdkitError("RetrievalTask needs a retrieval datamodule (e.g. data=scifact)")
         return dm
 
@@ -89,6 +96,11 @@ class RetrievalTask(DistillationTask):
         dm = self._datamodule()
         dm.bind(self.student, self.teacher.model if self.teacher is not None else None)
         self._table, self._teacher_index = dm.teacher_table, dm.teacher_index
+        if self.teacher is not None and self._table is not None:
+            name = self._only_teacher()
+            live = super().make_teacher_source(name, None)
+            self.teacher_sources[name] = PrecomputedTeacher(name, self._table, _table_rows,
+                                                            fallback=_SameTokens(self, live))
         super().setup(stage)
 
     def probe(self, datamodule) -> None:
@@ -111,19 +123,6 @@ class RetrievalTask(DistillationTask):
         feats = {f: model(batch[f"{f}_input_ids"], batch[f"{f}_attention_mask"])
                  for f in FIELDS if f"{f}_input_ids" in batch}
         return _outputs(feats)
-
-    def teacher_outputs(self, batch: dict) -> Outputs:
-        fields = [f for f in FIELDS if f"{f}_input_ids" in batch]
-        if self._table is not None and all(f"{f}_pool" in batch for f in fields):
-            if self._table.device != self.device:
-                self._table = self._table.to(self.device)
-            return _outputs({f: self._table[batch[f"{f}_pool"]] for f in fields})
-        from kdkit.models.text import tokenizer_identity
-
-        if tokenizer_identity(self.student.tokenizer) != tokenizer_identity(self.teacher.model.tokenizer):
-            raise KdkitError("teacher and student tokenizers differ and the batch has no teacher-table "
-                             "rows: run through BEIRDataModule (it precomputes the teacher's embeddings)")
-        return super().teacher_outputs(batch)
 
     def task_loss(self, outputs: Outputs, batch: dict) -> Tensor:
         q, p = outputs.features.get("query"), outputs.features.get("passage")
@@ -230,6 +229,29 @@ class RetrievalTask(DistillationTask):
             paths.append(directory / "adapters.pt")
             torch.save(self.distillers.state_dict(), paths[-1])
         return paths
+
+
+def _table_rows(table: Tensor, batch: dict) -> Outputs | None:
+    """The teacher's precomputed embeddings of the batch's texts (None: no table rows)."""
+    fields = [f for f in FIELDS if f"{f}_input_ids" in batch]
+    if not all(f"{f}_pool" in batch for f in fields):
+        return None
+    return _outputs({f: table[batch[f"{f}_pool"]] for f in fields})
+
+
+class _SameTokens(TeacherSource):
+    """The live teacher, only where it reads the student's tokens (batches are tokenised once)."""
+
+    def __init__(self, task: RetrievalTask, live: TeacherSource):
+        self.name, self.task, self.live = live.name, task, live
+
+    def outputs(self, batch: dict) -> Outputs:
+        from kdkit.models.text import tokenizer_identity
+
+        if tokenizer_identity(self.task.student.tokenizer) != tokenizer_identity(self.task.teacher.model.tokenizer):
+            raise KdkitError("teacher and student tokenizers differ and the batch has no teacher-table "
+                             "rows: run through BEIRDataModule (it precomputes the teacher's embeddings)")
+        return self.live.outputs(batch)
 
 
 def _outputs(feats: dict[str, Tensor]) -> Outputs:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import OmegaConf
 from torch import nn
@@ -13,6 +12,7 @@ from torch import nn
 from kdkit.distillers.base import DistillContext, Distiller
 from kdkit.features import FeatureTap
 from kdkit.outputs import Outputs
+from kdkit.teachers import build_distiller
 from kdkit.teacher import FrozenTeacher
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "distiller"
@@ -102,4 +102,4 @@ def assert_gradients(pair: Pair, distiller: Distiller, learning: list[str]) -> N
 
 def from_yaml(name: str) -> Distiller:
     """``conf/distiller/<name>.yaml`` instantiated exactly as the runner does."""
-    return hydra.utils.instantiate(OmegaConf.load(CONF / f"{name}.yaml")[name])
+    return build_distiller(OmegaConf.load(CONF / f"{name}.yaml")[name])

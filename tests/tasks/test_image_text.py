@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from kdkit.data_contract import ImageTextData
 from kdkit.distillers.clip_fd import ClipFD
 from kdkit.errors import KdkitError
 from kdkit.models.clip import clip_model, clip_tokenizer
@@ -36,15 +37,23 @@ class Pairs(Dataset):
                 "pair_id": label, "index": torch.tensor(i)}
 
 
-class PairsModule(L.LightningDataModule):
+class PairsModule(L.LightningDataModule, ImageTextData):
+    num_classes = None
+    static_for_teacher = False  # captions drawn per sample
+    teacher_input_fingerprint = None
+    fixed_shards = False
+
+    def use_fixed_shards(self):
+        self.fixed_shards = True
+
     def __init__(self):
         super().__init__()
         self.train, self.test = Pairs(16, 0), Pairs(10, 1)
         self.tokenizer, self.class_names, self.templates = clip_tokenizer(TINY), CLASSES, TEMPLATES
         self.num_train_samples = len(self.train)
 
-    def example_batch(self, n: int = 4):
-        return default_collate([self.train[i] for i in range(n)])
+    def example_batch(self, n: int | None = None):
+        return default_collate([self.train[i] for i in range(n or 4)])
 
     def train_dataloader(self):
         return DataLoader(self.train, batch_size=8, shuffle=True, drop_last=True)
