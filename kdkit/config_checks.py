@@ -65,6 +65,10 @@ def config_problems(cfg: DictConfig) -> list[str]:
     for key, node in teachers.items():
         _epochs(problems, f"{key}.max_epochs", node.get("max_epochs"), max_steps)
         _lrs(problems, f"{key}.optimizer", node.get("optimizer"))
+    generations = (cfg.get("stages") or {}).get("generations")
+    if generations is not None and (_number(generations) is None or _number(generations) < 1
+                                    or _number(generations) != int(_number(generations))):
+        problems.append(f"stages.generations={generations} must be a whole number >= 1")
     data = cfg.get("data") or {}
     for key in ("batch_size", "eval_batch_size"):
         value = data.get(key)

@@ -170,7 +170,8 @@ def check_before_training(cfg, datamodule, teachers: dict, teacher_cfgs: dict) -
 
 def generations(cfg) -> int:
     """``stages.generations``: how many students are trained in sequence (born-again)."""
-    value = cfg.stages.get("generations", 1) or 1
+    value = cfg.stages.get("generations", 1)
+    value = 1 if value is None else value
     if int(value) < 1:
         raise KdkitError(f"stages.generations={value} must be >= 1")
     return int(value)
@@ -229,8 +230,8 @@ def warn_weaker_teachers(results: dict) -> None:
             continue
         stage_results["weaker_than_baseline"] = score[1] < base[1]
         if score[1] < base[1]:
-            say(f"warning: {key} scores {score[0]}={score[1]:.4f} on validation data, below the "
-                f"student trained alone ({base[1]:.4f}); distilling it usually hurts the student")
+            say(f"{key} scores {score[0]}={score[1]:.4f} on validation data, below the student "
+                f"trained alone ({base[1]:.4f}); distilling it usually hurts the student", warning=True)
 
 
 def _validation_score(stage_results: dict) -> tuple[str, float] | None:

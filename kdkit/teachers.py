@@ -17,10 +17,11 @@ from collections.abc import Mapping
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kdkit.errors import KdkitError
+from kdkit.errors import KdkitError, say
 from kdkit.tasks.base import check_teacher_name
 
 SHORTHAND = "teacher"
+_IGNORED: set[str] = set()  # distiller settings already reported as unused
 
 
 def teacher_configs(cfg: DictConfig) -> dict[str, DictConfig]:
@@ -59,8 +60,21 @@ def weights_file(name: str) -> str:
 
 def make_distillers(cfg: DictConfig) -> dict:
     """``cfg.distiller`` instantiated; each node's ``teacher`` key routes its distiller (the
-    task checks the names against its teachers when it is built)."""
-    distillers = {name: build_distiller(node) for name, node in (cfg.get("distiller") or {}).items()}
+    task checks the names against its teachers when it is built).
+
+    A node without ``_target_`` holds settings an experiment gives a distiller that the command
+    line then left out (``experiment=cora_multi_teacher distiller=[ca_mkd]`` keeps the
+    experiment's ``distiller.ensemble_kd.temperature``): it is skipped, with one line.
+    """
+    distillers = {}
+    for name, node in (cfg.get("distiller") or {}).items():
+        if isinstance(node, Mapping) and "_target_" not in node:
+            if name not in _IGNORED:
+                _IGNORED.add(name)
+                say(f"distiller.{name}: settings for a distiller this run does not use (not in "
+                    "distiller=[...]); ignored", warning=True)
+            continue
+        distillers[name] = build_distiller(node)
     if not distillers:
         raise KdkitError("the student stage has no distillers: pick some with distiller=[kd,...]")
     return distillers

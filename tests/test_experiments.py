@@ -26,9 +26,18 @@ SMALLER = {
 }
 
 
+def one_teacher_epoch(name: str) -> list[str]:
+    """``max_epochs=1`` for every teacher the experiment trains (the shorthand and named ones)."""
+    from kdkit.compose import compose
+    from kdkit.teachers import teacher_configs
+
+    cfg = compose([f"experiment={name}"])
+    return [("teacher" if t == "teacher" else f"teachers.{t}") + ".max_epochs=1" for t in teacher_configs(cfg)]
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_runs_a_few_steps(name, compose_run, data_dir):
-    extra = [*SMALLER.get(name, []), "teacher.max_epochs=1"]
+    extra = [*SMALLER.get(name, []), *one_teacher_epoch(name)]
     cfg, results = compose_run(f"experiment={name}", *extra)
     assert set(results) >= {"student"}
     for stage, metrics in results.items():
