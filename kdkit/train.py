@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig, open_dict
 
 
-@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="pkg://kdkit.conf", config_name="train")
 def _hydra_main(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
 

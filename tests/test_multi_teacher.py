@@ -42,6 +42,9 @@ def test_teacher_configs_shorthand_and_named():
     ([], r"reads one teacher but this run has 2 \(teacher, wide\): set distiller.kd.teacher"),
     (["distiller.kd.teacher=nope"], r"reads teacher 'nope', which this run does not have; its teachers: teacher, wide"),
     (["distiller=[ensemble_kd]", "distiller.ensemble_kd.teachers=[wide,nope]"], r"reads teachers \['nope'\]"),
+    (["distiller=[]"], "the student stage has no distillers"),
+    (["distiller.kd.temperature=0"], "distiller.kd.temperature=0 must be a finite number > 0"),
+    (["teachers.wide.model.num_classes=7", "distiller.kd.teacher=teacher"], "model predicts 7 classes"),
     (["distiller=[fitnet]", "distiller.fitnet.teacher=wide", "distiller.fitnet.student_feature=hidden.0",
       "distiller.fitnet.teacher_feature=no_such.layer"],
      "'no_such.layer' is not a module"),
@@ -52,8 +55,9 @@ def test_teacher_mistakes_fail_in_seconds_before_any_stage(tmp_path, overrides, 
     with pytest.raises(KdkitError, match=expected):
         run(cfg)
     assert time.perf_counter() - start < 30
-    written = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert written == ["config.yaml"]  # no teacher weights, checkpoints, logs or stage results
+    run_dir = tmp_path / "run"
+    written = sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else []
+    assert set(written) <= {"config.yaml"}  # no teacher weights, checkpoints, logs or stage results
 
 
 def test_two_teachers_each_get_a_stage_and_a_results_entry(tmp_path):

@@ -35,10 +35,23 @@ def test_hydra_finds_the_installed_config_module(tmp_path):
     assert out == "kdkit.datamodules.graph.GraphDataModule"
 
 
+def test_the_console_entry_point_finds_its_config_outside_the_repository(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "kdkit.train", "--cfg", "job", "experiment=cora_glnn"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "_target_: kdkit.datamodules.graph.GraphDataModule" in out.stdout
+
+
 @pytest.mark.slow
 def test_wheel_holds_one_top_level_package(tmp_path):
+    import shutil
+
+    # build from a copy: setuptools writes build/ next to the sources
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "*.egg-info", "__pycache__", "benchmarks", "notebooks", "tests"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=600)
+                    "-w", str(tmp_path), str(src)], check=True, capture_output=True, timeout=600)
     (wheel,) = tmp_path.glob("kdkit-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
