@@ -197,10 +197,11 @@ def _test_data_and_teacher(out: Path, extra: list[str]):
 def _student_queries_and_asym(dm, teacher, student) -> tuple:
     """The export's test-query embeddings and their asymmetric metrics (the teacher's own index)."""
     from kdkit.retrieval_metrics import retrieval_metrics
+    from kdkit.tasks.retrieval_table import static_embeddings
 
     docs, query_ids, qrels = dm.eval_layout("test")
     queries = student.encode([dm.data.queries[q] for q in query_ids])
-    return queries, retrieval_metrics(queries, dm.static_embeddings(teacher, "corpus"), query_ids, docs, qrels)
+    return queries, retrieval_metrics(queries, static_embeddings(dm, teacher, "corpus"), query_ids, docs, qrels)
 
 
 def probe_length(out: Path, name: str, length: int, extra: list[str]) -> dict:
@@ -236,15 +237,16 @@ def fidelity(out: Path, names: list[str], extra: list[str], n_docs: int = 400) -
     first ``n_docs`` corpus passages (both at 256 tokens; passages also against the teacher at
     128), written to ``out/<name>/fidelity.json``: how closely a student reproduces its teacher,
     which the ranking metrics alone do not show."""
+    from kdkit.tasks.retrieval_table import static_embeddings
     from kdkit.models.text import sentence_encoder
 
     dm, teacher = _test_data_and_teacher(out, extra)
     queries = dm.static_texts(f"queries-{dm.test_split}")
     docs = dm.data.doc_texts[:n_docs]
     # the teacher's side comes from the embedding cache the runs filled (encoded only if missing)
-    t_query = dm.static_embeddings(teacher, f"queries-{dm.test_split}")
-    t_doc = dm.static_embeddings(teacher, "corpus")[:n_docs]
-    t_doc128 = dm.static_embeddings(teacher, "corpus", 128)[:n_docs]
+    t_query = static_embeddings(dm, teacher, f"queries-{dm.test_split}")
+    t_doc = static_embeddings(dm, teacher, "corpus")[:n_docs]
+    t_doc128 = static_embeddings(dm, teacher, "corpus", 128)[:n_docs]
     for name in names:
         student = sentence_encoder(str(out / name / "export"), max_length=256)
         s_query, s_doc = student.encode(queries), student.encode(docs)

@@ -220,6 +220,11 @@ class CIFAR10DataModule(ImageDataModule):
         self.train_limit = train_limit
         self.split_seed = int(split_seed)
 
+    @property
+    def class_names(self) -> list[str]:
+        """The class names in label order (fixed: no setup needed), e.g. for zero-shot prompts."""
+        return list(CLASSES)
+
     def prepare_data(self) -> None:
         load_cifar10_arrays(self.archive_dir, self.cache_dir, self.download)
 

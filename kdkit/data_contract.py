@@ -16,6 +16,9 @@ Rules for an implementation:
 - Read-only members are properties here; an implementation may use a plain attribute instead.
 - Members are read after ``setup("fit")`` (the pipeline calls ``prepare_data`` and ``setup``
   first); a datamodule may set itself up lazily when one is read earlier.
+- A datamodule loads data; it never runs a model. What a model computes from the data (a
+  teacher's embedding table, negatives mined from its ranking) is computed by the task and
+  handed back as data through an explicit method (``RetrievalData.use_negatives``).
 
 Settings (one protocol each, all extending ``DistillationData``):
 
@@ -23,14 +26,16 @@ Settings (one protocol each, all extending ``DistillationData``):
   ``ImageFolderDataModule``).
 - ``ImageTextData``: image-caption pairs for CLIP (``CIFAR10PairsDataModule``,
   ``CSVPairsDataModule``, ``WebDatasetPairsDataModule``).
-- ``RetrievalData``: a corpus, queries and qrels with a precomputed teacher table
-  (``BEIRDataModule``).
+- ``RetrievalData``: a corpus, queries and qrels, with the static training texts a task embeds
+  with its teacher once (``BEIRDataModule``).
 - ``GraphData``: one graph, node classification (``GraphDataModule``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
@@ -111,39 +116,60 @@ class ImageTextData(DistillationData, Protocol):
         ``ImageTextTask`` when ``task.templates`` is unset."""
 
 
+@dataclass(frozen=True)
+class StaticPool:
+    """The static training texts of a retrieval dataset: the rows the ``*_pool`` indices of its
+    batches address, and what a teacher-table builder needs to embed them (data only; the
+    builder, ``kdkit.tasks.retrieval_table.build_teacher_table``, runs the teacher).
+
+    Args:
+        texts: text set name (``kind``) -> texts, in pool order: pool row ``i`` is the ``i``-th
+            text of their concatenation. ``corpus_kind`` and ``query_kind`` are among them.
+        positives: per train query (the order of ``texts[query_kind]``), its relevant corpus rows.
+        negative_ranks: ``(lo, hi)``: ranks of the teacher's ranking (positives removed) that
+            hard negatives come from; None when the training stream has no tuples.
+        target_max_length: tokens per text of the teacher's targets (None: its own length).
+        cache_dir: a folder for files derived from exactly this data (its fingerprint is in the
+            name), e.g. cached embeddings of ``texts``.
+        batch_size: batch size of the one-off teacher encoding.
+        corpus_kind, query_kind: the names of the corpus and train-query sets in ``texts``.
+    """
+
+    texts: dict[str, list[str]]
+    positives: list[set[int]]
+    negative_ranks: tuple[int, int] | None
+    target_max_length: int | None
+    cache_dir: Path
+    batch_size: int = 64
+    corpus_kind: str = "corpus"
+    query_kind: str = "queries-train"
+
+
 @runtime_checkable
 class RetrievalData(DistillationData, Protocol):
-    """A corpus, queries and qrels (BEIR); batches of tokenized texts with teacher-table rows."""
+    """A corpus, queries and qrels (BEIR); batches of tokenized texts whose ``*_pool`` indices
+    address the static training texts (``static_pool``). The datamodule runs no model: the task
+    embeds the pool with its teacher and hands back only data (tokenizer, negatives)."""
 
-    def bind(self, student=None, teacher=None) -> None:
-        """Tokenize for ``student``; compute ``teacher``'s table and index (None: drop them);
-        called by ``RetrievalTask.setup`` and ``RetrievalTask.probe``."""
+    def use_tokenizer(self, tokenizer, max_length: int | None = None) -> None:
+        """Tokenize batches with ``tokenizer`` from now on; ``max_length`` (the model's own)
+        becomes ``eval_max_length`` unless the data config sets one; called by
+        ``RetrievalTask.setup`` and ``RetrievalTask.probe`` with the student's."""
 
-    @property
-    def teacher_table(self) -> Tensor | None:
-        """``[N_pool, D]`` teacher embeddings of every static training text (the targets looked
-        up by the batches' ``*_pool`` indices), None until a teacher is bound; read by
-        ``RetrievalTask.setup``."""
+    def static_pool(self) -> StaticPool:
+        """The static training texts in pool order, with what the teacher-table builder needs;
+        read by ``RetrievalTask.setup`` (``kdkit.tasks.retrieval_table.build_teacher_table``;
+        its ``cache_dir`` also holds the student's cached corpus encoding)."""
 
-    @property
-    def teacher_index(self) -> Tensor | None:
-        """``[N_docs, D]`` teacher corpus embeddings at the teacher's own length (the index of
-        the asymmetric evaluation), None until a teacher is bound; read by
-        ``RetrievalTask.setup``."""
+    def use_negatives(self, negatives: Sequence[Sequence[int]] | None) -> None:
+        """Draw the tuple streams' negatives from ``negatives`` (per train query, corpus rows:
+        a sequence of ints or a 1-D index tensor), None: random non-positive passages; called
+        by ``RetrievalTask.setup`` with the teacher's mined hard negatives."""
 
     @property
     def eval_max_length(self) -> int | None:
-        """Tokens per evaluated text, None until a student is bound; read by ``RetrievalTask``
-        as the length of its cached corpus embeddings."""
-
-    def cached_embeddings(self, encoder, kind: str, max_length: int | None = None) -> Tensor | None:
-        """``encoder``'s cached embeddings of the static texts ``kind`` at ``max_length``, or
-        None; read by ``RetrievalTask`` at the start of each evaluation."""
-
-    def store_embeddings(self, encoder, kind: str, embeddings: Tensor,
-                         max_length: int | None = None) -> None:
-        """Cache ``embeddings`` of the static texts ``kind`` under ``encoder``'s fingerprint;
-        called by ``RetrievalTask.compute_metrics`` for an untrained student's corpus."""
+        """Tokens per evaluated text, None until a tokenizer is given; read by
+        ``RetrievalTask`` as the length of its cached corpus embeddings."""
 
     def eval_layout(self, stage: str) -> tuple[list[str], list[str], dict[str, dict[str, int]]]:
         """``(doc_ids, query_ids, qrels)`` behind the eval stream's indices of ``stage``; read

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdkit.distillers.base import Distiller
-from kdkit.distillers.clip_common import clip_parts, similarity_rows
+from kdkit.distillers.clip_common import clip_parts
+from kdkit.losses.contrastive import similarity_rows
 from kdkit.outputs import Outputs
 
 

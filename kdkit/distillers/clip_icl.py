@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from kdkit.distillers.base import DistillContext, Distiller
-from kdkit.distillers.clip_common import EmbeddingProjection, clip_parts, contrastive_loss
+from kdkit.distillers.clip_common import EmbeddingProjection, clip_parts
+from kdkit.losses.contrastive import contrastive_loss
 from kdkit.outputs import Outputs
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import functools
+from collections.abc import Callable, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -24,6 +25,17 @@ class DistillationTask(L.LightningModule):
 
     Subclasses say how a batch feeds a model (``forward_outputs``), what the task loss is
     (``task_loss``) and how results are measured (``update_metrics`` / ``compute_metrics``).
+    Public hooks they may override besides: ``eval_step`` (what one validation/test batch
+    does), ``param_groups`` (optimizer parameter groups), ``make_teacher_source``,
+    ``finish_outputs``, ``check_outputs`` / ``check_compatible``, ``extra_feature_names``,
+    ``fit_summary``, ``inference_report``, ``export``. Setting-specific options live in the
+    subclasses and their mixins (image pipelines and ``channels_last``:
+    ``kdkit.tasks.image_inputs.ImageInputs``), never here.
+
+    The task loss weight: with distillers, ``task_loss_weight`` (default: the class's
+    ``default_task_loss_weight``, 1 here) mixes the task loss into the distilled objective.
+    Without distillers (the teacher-training stage, the baseline) the model learns from its
+    task loss alone, with weight 1 whatever ``task_loss_weight`` says. This rule lives here only.
 
     Teachers are held *outside* the module tree (``self.teachers`` is a plain dict): they are
     absent from ``state_dict`` and checkpoints, from the optimizer, and from DDP's gradient sync
@@ -39,7 +51,8 @@ class DistillationTask(L.LightningModule):
         teacher: one frozen teacher network (named "teacher"), or None (baseline /
             teacher-training stages). Shorthand for ``teachers={"teacher": teacher}``.
         distillers: name -> Distiller; their adapters train and are saved with the student.
-        task_loss_weight: weight of the task's own loss (0 for pure distillation).
+        task_loss_weight: weight of the task's own loss next to the distillers (0 for pure
+            distillation); None: ``default_task_loss_weight``. Ignored without distillers (1).
         optimizer: ``functools.partial`` of a torch optimizer (Hydra ``_partial_: true``).
         scheduler: partial taking ``(optimizer, total_steps=...)``; stepped every step.
         teacher_precision: autocast precision of the teacher forwards ("bf16", "16" or None),
@@ -47,7 +60,6 @@ class DistillationTask(L.LightningModule):
         teacher_cache: teacher outputs by sample index for static data, or None: an object with
             ``lookup(index, device) -> Outputs | None`` and ``store(index, outputs)`` (see
             ``kdkit.cache``), or ``{name: cache}``.
-        channels_last: convert models (and 4-D inputs) to channels_last memory format.
         compile: wrap the student forward in ``torch.compile``.
         teachers: name -> frozen teacher network (several teachers).
         inputs: role -> that model's own input pipeline options, for roles "student" and each
@@ -55,27 +67,33 @@ class DistillationTask(L.LightningModule):
             tasks); the task subclass interprets the keys it knows.
         student_normalize, teacher_normalize: shorthands for ``inputs[role]["normalize"]``
             (``teacher_normalize`` applies to every teacher without its own).
+        callbacks: Lightning callbacks this task brings to every Trainer that runs it
+            (``configure_callbacks``), as a list or ``{name: callback}`` (None entries are
+            skipped), e.g. ``kdkit.callbacks.KeepBestWeights``. Their ``fit_summary(task)``, when
+            they have one, joins ``fit_summary``.
     """
 
     # the validation metric (without "val/") that ranks models of this task, e.g. "acc"
     primary_metric: str | None = None
+    # weight of the task loss next to distillers when task_loss_weight is not given
+    default_task_loss_weight: float = 1.0
 
     def __init__(
         self,
         student: nn.Module,
         teacher: nn.Module | None = None,
         distillers: Mapping[str, Distiller] | None = None,
-        task_loss_weight: float = 1.0,
+        task_loss_weight: float | None = None,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
         teacher_precision=None,
         teacher_cache=None,
-        channels_last: bool = False,
         compile: bool = False,
         teachers: Mapping[str, nn.Module] | None = None,
         inputs: Mapping[str, Mapping] | None = None,
         student_normalize: Mapping | None = None,
         teacher_normalize: Mapping | None = None,
+        callbacks: Sequence[L.Callback] | Mapping[str, L.Callback | None] | None = None,
     ):
         super().__init__()
         models = _teacher_models(teacher, teachers)
@@ -89,21 +107,18 @@ class DistillationTask(L.LightningModule):
                   for name, m in models.items()}
         object.__setattr__(self, "_teachers", frozen)  # hidden from nn.Module registration
         self.routes = {name: _route(name, d, list(frozen)) for name, d in self.distillers.items()}
-        self.task_loss_weight = float(task_loss_weight)
+        self.task_loss_weight = resolve_task_loss_weight(
+            task_loss_weight, bool(self.distillers), self.default_task_loss_weight)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         caches = _per_teacher(teacher_cache, frozen, "teacher_cache")
         self.teacher_caches = {name: c for name, c in caches.items() if c is not None}
-        self.channels_last = channels_last
         self.compile = compile
+        self.task_callbacks = _callback_list(callbacks)
         self._built = False
         self._loss_watch = LossWatch()
         self.student_role = "student"  # "teacher" while the runner trains a teacher itself
         self._taps: dict[str, FeatureTap] = {}  # created on first use: subclasses set up first
-        if channels_last:
-            self.student.to(memory_format=torch.channels_last)
-            for t in frozen.values():
-                t.to(memory_format=torch.channels_last)
         # Hidden like the teachers: the compiled wrapper would otherwise duplicate the student's
         # weights in state_dict under another prefix.
         object.__setattr__(self, "_student_forward", torch.compile(student) if compile else student)
@@ -137,7 +152,7 @@ class DistillationTask(L.LightningModule):
     def make_teacher_source(self, name: str, cache) -> TeacherSource:
         """How teacher ``name`` is read: live, or through its cache. Subclasses may reuse
         outputs otherwise (``MemoizedTeacher``, ``PrecomputedTeacher``)."""
-        live = LiveTeacher(name, lambda batch: self.run_teacher(name, batch))
+        live = LiveTeacher(name, functools.partial(self.run_teacher, name))  # picklable (ddp_spawn)
         return CachedTeacher(live, cache) if cache is not None else live
 
     def tap(self, role: str) -> FeatureTap:
@@ -200,8 +215,22 @@ class DistillationTask(L.LightningModule):
 
     def fit_summary(self) -> dict:
         """Facts about the finished fit that belong in ``results.json`` (e.g. the validation
-        score of the weights that were kept); empty unless a task selects weights."""
-        return {}
+        score of the weights that were kept): what the task's callbacks, and any callback of the
+        Trainer that ran it, report through ``fit_summary(task)``; empty unless one selects."""
+        callbacks = list(self.task_callbacks)
+        if self._trainer is not None:
+            callbacks += [cb for cb in self._trainer.callbacks if all(cb is not c for c in callbacks)]
+        summary: dict = {}
+        for cb in callbacks:
+            report = getattr(cb, "fit_summary", None)
+            if callable(report):
+                summary.update(report(self))
+        return summary
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The task's own callbacks (``callbacks``), each attached once per Trainer."""
+        attached = self._trainer.callbacks if self._trainer is not None else []
+        return [cb for cb in self.task_callbacks if all(cb is not c for c in attached)]
 
     def inference_report(self, batch: dict) -> dict:
         """Size and inference latency of the student on ``batch`` (one forward, no grad)."""
@@ -360,14 +389,17 @@ class DistillationTask(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         check_finite(self, f"the {self.student_role} at step {self.global_step}")
 
-    def _eval_step(self, stage: str, batch: dict) -> None:
+    def eval_step(self, stage: str, batch: dict) -> None:
+        """What one evaluation batch does, for ``stage`` "val" or "test" (``validation_step`` and
+        ``test_step`` call it): by default the student's outputs go to ``update_metrics``.
+        Override it when evaluation is not a plain forward, e.g. encoding a corpus."""
         self.update_metrics(stage, self.student_outputs(batch), batch)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step("val", batch)
+        self.eval_step("val", batch)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step("test", batch)
+        self.eval_step("test", batch)
 
     def _log_metrics(self, stage: str) -> None:
         metrics = self.compute_metrics(stage)
@@ -379,11 +411,18 @@ class DistillationTask(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
 
+    def param_groups(self) -> list[dict]:
+        """The optimizer's parameter groups: dicts with ``"params"`` and any per-group option
+        (e.g. ``"weight_decay": 0.0``) that overrides the optimizer's settings. Default: one
+        group of every trainable parameter (student and distiller adapters). Empty groups are
+        dropped before the optimizer sees them."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
     def configure_optimizers(self):
         if self.optimizer_factory is None:
             raise KdkitError("task.optimizer is not set")
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
+        groups = [g for g in self.param_groups() if len(g["params"])]
+        optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
             return optimizer
         total = int(self.trainer.estimated_stepping_batches)
@@ -400,6 +439,25 @@ def _save_safetensors(state: dict, path) -> "Path":
 
 
 # ---- construction helpers ---------------------------------------------------------------------
+def resolve_task_loss_weight(weight: float | None, has_distillers: bool, default: float) -> float:
+    """The task loss weight a task trains with: ``weight`` (None: ``default``) next to
+    distillers; 1 without distillers (a model trained alone learns from its task loss)."""
+    if not has_distillers:
+        return 1.0
+    return float(default if weight is None else weight)
+
+
+def _callback_list(callbacks) -> list[L.Callback]:
+    if callbacks is None:
+        return []
+    items = list(callbacks.values()) if isinstance(callbacks, Mapping) else list(callbacks)
+    items = [cb for cb in items if cb is not None]
+    for cb in items:
+        if not isinstance(cb, L.Callback):
+            raise KdkitError(f"task.callbacks: {cb!r} is not a Lightning Callback")
+    return items
+
+
 def _teacher_models(teacher, teachers) -> dict[str, nn.Module]:
     models = dict(teachers or {})
     if teacher is not None:

@@ -32,6 +32,7 @@ class ClassificationTask(ImageInputs, DistillationTask):
         label_smoothing: for the task cross-entropy.
         embedding_module: module whose *input* is the pooled embedding ("auto": the last
             ``nn.Linear``; None: no embedding). ``teacher_embedding_module`` likewise.
+        channels_last: see ``ImageInputs``.
         **kwargs: see ``DistillationTask``.
     """
 

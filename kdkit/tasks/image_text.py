@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdkit.distillers.clip_common import clip_parts, contrastive_loss
 from kdkit.data_contract import ImageTextData
 from kdkit.errors import KdkitError
+from kdkit.losses.contrastive import contrastive_loss
 from kdkit.outputs import Outputs
 from kdkit.tasks.base import DistillationTask
 from kdkit.tasks.image_inputs import ImageInputs
@@ -30,7 +30,10 @@ class ImageTextTask(ImageInputs, DistillationTask):
     ``Outputs``: ``embedding`` = L2-normalised image embedding, ``features["text_embedding"]``
     = L2-normalised text embedding, ``features["logit_scale"]`` = the model's scale exp(log s)
     (a 0-dim tensor). The task loss is CLIP's symmetric InfoNCE over the global batch (local
-    rows vs. embeddings gathered from every rank).
+    rows vs. embeddings gathered from every rank; ``kdkit.losses.contrastive``).
+
+    Optimizer groups (``param_groups``): as CLIP and open_clip's trainer, only matrices
+    (ndim >= 2) decay; gains, biases and the logit scale get ``weight_decay = 0``.
 
     Metrics (``test/...``): ``zeroshot_acc`` (class names x a prompt ensemble, class text
     embeddings computed by the student at the start of each evaluation) and ``i2t_r@k`` /
@@ -47,6 +50,7 @@ class ImageTextTask(ImageInputs, DistillationTask):
             default: the datamodule's ``templates``, else ``("a photo of a {}.",)``.
         recall_ks: the k of the retrieval Recall@k metrics.
         max_logit_scale: the student's logit scale is clamped to this after every step (CLIP).
+        channels_last: see ``ImageInputs``.
         **kwargs: see ``DistillationTask`` (``teacher_cache`` is not supported here).
     """
 
@@ -99,7 +103,10 @@ class ImageTextTask(ImageInputs, DistillationTask):
         return Outputs(embedding=image, features={"text_embedding": text, "logit_scale": scale})
 
     def task_loss(self, outputs: Outputs, batch: dict) -> Tensor:
-        return contrastive_loss(*clip_parts(outputs, "image_text task"))
+        # float32 losses under bf16/fp16 autocast; forward_outputs made all three fields
+        features = outputs.features
+        return contrastive_loss(outputs.embedding.float(), features["text_embedding"].float(),
+                                features["logit_scale"].float())
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # CLIP bounds its temperature the same way: clamp the parameter, not the gradient.
@@ -108,19 +115,13 @@ class ImageTextTask(ImageInputs, DistillationTask):
             with torch.no_grad():
                 log_scale.clamp_(0, math.log(self.max_logit_scale))
 
-    def configure_optimizers(self):
+    def param_groups(self) -> list[dict]:
         # CLIP (and open_clip's trainer) exempt gains, biases and the logit scale from weight
         # decay: only matrices (ndim >= 2) decay.
-        if self.optimizer_factory is None:
-            raise KdkitError("task.optimizer is not set")
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.ndim >= 2]},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-        optimizer = self.optimizer_factory([g for g in groups if g["params"]])
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        (group,) = super().param_groups()
+        params = group["params"]
+        return [{"params": [p for p in params if p.ndim >= 2]},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
     # ---- evaluation -------------------------------------------------------------------------
     def _eval_setting(self, name: str, default=None):

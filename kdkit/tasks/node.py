@@ -51,7 +51,13 @@ class NodeTask(DistillationTask):
         L = lambda * CE(student on labelled nodes) + sum_d weight_d * L_d(all nodes)
 
     with lambda = ``task_loss_weight``. GLNN uses lambda = 0 (soft labels alone); stages
-    without distillers (teacher training, baseline) always train on the cross-entropy alone.
+    without distillers (teacher training, baseline) always train on the cross-entropy alone
+    (``DistillationTask``'s rule).
+
+    GLNN and FF-G2M report test accuracy at the best validation epoch: the node config
+    (``conf/task/node.yaml``) gives the task a ``kdkit.callbacks.KeepBestWeights`` callback
+    (``val/acc``, max; not in the teacher stage), which restores those weights when fitting
+    ends and reports ``val/acc_selected``.
 
     Teacher outputs on a static graph never change: unless a core teacher cache is given, the
     last teacher ``Outputs`` are kept and reused while the batch's ``index`` and
@@ -64,12 +70,6 @@ class NodeTask(DistillationTask):
         num_classes: number of classes (checked against both models at start-up).
         embedding_module: name of the module whose output is the hidden node embedding
             (``"embedding"`` in ``kdkit.models.gnn``); models without it give no embedding.
-        select_best: keep the student's weights of the epoch with the best validation accuracy
-            and restore them when fitting ends (GLNN and FF-G2M report test accuracy there).
-        select_best_teacher: the same while the runner trains the teacher itself
-            (``student_role == "teacher"``). Off by default: a GCN stopped at its best
-            validation epoch is accurate but under-trained, and its soft labels teach worse
-            (Cora, GLNN, 5 seeds: 80.0% from it vs 81.0% from the same GCN after 300 epochs).
         memoize_teacher: reuse teacher outputs while the graph batch is unchanged.
         latency_repeats: timed blocks per latency figure in ``inference_report`` (each block
             repeats the call for >= 50 ms; the fastest block's mean is reported).
@@ -79,24 +79,18 @@ class NodeTask(DistillationTask):
     primary_metric = "acc"  # compared across stages on validation data (warn_weaker_teachers)
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, num_classes: int,
-                 embedding_module: str | None = "embedding", select_best: bool = True,
-                 select_best_teacher: bool = False, memoize_teacher: bool = True, latency_repeats: int = 20, **kwargs):
+                 embedding_module: str | None = "embedding", memoize_teacher: bool = True,
+                 latency_repeats: int = 20, **kwargs):
         self.embedding_module = embedding_module
         self._embedding_names: dict[str, str | None] = {}
         self.memoize_teacher = memoize_teacher  # read by make_teacher_source during super().__init__
-        if not kwargs.get("distillers"):
-            kwargs["task_loss_weight"] = 1.0  # no distillers: cross-entropy is the whole loss
         super().__init__(student, teacher, **kwargs)
         self.num_classes = int(num_classes)
-        self.select_best = select_best
-        self.select_best_teacher = select_best_teacher
         self.latency_repeats = int(latency_repeats)
         self.metrics = nn.ModuleDict({
             name: torchmetrics.classification.MulticlassAccuracy(self.num_classes, average="micro")
             for name in ("val", "test", "test_observed")
         })
-        self._best: tuple[float, dict[str, Tensor]] | None = None
-        self._last_val_acc: float | None = None
 
     # ---- outputs ----------------------------------------------------------------------------
     def embedding_name(self, role: str) -> str | None:
@@ -124,7 +118,7 @@ class NodeTask(DistillationTask):
     def make_teacher_source(self, name: str, cache) -> TeacherSource:
         source = super().make_teacher_source(name, cache)
         if cache is None and self.memoize_teacher:
-            return MemoizedTeacher(source, key=lambda batch: (batch["index"], batch["edge_index"]))
+            return MemoizedTeacher(source, key=graph_batch_key)
         return source
 
     def check_compatible(self, student: Outputs, teacher: Outputs) -> None:
@@ -158,43 +152,7 @@ class NodeTask(DistillationTask):
         if stage == "test" and observed.update_called:
             metrics["acc_observed"] = observed.compute()
             observed.reset()
-        if stage == "val":
-            self._last_val_acc = float(metrics["acc"])
         return metrics
-
-    # ---- best-validation weights ------------------------------------------------------------
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        if not self._selects_best() or self.trainer.sanity_checking or self._last_val_acc is None:
-            return
-        # ">=": among equal validation scores keep the latest, as GLNN and FF-G2M do.
-        if self._best is None or self._last_val_acc >= self._best[0]:
-            state = {k: v.detach().clone() for k, v in self.state_dict().items()}
-            self._best = (self._last_val_acc, state)
-
-    def on_fit_end(self) -> None:
-        if self._selects_best() and self._best is not None:
-            self.load_state_dict(self._best[1])
-
-    def fit_summary(self) -> dict:
-        """``val/acc_selected``: validation accuracy of the best epoch's weights, the ones kept
-        (without selection the kept weights are the last epoch's: ``val/acc``)."""
-        if self._selects_best() and self._best is not None:
-            return {"val/acc_selected": self._best[0]}
-        return {}
-
-    def _selects_best(self) -> bool:
-        return self.select_best_teacher if self.student_role == "teacher" else self.select_best
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if self._best is not None:  # a resumed run still restores the best epoch seen before
-            checkpoint["node_task_best"] = {"val_acc": self._best[0], "state_dict": self._best[1]}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        best = checkpoint.get("node_task_best")
-        if best is not None:
-            self._best = (best["val_acc"], best["state_dict"])
 
     # ---- inference cost ---------------------------------------------------------------------
     @torch.inference_mode()  # as a deployed model runs: no autograd bookkeeping at all
@@ -288,3 +246,8 @@ def _synced(fn, like: Tensor):
         return out
 
     return run
+
+
+def graph_batch_key(batch: dict) -> tuple:
+    """What makes a graph batch the same batch: its nodes and its edges."""
+    return batch["index"], batch["edge_index"]

@@ -18,9 +18,9 @@ from kdkit.errors import KdkitError
 from kdkit.outputs import Outputs
 from kdkit.retrieval_metrics import DEFAULT_METRICS, retrieval_metrics
 from kdkit.tasks.base import DistillationTask
-from kdkit.teacher_source import PrecomputedTeacher, TeacherSource
-
-FIELDS = ("text", "query", "passage")
+from kdkit.tasks.retrieval_table import (FIELDS, EmbeddingCache, build_teacher_table, teacher_source,
+                                         embedding_outputs as _outputs)
+from kdkit.teacher_source import TeacherSource
 
 
 class RetrievalTask(DistillationTask):
@@ -29,12 +29,14 @@ class RetrievalTask(DistillationTask):
     Batches (from ``kdkit.datamodules.beir.BEIRDataModule``) carry tokenized text fields:
     ``text_*`` (unlabeled texts), ``query_*`` and ``passage_*`` (``[B * G, L]``: per query its
     positive then its hard negatives), each with ``<field>_input_ids`` / ``_attention_mask`` and
-    ``<field>_pool`` (the text's row in the datamodule's static teacher table), plus ``index``.
+    ``<field>_pool`` (the text's row in the pool of static training texts), plus ``index``.
 
     Outputs: ``features["text" | "query" | "passage"]`` = embeddings ``[B, D]`` (passages
     ``[B, G, D]``); ``embedding`` = the text embeddings, else the query embeddings.
-    The teacher's outputs are rows of the precomputed table (its embeddings of every static
-    training text), so training never runs the teacher.
+    The teacher's outputs are rows of a table it computes once in ``setup`` (its embeddings of
+    every static training text, ``kdkit.tasks.retrieval_table``; cached on disk by its weight
+    fingerprint), read through a ``PrecomputedTeacher``: training never runs the teacher. The
+    datamodule runs no model: it gets the student's tokenizer and the mined hard negatives.
 
     Task loss (stages without distillers: the baseline): InfoNCE over in-batch and hard
     negatives (Karpukhin et al. 2020, DPR), gathered across ranks:
@@ -59,14 +61,12 @@ class RetrievalTask(DistillationTask):
     """
 
     primary_metric = "ndcg@10"  # compared across stages on validation data (warn_weaker_teachers)
+    default_task_loss_weight = 0.0  # with distillers: distillation only unless asked
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, temperature: float = 0.05,
                  asymmetric: bool = True, metrics=DEFAULT_METRICS, search_backend: str = "torch",
                  throughput_passages: int = 64, throughput_batch_size: int = 32, throughput_repeats: int = 3,
                  **kwargs):
-        if not kwargs.get("distillers"):
-            kwargs["task_loss_weight"] = 1.0  # no distillers: the contrastive loss is the whole loss
-        kwargs.setdefault("task_loss_weight", 0.0)  # with distillers: distillation only unless asked
         for key in ("student_normalize", "teacher_normalize"):
             if kwargs.get(key):
                 raise KdkitError(f"{key} is an image option; text encoders normalise nothing")
@@ -79,8 +79,9 @@ class RetrievalTask(DistillationTask):
         self.metric_names = list(metrics)
         self.search_backend = search_backend
         self.throughput = (int(throughput_passages), int(throughput_batch_size), int(throughput_repeats))
-        self._table: Tensor | None = None
-        self._teacher_index: Tensor | None = None
+        self._table: Tensor | None = None  # [N_pool, D] the teacher's embeddings of the pool texts
+        self._teacher_index: Tensor | None = None  # [N_docs, D] its corpus index (own length)
+        self._embeddings: EmbeddingCache | None = None  # the data's embedding cache (setup)
         self._eval: dict[str, list] = {"val": [], "test": []}
         self._known_corpus: dict[str, Tensor | None] = {"val": None, "test": None}
         self._fitted = False
@@ -93,22 +94,31 @@ class RetrievalTask(DistillationTask):
         return dm
 
     def setup(self, stage: str) -> None:
+        """Tokenise batches for the student; with a teacher, compute (or read from the cache) its
+        table and corpus index, read its outputs from the table, and hand its mined hard
+        negatives to the datamodule."""
         dm = self._datamodule()
-        dm.bind(self.student, self.teacher.model if self.teacher is not None else None)
-        self._table, self._teacher_index = dm.teacher_table, dm.teacher_index
-        if self.teacher is not None and self._table is not None:
+        dm.use_tokenizer(self.student.tokenizer, self.student.max_length)
+        pool = dm.static_pool()
+        self._embeddings = EmbeddingCache(pool.cache_dir, pool.batch_size)
+        self._table = self._teacher_index = None
+        negatives = None
+        if self.teacher is not None:
+            table = build_teacher_table(self.teacher.model, pool)
+            self._table, self._teacher_index, negatives = table.rows, table.index, table.negatives
             name = self._only_teacher()
             live = super().make_teacher_source(name, None)
-            self.teacher_sources[name] = PrecomputedTeacher(name, self._table, _table_rows,
-                                                            fallback=_SameTokens(self, live))
+            self.teacher_sources[name] = teacher_source(name, self._table, fallback=_SameTokens(self, live))
+        dm.use_negatives(negatives)
         super().setup(stage)
 
     def probe(self, datamodule) -> None:
         """As the base class, with batches tokenised for this student (the teacher forwards live:
-        its embedding table is computed when its stage binds it)."""
+        its embedding table is computed when its stage sets up)."""
         from kdkit.models.text import tokenizer_identity
 
-        datamodule.bind(self.student, None)
+        datamodule.use_tokenizer(self.student.tokenizer, self.student.max_length)
+        datamodule.use_negatives(None)
         teacher = self.teacher
         if teacher is not None and (tokenizer_identity(self.student.tokenizer)
                                     != tokenizer_identity(teacher.model.tokenizer)):
@@ -134,7 +144,12 @@ class RetrievalTask(DistillationTask):
     def _start_eval(self, stage: str) -> None:
         self._eval[stage] = []
         dm = self._datamodule()
-        self._known_corpus[stage] = dm.cached_embeddings(self.student, "corpus", dm.eval_max_length)
+        self._known_corpus[stage] = self._embedding_cache().load(self.student, "corpus", dm.eval_max_length)
+
+    def _embedding_cache(self) -> EmbeddingCache:
+        if self._embeddings is None:
+            self._embeddings = EmbeddingCache(self._datamodule().static_pool().cache_dir)
+        return self._embeddings
 
     def on_validation_epoch_start(self) -> None:
         self._start_eval("val")
@@ -142,7 +157,7 @@ class RetrievalTask(DistillationTask):
     def on_test_epoch_start(self) -> None:
         self._start_eval("test")
 
-    def _eval_step(self, stage: str, batch: dict) -> None:
+    def eval_step(self, stage: str, batch: dict) -> None:
         keep = batch["is_query"] if self._known_corpus[stage] is not None else torch.ones_like(batch["is_query"])
         if not keep.any():
             return  # corpus rows already known for these exact weights (embedding cache)
@@ -163,7 +178,7 @@ class RetrievalTask(DistillationTask):
         if known is not None:
             rows[:n_docs], seen[:n_docs] = known, True
         elif seen[:n_docs].all() and not self._fitted and world()[0] == 0:
-            dm.store_embeddings(self.student, "corpus", rows[:n_docs], dm.eval_max_length)
+            self._embedding_cache().store(self.student, "corpus", rows[:n_docs], dm.eval_max_length)
         docs = seen[:n_docs].nonzero().squeeze(1)
         queries = seen[n_docs:].nonzero().squeeze(1)
         if len(docs) < n_docs or len(queries) < len(query_ids):
@@ -231,14 +246,6 @@ class RetrievalTask(DistillationTask):
         return paths
 
 
-def _table_rows(table: Tensor, batch: dict) -> Outputs | None:
-    """The teacher's precomputed embeddings of the batch's texts (None: no table rows)."""
-    fields = [f for f in FIELDS if f"{f}_input_ids" in batch]
-    if not all(f"{f}_pool" in batch for f in fields):
-        return None
-    return _outputs({f: table[batch[f"{f}_pool"]] for f in fields})
-
-
 class _SameTokens(TeacherSource):
     """The live teacher, only where it reads the student's tokens (batches are tokenised once)."""
 
@@ -250,15 +257,8 @@ class _SameTokens(TeacherSource):
 
         if tokenizer_identity(self.task.student.tokenizer) != tokenizer_identity(self.task.teacher.model.tokenizer):
             raise KdkitError("teacher and student tokenizers differ and the batch has no teacher-table "
-                             "rows: run through BEIRDataModule (it precomputes the teacher's embeddings)")
+                             "rows (*_pool indices): the teacher cannot read the student's tokens")
         return self.live.outputs(batch)
-
-
-def _outputs(feats: dict[str, Tensor]) -> Outputs:
-    if "passage" in feats and "query" in feats:
-        q = feats["query"]
-        feats["passage"] = feats["passage"].reshape(q.shape[0], -1, feats["passage"].shape[-1])
-    return Outputs(embedding=feats.get("text", feats.get("query")), features=feats)
 
 
 def info_nce(query: Tensor, passages: Tensor, temperature: float) -> Tensor:

@@ -1,14 +1,18 @@
-"""BEIR datamodule: reading, zip extraction, streams, hard negatives, teacher table, eval layout."""
+"""BEIR datamodule: reading, zip extraction, streams, the static pool, negatives handed over,
+eval layout; and the retrieval task's teacher table built over its pool (the datamodule itself
+never runs a model)."""
 
+import inspect
 import zipfile
 
 import pytest
 import torch
 
-from kdkit.datamodules.beir import (BEIRData, BEIRDataModule, Collate, EvalStream, locate, mine_negatives,
-                              read_beir, sample_sentences, split_sentences, write_beir)
+from kdkit.datamodules.beir import (BEIRData, BEIRDataModule, Collate, EvalStream, locate, read_beir,
+                                    sample_sentences, split_sentences, write_beir)
 from kdkit.errors import KdkitError
-from kdkit.models.text import hf_encoder
+from kdkit.models.text import TextEncoder, hf_encoder
+from kdkit.tasks.retrieval_table import build_teacher_table, mine_negatives, static_embeddings
 from tests.datamodules.fault_helpers import needs_non_root, one_line, truncate
 
 WORDS = "cell heart gene virus brain lung protein cancer blood bone".split()
@@ -40,6 +44,15 @@ def module(toy_dir, tmp_path, **kwargs):
                         eval_batch_size=4, **kwargs)
     dm.setup("fit")
     return dm
+
+
+def bind(dm, student, teacher=None):
+    """What ``RetrievalTask.setup`` does: the student's tokenizer to the datamodule; the teacher's
+    table built over the datamodule's pool, its mined negatives handed back as data."""
+    dm.use_tokenizer(student.tokenizer, student.max_length)
+    table = build_teacher_table(teacher, dm.static_pool()) if teacher is not None else None
+    dm.use_negatives(table.negatives if table is not None else None)
+    return table
 
 
 def test_read_write_roundtrip(toy_dir):
@@ -93,21 +106,21 @@ def test_mine_negatives_skips_positives_and_top_ranks():
         mine_negatives(query, docs, [set()], ranks=(3, 3))
 
 
-def test_bind_builds_teacher_table_negatives_and_caches(toy_dir, tmp_path, monkeypatch):
+def test_the_teacher_table_negatives_and_cache(toy_dir, tmp_path, monkeypatch):
     dm = module(toy_dir, tmp_path, stream="tuples", num_negatives=2, negative_ranks=(0, 4), val_queries=2)
     teacher, student = tiny_encoder(0), tiny_encoder(1)
-    dm.bind(student, teacher)
+    table = bind(dm, student, teacher)
     assert len(dm.val_ids) == 2 and not set(dm.val_ids) & set(dm.train_query_ids)
     expected = teacher.encode(dm.pool_texts)
-    assert torch.allclose(dm.teacher_table, expected, atol=1e-5)
-    assert len(dm.teacher_table) == 30 + 6 and dm.eval_max_length == student.max_length
+    assert torch.allclose(table.rows, expected, atol=1e-5)
+    assert len(table.rows) == 30 + 6 and dm.eval_max_length == student.max_length
     # mined from the teacher's ranking: never a positive, at most hi - lo candidates
     corpus, queries = expected[:30], expected[30:]
-    assert dm.negatives == mine_negatives(queries, corpus, dm.train_positives, (0, 4))
-    # second bind reads the cache: the teacher does not encode again
+    assert dm.negatives == table.negatives == mine_negatives(queries, corpus, dm.train_positives, (0, 4))
+    # second build reads the cache: the teacher does not encode again
     monkeypatch.setattr(type(teacher), "encode", lambda *a, **k: pytest.fail("encoded twice"))
-    dm.bind(student, teacher)
-    assert torch.allclose(dm.teacher_table, expected, atol=1e-6)
+    table = bind(dm, student, teacher)
+    assert torch.allclose(table.rows, expected, atol=1e-6)
     batch = dm.example_batch(n=3)
     assert batch["passage_input_ids"].shape[0] == 3 * 3 and batch["query_input_ids"].shape[0] == 3
     pool = batch["passage_pool"].view(3, 3)
@@ -119,21 +132,103 @@ def test_bind_builds_teacher_table_negatives_and_caches(toy_dir, tmp_path, monke
     assert texts == [dm.pool_texts[p] for p in batch["query_pool"].tolist()]
 
 
+def test_the_datamodule_never_runs_a_model(toy_dir, tmp_path, monkeypatch):
+    """Its API takes no model, and a whole round of data (setup, the pool, negatives handed over
+    as index tensors, every loader, the example batch) runs with every model call refused."""
+    for name, member in inspect.getmembers(BEIRDataModule, inspect.isfunction):
+        taken = set(inspect.signature(member).parameters) & {"model", "student", "teacher", "encoder"}
+        assert not taken, f"BEIRDataModule.{name} takes {taken}"
+    tokenizer = tiny_encoder(1).tokenizer
+
+    def refuse(*args, **kwargs):
+        pytest.fail("the datamodule ran a model")
+
+    monkeypatch.setattr(torch.nn.Module, "__call__", refuse)
+    for method in ("encode", "forward", "fingerprint"):
+        monkeypatch.setattr(TextEncoder, method, refuse)
+    for stream in ("text", "tuples", "both"):
+        dm = module(toy_dir, tmp_path, stream=stream, num_negatives=2, val_queries=1)
+        dm.use_tokenizer(tokenizer, 16)
+        pool = dm.static_pool()
+        assert [t for texts in pool.texts.values() for t in texts] == dm.pool_texts
+        assert pool.negative_ranks == (None if stream == "text" else (3, 30))
+        negatives = [torch.tensor([d for d in range(30) if d not in pos][-3:]) for pos in dm.train_positives]
+        dm.use_negatives(negatives)
+        batches = [*dm.train_dataloader(), *dm.val_dataloader(), *dm.test_dataloader(), dm.example_batch()]
+        assert all(b["text_input_ids" if "text_input_ids" in b else "query_input_ids"].shape[0] for b in batches)
+        if stream != "text":  # the tuples' negatives come from the rows handed over
+            for b in dm.train_dataloader():
+                groups = b["passage_pool"].view(-1, 3)
+                for q, group in zip(b["query_pool"].tolist(), groups):
+                    assert set(group[1:].tolist()) <= set(negatives[q - 30].tolist())
+        dm.eval_layout("test"), dm.passage_texts(3)
+
+
+def test_handed_over_negatives_are_checked(toy_dir, tmp_path):
+    dm = module(toy_dir, tmp_path, stream="tuples")
+    ok = [[d for d in range(30) if d not in pos][:5] for pos in dm.train_positives]
+    dm.use_negatives(ok)
+    assert dm.negatives == ok
+    with pytest.raises(KdkitError, match="7 rows of negatives for 8 train queries"):
+        dm.use_negatives(ok[:-1])
+    with pytest.raises(KdkitError, match="30 is not a corpus row"):
+        dm.use_negatives([[30]] + ok[1:])
+    with pytest.raises(KdkitError, match="train query 0 include its positive passage 0"):
+        dm.use_negatives([[0, 5]] + ok[1:])
+    dm.use_negatives(None)  # back to random non-positive passages
+    assert dm.negatives is None and all(len(c) == 27 for c in dm._candidates())
+
+
+def test_the_table_equals_the_teacher_encoding_each_text_alone(toy_dir, tmp_path):
+    dm = module(toy_dir, tmp_path, stream="both", corpus_sentences=1, teacher_batch_size=5)
+    teacher = tiny_encoder(0)
+    table = build_teacher_table(teacher, dm.static_pool())
+    alone = torch.cat([teacher.encode([text]) for text in dm.pool_texts])
+    assert table.rows.shape == alone.shape == (len(dm.pool_texts), 16)
+    torch.testing.assert_close(table.rows, alone, atol=1e-6, rtol=0)
+    torch.testing.assert_close(table.index, alone[:30], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("ranks", [(0, 4), (3, 9)])
+def test_the_negatives_are_the_teacher_ranking(toy_dir, tmp_path, ranks):
+    dm = module(toy_dir, tmp_path, stream="tuples", negative_ranks=ranks, num_negatives=2)
+    teacher = tiny_encoder(0)
+    bind(dm, tiny_encoder(1), teacher)
+    corpus, queries = teacher.encode(dm.data.doc_texts), teacher.encode(dm.train_query_texts)
+    for q, pos in enumerate(dm.train_positives):  # by hand: sort every passage by score
+        ranking = sorted(range(30), key=lambda d: -float(queries[q] @ corpus[d]))
+        assert dm.negatives[q] == [d for d in ranking if d not in pos][ranks[0]:ranks[1]]
+
+
+def test_held_out_queries_change_the_cache_key_of_the_train_queries(toy_dir, tmp_path):
+    """The train-query set depends on the validation hold-out (count and seed): each has its own
+    cache file, so a run never reads another hold-out's query embeddings."""
+    teacher, student = tiny_encoder(0), tiny_encoder(1)
+    for val_queries, seed in ((2, 0), (0, 0), (2, 1)):
+        dm = module(toy_dir, tmp_path, val_queries=val_queries, seed=seed)
+        table = bind(dm, student, teacher)
+        torch.testing.assert_close(table.rows, teacher.encode(dm.pool_texts), atol=1e-5, rtol=0)
+    names = sorted(p.name.rsplit("-", 2)[0] for p in (tmp_path / "cache" / "retrieval").rglob("queries-*.pt"))
+    assert names == ["queries-train", "queries-train-heldout2-seed0", "queries-train-heldout2-seed1"]
+
+
 def test_target_max_length_truncates_the_teacher_targets_only(toy_dir, tmp_path):
     dm = module(toy_dir, tmp_path, target_max_length=4)  # [CLS] + 2 word pieces + [SEP]
     teacher = tiny_encoder(0)
-    dm.bind(tiny_encoder(1), teacher)
+    table = bind(dm, tiny_encoder(1), teacher)
     short = teacher.encode(dm.pool_texts, max_length=4)
-    assert torch.allclose(dm.teacher_table, short, atol=1e-5)
+    assert torch.allclose(table.rows, short, atol=1e-5)
     assert not torch.allclose(short, teacher.encode(dm.pool_texts), atol=1e-3)  # truncation bites
     # the evaluation index (asymmetric mode) keeps the teacher's own length
-    torch.testing.assert_close(dm.static_embeddings(teacher, "corpus"), teacher.encode(dm.data.doc_texts),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(table.index, teacher.encode(dm.data.doc_texts), atol=1e-5, rtol=0)
+    # scripts read the same cache files
+    assert torch.equal(static_embeddings(dm, teacher, "corpus"), table.index)
+    assert torch.equal(static_embeddings(dm, teacher, "corpus", 4), table.rows[:30])
 
 
 def test_text_and_both_streams(toy_dir, tmp_path):
     dm = module(toy_dir, tmp_path, stream="both", include_queries=True)
-    dm.bind(tiny_encoder(1), None)  # no teacher: random non-positive negatives
+    bind(dm, tiny_encoder(1))  # no teacher: random non-positive negatives
     assert len(dm.train_set) == 30 + 8
     item = dm.train_set[33]
     assert item["text"] == dm.pool_texts[33] and item["index"] == item["text_pool"] == 33
@@ -190,9 +285,9 @@ def test_corpus_sentences_join_the_text_stream_with_their_own_targets(tmp_path):
     dm = module(folder, tmp_path, corpus_sentences=1, include_queries=False)
     assert len(dm.sentences) == 2 and dm.sentences[0] in data.doc_texts[3] and dm.sentences[1] in data.doc_texts[5]
     teacher = tiny_encoder(0)
-    dm.bind(tiny_encoder(1), teacher)
-    assert len(dm.teacher_table) == 30 + 8 + 2  # corpus, train queries, sentences
-    torch.testing.assert_close(dm.teacher_table[-2:], teacher.encode(dm.sentences), atol=1e-5, rtol=0)
+    table = bind(dm, tiny_encoder(1), teacher)
+    assert len(table.rows) == 30 + 8 + 2  # corpus, train queries, sentences
+    torch.testing.assert_close(table.rows[-2:], teacher.encode(dm.sentences), atol=1e-5, rtol=0)
     # queries left out of the stream: the sentences still find their own rows of the table
     stream = dm.train_set
     assert len(stream) == 30 + 2
@@ -211,12 +306,12 @@ def test_sentences_can_take_their_passage_embedding_as_target(tmp_path):
     folder = write_beir(data, tmp_path / "toy")
     dm = module(folder, tmp_path, corpus_sentences=1, sentence_target="passage")
     teacher = tiny_encoder(0)
-    dm.bind(tiny_encoder(1), teacher)
-    assert len(dm.teacher_table) == 30 + 8  # no rows of their own
+    table = bind(dm, tiny_encoder(1), teacher)
+    assert len(table.rows) == 30 + 8  # no rows of their own
     item = dm.train_set[30 + 8]  # after the passages and the train queries
     assert item["text"] == dm.sentences[0] and item["text"] in data.doc_texts[3]
     assert item["text_pool"] == 3  # the row of the passage it was cut from
-    torch.testing.assert_close(dm.teacher_table[3], teacher.encode([data.doc_texts[3]])[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(table.rows[3], teacher.encode([data.doc_texts[3]])[0], atol=1e-5, rtol=0)
 
 
 def test_group_by_length_batches_the_text_stream_by_token_count(toy_dir, tmp_path):
@@ -224,7 +319,7 @@ def test_group_by_length_batches_the_text_stream_by_token_count(toy_dir, tmp_pat
         module(toy_dir, tmp_path, stream="tuples", group_by_length=True)
     grouped, plain = (module(toy_dir, tmp_path, group_by_length=g) for g in (True, False))
     for dm in (grouped, plain):
-        dm.bind(tiny_encoder(1), None)
+        bind(dm, tiny_encoder(1))
 
     def epoch(dm):
         batches = list(dm.train_dataloader())
@@ -348,11 +443,11 @@ def test_a_warm_download_cache_warns_about_the_data_dir(toy_dir, tmp_path, capsy
 def test_a_damaged_embedding_cache_is_named(toy_dir, tmp_path):
     dm = module(toy_dir, tmp_path)
     teacher = tiny_encoder(0)
-    dm.static_embeddings(teacher, "corpus")
+    build_teacher_table(teacher, dm.static_pool())
     (path,) = (tmp_path / "cache" / "retrieval").rglob("corpus-*.pt")
     truncate(path)
     with pytest.raises(KdkitError) as err:
-        dm.static_embeddings(teacher, "corpus")
+        build_teacher_table(teacher, dm.static_pool())
     one_line(err, path, "cached teacher embeddings", "delete it")
 
 

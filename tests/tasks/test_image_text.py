@@ -42,6 +42,7 @@ class PairsModule(L.LightningDataModule, ImageTextData):
     static_for_teacher = False  # captions drawn per sample
     teacher_input_fingerprint = None
     fixed_shards = False
+    tokenizer = class_names = templates = None  # plain attributes over the protocol's properties
 
     def use_fixed_shards(self):
         self.fixed_shards = True
@@ -197,6 +198,22 @@ def test_optimizer_decays_only_matrices():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
     assert any(p is task.student.logit_scale for p in no_decay["params"])
+    from kdkit.tasks.base import DistillationTask
+
+    assert "configure_optimizers" not in vars(ImageTextTask)  # only the param_groups hook differs
+    assert ImageTextTask.configure_optimizers is DistillationTask.configure_optimizers
+
+
+def test_channels_last_is_an_image_option():
+    teacher = clip_model(TINY)
+    task = make_task(teacher, channels_last=True)
+    assert task.channels_last
+    conv = task.student.visual.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert task.teacher.model.visual.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = task.image_input(PairsModule().example_batch(), "student")
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert not make_task().channels_last
 
 
 def test_teacher_cache_is_refused_and_report_has_throughput():

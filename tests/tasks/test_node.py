@@ -9,6 +9,7 @@ from torch import nn
 from torch_geometric.data import Data
 from torch_geometric.nn import GCN
 
+from kdkit.callbacks import KeepBestWeights
 from kdkit.datamodules.graph import GraphDataModule
 from kdkit.distillers.ffg2m import FFG2M
 from kdkit.distillers.hidden import HiddenRep
@@ -155,7 +156,7 @@ class Snapshots(L.Callback):
 def test_best_validation_weights_are_restored():
     torch.manual_seed(0)
     dm = datamodule()
-    t = task(NodeMLP(6, 8, 2, dropout=0.5), lr=0.05)
+    t = task(NodeMLP(6, 8, 2, dropout=0.5), lr=0.05, callbacks={"keep_best": KeepBestWeights("val/acc")})
     snaps = Snapshots()
     tr = L.Trainer(max_epochs=12, accelerator="cpu", logger=False, enable_checkpointing=False,
                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -255,18 +256,17 @@ def test_sp_relation_distillation_reuses_the_core_distiller_over_all_node_pairs(
     assert all(p.grad is None for p in teacher.parameters())
 
 
-def test_best_weights_survive_a_checkpoint_round_trip():
-    t = task(NodeMLP(6, 8, 2))
-    state = {k: v.clone() for k, v in t.state_dict().items()}
-    t._best = (0.75, state)
-    checkpoint = {}
-    t.on_save_checkpoint(checkpoint)
-    resumed = task(NodeMLP(6, 8, 2))
-    resumed.on_load_checkpoint(checkpoint)
-    assert resumed._best[0] == 0.75
-    resumed.on_fit_end()  # restores them into the resumed model
-    for k, v in resumed.state_dict().items():
-        torch.testing.assert_close(v, state[k])
+def test_the_node_config_keeps_the_best_student_epoch():
+    from hydra.utils import instantiate
+
+    from kdkit.compose import compose
+
+    cfg = compose(["experiment=cora_glnn"])
+    t = instantiate(cfg.task, num_classes=2)(student=NodeMLP(6, 8, 2))
+    (keep,) = t.task_callbacks
+    assert isinstance(keep, KeepBestWeights)
+    assert (keep.monitor, keep.mode, keep.teacher_stage) == ("val/acc", "max", False)
+    assert "channels_last" not in cfg.task and "select_best" not in cfg.task
 
 
 @pytest.mark.parametrize("experiment", ["cora_glnn", pytest.param("citeseer_glnn", marks=pytest.mark.slow)])
@@ -281,13 +281,17 @@ def test_experiments_run_every_stage_on_the_real_graph(experiment, compose_run, 
     # the GNN reads a 2-hop neighbourhood, the MLPs only the 8 query nodes
     assert results["teacher"]["inductive_fetched_nodes"] > 8
     assert results["student"]["inductive_fetched_nodes"] == 8
+    # the task's KeepBestWeights: the students report their kept weights' score, the teacher none
+    assert "val/acc_selected" in results["student"] and "val/acc_selected" in results["baseline"]
+    assert "val/acc_selected" not in results["teacher"]
 
 
 def test_the_teacher_stage_keeps_its_last_weights_by_default():
     torch.manual_seed(0)
     dm = datamodule()
     gnn = GNN("gcn", 6, 8, 2)
-    t = task(gnn, lr=0.05)
+    keep = KeepBestWeights("val/acc")  # teacher_stage=False, as conf/task/node.yaml
+    t = task(gnn, lr=0.05, callbacks=[keep])
     t.student_role = "teacher"  # what the runner sets while it trains the teacher
     snaps = Snapshots()
     tr = L.Trainer(max_epochs=6, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -296,4 +300,4 @@ def test_the_teacher_stage_keeps_its_last_weights_by_default():
     tr.fit(t, datamodule=dm)
     for k, v in gnn.state_dict().items():  # the weights of the last epoch
         torch.testing.assert_close(v, snaps.states[-1][k])
-    assert t._best is None  # no best epoch was even recorded
+    assert keep.best_state is None and t.fit_summary() == {}  # no best epoch was even recorded

@@ -16,6 +16,8 @@ from kdkit.models.text import from_teacher_layers, hf_encoder, tokenizer_identit
 from kdkit.optim import constant
 from kdkit.retrieval_metrics import retrieval_metrics
 from kdkit.tasks.retrieval import RetrievalTask, info_nce
+from kdkit.tasks.retrieval_table import EmbeddingCache, build_teacher_table, teacher_source
+from kdkit.teacher_source import PrecomputedTeacher
 
 WORDS = "cell heart gene virus brain lung protein cancer blood bone liver skin".split()
 
@@ -88,7 +90,7 @@ def test_teacher_stage_caches_its_corpus_encoding(toy, monkeypatch):
     dm = datamodule(toy)
     first = trainer().test(make_task(teacher), datamodule=dm, verbose=False)[0]
     assert "test/asym/ndcg@10" not in first  # no teacher: symmetric figures only
-    cached = dm.cached_embeddings(teacher, "corpus", teacher.max_length)
+    cached = EmbeddingCache(dm.static_pool().cache_dir).load(teacher, "corpus", teacher.max_length)
     assert cached is not None and torch.allclose(cached, teacher.encode(dm.data.doc_texts), atol=1e-5)
     # second evaluation: besides the 4-text probe forward, only the 8 queries are encoded
     rows = []
@@ -107,14 +109,15 @@ def test_embed_training_uses_the_teacher_table_and_lowers_the_loss(toy, monkeypa
     dm = datamodule(toy, stream="text")
     task = make_task(student, teacher, {"embed": Embed()})
     dm.setup("fit")
-    dm.bind(student, teacher)
+    dm.use_tokenizer(student.tokenizer, student.max_length)
     batch = dm.example_batch(n=16)
 
     def loss():
         with torch.no_grad():
             return task.losses(batch)[0]["embed"].item()
 
-    task._table = dm.teacher_table
+    table = build_teacher_table(teacher, dm.static_pool())  # what the task's setup installs
+    task.teacher_sources["teacher"] = teacher_source("teacher", table.rows)
     before = loss()
     monkeypatch.setattr(teacher, "forward", lambda *a: pytest.fail("teacher ran during training"))
     teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -122,6 +125,38 @@ def test_embed_training_uses_the_teacher_table_and_lowers_the_loss(toy, monkeypa
     assert loss() < 0.5 * before
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_state.items())
     assert "teacher" not in " ".join(task.state_dict())  # never in checkpoints
+
+
+def test_the_training_step_reads_teacher_rows_from_the_precomputed_table(toy, monkeypatch):
+    """With the table in place the teacher never runs: not in setup (cached), not in a training
+    step; its outputs are the table rows at the batch's pool indices. A batch without pool
+    indices falls back to one live forward."""
+    teacher, student = models(toy)
+    dm = datamodule(toy, stream="both", num_negatives=2, negative_ranks=(1, 6))
+    dm.setup("fit")
+    build_teacher_table(teacher, dm.static_pool())  # the on-disk cache, as an earlier stage leaves it
+    calls = []
+    forward = teacher.forward
+    monkeypatch.setattr(teacher, "forward", lambda ids, mask: calls.append(len(ids)) or forward(ids, mask))
+    task = make_task(student, teacher, {"embed": Embed(), "margin_mse": MarginMSE()})
+    steps = []
+    losses = task.losses
+    monkeypatch.setattr(task, "losses", lambda batch: steps.append(1) or losses(batch))
+    trainer(max_steps=3).fit(task, datamodule=dm)
+    assert len(steps) == 3 and calls == []  # three training steps, no teacher forward
+    source = task.teacher_sources["teacher"]
+    assert isinstance(source, PrecomputedTeacher)
+    batch = dm.example_batch(n=3)
+    out = task.teacher_outputs(batch)
+    assert calls == []
+    torch.testing.assert_close(out.features["text"], teacher.encode([dm.pool_texts[i] for i in batch["text_pool"]]),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.features["passage"].reshape(9, -1), source.table[batch["passage_pool"]].cpu())
+    torch.testing.assert_close(out.features["query"], source.table[batch["query_pool"]].cpu())
+    calls.clear()  # (teacher.encode above ran it, outside the task)
+    no_rows = {k: v for k, v in batch.items() if not k.endswith("_pool")}
+    task.teacher_outputs(no_rows)  # same tokenizer: the live teacher answers
+    assert calls == [3, 3, 9]  # texts, queries, passages
 
 
 def test_tuple_distillers_train_and_log_named_terms(toy):
