@@ -109,8 +109,10 @@ def describe_teacher_input(cfg, datamodule, teacher_cfg=None) -> dict:
         "data": data,
         "datamodule": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}",
         "task": task,
+        # the model config too: what shapes outputs beyond the weights (a zero-shot head's
+        # class names and prompts, a tapped module's settings)
         "teacher": {k: plain(teacher.get(k))
-                    for k in ("normalize", "image_size", "precision", "cache_dtype", "cache_topk")},
+                    for k in ("model", "normalize", "image_size", "precision", "cache_dtype", "cache_topk")},
     }
 
 

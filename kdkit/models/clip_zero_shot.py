@@ -118,8 +118,8 @@ class ZeroShotClassifier(nn.Module):
     # lazily (at the first forward, not at construction: the runner loads the teacher's weights
     # after building it) and kept with a key of the text-side weights: for every parameter and
     # buffer outside the image tower, (data_ptr, version counter, dtype, device). Every in-place
-    # write through autograd's view of a tensor bumps its version counter (load_state_dict's
-    # copy_, optimizer steps, edits under no_grad), and .to() / .half() / load_state_dict(assign=
+    # write to a tensor bumps its version counter (load_state_dict's copy_, optimizer steps,
+    # edits under no_grad), and .to() / .half() / load_state_dict(assign=
     # True) / param.data = ... change data_ptr or dtype, so a stale cache is never used; checking
     # the key is ~100 attribute reads per forward, nothing next to the image tower. Besides that,
     # the cache is dropped explicitly after load_state_dict (post hook) and on every train() /
