@@ -259,9 +259,6 @@ def make_task(cfg, student, teachers: dict | None = None, distillers=None,
     teacher_cfgs = teacher_cfgs or {}
     kwargs = dict(
         student=student,
-        # task.task_loss_weight is the mixing weight of the *distilled* objective; a model
-        # trained alone (teacher, baseline) always learns from its task loss.
-        **({} if distillers else {"task_loss_weight": 1.0}),
         teachers=teachers,
         distillers=distillers or {},
         teacher_precision={name: teacher_cfgs[name].get("precision") for name in teachers},

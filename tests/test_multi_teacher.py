@@ -180,9 +180,10 @@ def test_each_teacher_has_its_own_cache_and_fingerprint(tmp_path):
 
     one = cache_fingerprint(task.teachers["a"].model, describe_teacher_input(cfg, Data(), cfg.teacher))
     other_weights = cache_fingerprint(task.teachers["b"].model, describe_teacher_input(cfg, Data(), cfg.teacher))
+    other_model = cache_fingerprint(task.teachers["a"].model, describe_teacher_input(cfg, Data(), cfg.teachers.wide))
     other_input = cache_fingerprint(task.teachers["a"].model, describe_teacher_input(
-        cfg, Data(), OmegaConf.merge(OmegaConf.to_container(cfg.teacher), {"image_size": 16})))
-    assert len({one, other_weights, other_input}) == 3
+        cfg, Data(), OmegaConf.merge(OmegaConf.to_container(cfg.teacher, resolve=True), {"image_size": 16})))
+    assert len({one, other_weights, other_input, other_model}) == 4
 
 
 def test_per_teacher_options_name_known_teachers():

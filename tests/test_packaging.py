@@ -13,6 +13,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_every_package_is_listed_for_installation():
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "kdkit").rglob("__init__.py")}
+    found |= {"kdkit.conf", "kdkit.datamodules"}
+    assert found == listed
+
+
 def test_only_kdkit_is_importable_outside_the_repository(tmp_path):
     code = (
         "import importlib.util as u, kdkit.conf, kdkit.datamodules.cifar10\n"

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdkit.distillers.base import feature, require
-from kdkit.losses.contrastive import contrastive_loss, global_targets, similarity_rows  # noqa: F401 (older imports)
+# re-exported for code that imported them from here before they moved to kdkit.losses
+from kdkit.losses.contrastive import contrastive_loss, global_targets, similarity_rows  # noqa: F401
 from kdkit.outputs import Outputs
 
 

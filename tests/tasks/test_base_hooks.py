@@ -29,7 +29,8 @@ def test_eval_step_is_the_public_hook_of_validation_and_test():
     task.validation_step(batch, 0)
     task.test_step(batch, 1)
     assert task.calls == [("val", 4), ("test", 4)]
-    trainer(1, num_sanity_val_steps=0).fit(task, datamodule=VectorData())  # a Trainer's validation goes through it too
+    # a Trainer's validation goes through it too
+    trainer(1, num_sanity_val_steps=0).fit(task, datamodule=VectorData())
     assert task.calls[2:] == [("val", 4)]
     assert "_eval_step" not in vars(RetrievalTask) and "eval_step" in vars(RetrievalTask)
 

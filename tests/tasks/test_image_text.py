@@ -42,7 +42,7 @@ class PairsModule(L.LightningDataModule, ImageTextData):
     static_for_teacher = False  # captions drawn per sample
     teacher_input_fingerprint = None
     fixed_shards = False
-    tokenizer = class_names = templates = None  # plain attributes over the protocol's properties
+    num_train_samples = tokenizer = class_names = templates = None  # plain attributes, set below
 
     def use_fixed_shards(self):
         self.fixed_shards = True
