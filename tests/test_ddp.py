@@ -87,7 +87,7 @@ class Probe(L.Callback):
     def on_train_start(self, trainer, task):
         ddp = trainer.strategy.model
         synced = {p.data_ptr() for p in ddp.parameters()} | {b.data_ptr() for b in ddp.buffers()}
-        teacher = list(task.teacher.model.parameters()) + list(task.teacher.model.buffers())
+        teacher = [x for t in task.teachers.values() for x in [*t.model.parameters(), *t.model.buffers()]]
         self.facts.update(
             wrapper=type(ddp).__name__,
             teacher_tensors_in_ddp=sum(t.data_ptr() in synced for t in teacher),
@@ -150,7 +150,31 @@ def _worker(rank: int, port: int, out: str) -> None:
         shipped_ddp_trainer([], max_epochs=3, limit_val_batches=0).fit(task, datamodule=datamodule)
         facts[f"cache_{name}"] = {"forwards": len(calls), "hits": cache.hits, "path": str(cache.path),
                                   "rows": cache._rows.filled.nonzero()[0].tolist()}
+    facts["two_teachers"] = two_teachers_under_ddp()
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(facts))
+
+
+def two_teachers_under_ddp() -> dict:
+    """Two frozen teachers (an ensemble over both, KD on one): both outside DDP, both unchanged."""
+    from kdkit.distillers.ensemble_kd import EnsembleKD
+
+    torch.manual_seed(2)
+    teachers = {"a": BNNet(width=8), "b": BNNet(width=6)}
+    before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in teachers.items()}
+    task = ClassificationTask(TinyNet(width=4), teachers=teachers,
+                              distillers={"ens": EnsembleKD(), "kd": KD(temperature=2.0).reading("b")},
+                              num_classes=3, mean=(0.5,), std=(0.25,),
+                              optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+    probe = Probe()
+    shipped_ddp_trainer([probe], max_epochs=2, limit_val_batches=0).fit(task, datamodule=EvalShardedImages())
+    student = torch.cat([p.detach().flatten() for p in task.student.parameters()])
+    everyone = [torch.empty_like(student) for _ in range(WORLD)]
+    dist.all_gather(everyone, student)
+    return {"teacher_tensors_in_ddp": probe.facts["teacher_tensors_in_ddp"],
+            "ddp_parameters": probe.facts["ddp_parameters"],
+            "unchanged": all(torch.equal(v, teachers[n].state_dict()[k]) for n, s in before.items()
+                             for k, v in s.items()),
+            "students_equal_across_ranks": all(torch.equal(everyone[0], s) for s in everyone)}
 
 
 def free_port() -> int:
@@ -178,6 +202,15 @@ def test_teacher_is_outside_ddp_and_adapters_train(ranks):
         assert rank["teacher_unchanged"]  # weights and BN statistics untouched by training
         assert rank["alternate_calls"] == 4  # 2 epochs x 2 steps per rank: unused on steps 2, 4
         assert rank["students_equal_across_ranks"]  # gradients were synchronised
+
+
+@pytest.mark.ddp
+def test_several_teachers_stay_outside_ddp_and_frozen(ranks):
+    facts, _ = ranks
+    for rank in facts:
+        two = rank["two_teachers"]
+        assert two["teacher_tensors_in_ddp"] == 0 and two["unchanged"] and two["students_equal_across_ranks"]
+        assert all(n.startswith("student.") for n in two["ddp_parameters"])  # no teacher, no adapter here
 
 
 @pytest.mark.ddp
