@@ -35,6 +35,13 @@ def combos() -> list[tuple[str, ...]]:
     return [c for k in (1, 2, 3) for c in itertools.combinations(GNN_TEACHERS, k)]
 
 
+def done(log: RunLog, key: tuple) -> bool:
+    """Whether ``key`` ran, re-reading the log: parts may run in parallel processes."""
+    fresh = RunLog(log.path, log.key)
+    log.done.update(fresh.done)
+    return key in log.done
+
+
 def run_one(over: list[str], out: Path) -> dict:
     from kdkit.compose import compose
     from kdkit.pipeline import run
@@ -52,7 +59,7 @@ def graph(args, log: RunLog) -> None:
             base = Path(args.out) / dataset / f"seed{seed}"
             common = [f"experiment={dataset}_multi_teacher", f"seed={seed}", *QUIET, *args.extra]
             key = ("graph", dataset, seed, "ensemble", "gcn+sage+gat")
-            if key not in log.done:
+            if not done(log, key):
                 res = run_one(common, base / "all")
                 for name in GNN_TEACHERS:
                     log.record(row("graph", dataset, seed, "teacher", name, res[f"teacher/{name}"]))
@@ -68,7 +75,7 @@ def graph(args, log: RunLog) -> None:
             jobs[("ensemble+unic", "gcn+sage+gat")] = ["distiller=[ensemble_kd,unic]",
                                                        "distiller.ensemble_kd.temperature=1.0"]
             for (method, teachers), over in jobs.items():
-                if ("graph", dataset, seed, method, teachers) in log.done:
+                if done(log, ("graph", dataset, seed, method, teachers)):
                     continue
                 res = run_one([*reuse, *over], base / f"{method}-{teachers}")
                 log.record(row("graph", dataset, seed, method, teachers, res["student"]))
@@ -85,7 +92,7 @@ def row(part: str, dataset: str, seed: int, method: str, teachers: str, res: dic
 def cifar(args, log: RunLog) -> None:
     out = Path(args.out) / "cifar10"
     common = ["experiment=cifar10_two_teachers", *QUIET, f"trainer.max_epochs={args.epochs}", *args.extra]
-    if ("cifar", "cifar10", 0, "teachers", "r20+wrn") not in log.done:
+    if not done(log, ("cifar", "cifar10", 0, "teachers", "r20+wrn")):
         res = run_one([*common, "stages.baseline=false", "stages.student=false",
                        f"teachers.r20.max_epochs={args.teacher_epochs}",
                        f"teachers.wrn.max_epochs={args.teacher_epochs}"], out / "teachers")
@@ -100,7 +107,7 @@ def cifar(args, log: RunLog) -> None:
                 ("kd", "wrn"): ["stages.baseline=false", "distiller.ensemble_kd.teachers=[wrn]"],
                 ("ensemble", "r20+wrn"): ["stages.baseline=false"]}
         for (method, teachers), over in jobs.items():
-            if ("cifar", "cifar10", seed, method, teachers) in log.done:
+            if done(log, ("cifar", "cifar10", seed, method, teachers)):
                 continue
             res = run_one([*reuse, *over], out / f"{method}-{teachers}-s{seed}")
             stage = "baseline" if method == "baseline" else "student"
@@ -110,7 +117,7 @@ def cifar(args, log: RunLog) -> None:
 
 def born_again(args, log: RunLog) -> None:
     out = Path(args.out) / "born_again"
-    if ("born_again", "cifar10", 0, "gen1", "-") in log.done:
+    if done(log, ("born_again", "cifar10", 0, "gen1", "-")):
         return
     res = run_one(["experiment=cifar10_two_teachers", *QUIET, f"trainer.max_epochs={args.epochs}",
                    "~teachers.wrn", f"teachers.r20.ckpt_path={Path(args.out) / 'cifar10' / 'teachers' / 'teacher-r20.pt'}",
@@ -126,7 +133,7 @@ def clip(args, log: RunLog) -> None:
         raise SystemExit("--part clip needs --clip-teacher <teacher.pt of a cifar10_clip teacher stage>")
     out = Path(args.out) / "clip"
     for seed in range(args.clip_seeds):
-        if ("clip", "cifar10", seed, "clip", "zero-shot") in log.done:
+        if done(log, ("clip", "cifar10", seed, "clip", "zero-shot")):
             continue
         res = run_one(["experiment=cifar10_clip_teacher", *QUIET, f"trainer.max_epochs={args.epochs}",
                        f"seed={seed}", f"teachers.clip.ckpt_path={args.clip_teacher}", *args.extra],
@@ -142,7 +149,7 @@ def values(rows: list[dict], key: str) -> list[float]:
 
 
 def report(args, log: RunLog) -> None:
-    rows = list(log.done.values())
+    rows = list(RunLog(log.path, log.key).done.values())  # what every parallel part recorded
     text = [header("Several teachers"), ""]
     graph_rows = [r for r in rows if r["part"] == "graph"]
     for dataset in sorted({r["dataset"] for r in graph_rows}):

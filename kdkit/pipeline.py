@@ -1,10 +1,12 @@
-"""The stage runner behind ``kdkit-train``: teacher -> baseline -> distilled student.
+"""The stage runner behind ``kdkit-train``: teachers -> baseline -> distilled student(s).
 
-Every stage is the same ``DistillationTask`` loop with different parts: the teacher stage trains
-(or only evaluates) the teacher as if it were a student; the baseline trains the student with its
-task loss alone; the student stage adds the distillers. Each stage writes ``stages/<name>.json``
-when it completes, so ``ckpt_path=last`` on the same output directory skips finished stages and
-resumes the interrupted one from its newest checkpoint (``kdkit.checkpointing``).
+Every stage is the same ``DistillationTask`` loop with different parts: each teacher's stage
+trains (or only evaluates) that teacher as if it were a student; the baseline trains the student
+with its task loss alone; the student stage adds the distillers, reading the teachers they name;
+born-again generations (``stages.generations``) follow, each taught by the one before. Each stage
+writes ``stages/<name>.json`` when it completes, so ``ckpt_path=last`` on the same output
+directory skips finished stages and resumes the interrupted one from its newest checkpoint
+(``kdkit.checkpointing``); ``kdkit.stage_fit`` runs one stage under Lightning.
 
 Before any stage trains, the run is checked: impossible config values, a resumed run's settings
 against the interrupted one's, and every stage's task built and run on one example batch (models,
@@ -13,33 +15,24 @@ feature taps, adapters, distillers). Everything is seeded from ``cfg.seed``, the
 
 from __future__ import annotations
 
-import inspect
 import json
-import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import get_method, instantiate
-from lightning.pytorch.callbacks import Checkpoint, ProgressBar
+from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdkit.checkpoint_io import AtomicCheckpointIO, save_atomically, safe_load
-from kdkit.checkpointing import ResumePoint, find_resume_point
+from kdkit.checkpoint_io import save_atomically
 from kdkit.config_checks import check_config
 from kdkit.data_facts import fill_data_facts
-from kdkit.distributed import refuse_relaunch_in_sweep, warn_if_oversubscribed
-from kdkit.divergence import DivergenceError, check_finite
-from kdkit.errors import KdkitError, say, unreadable
+from kdkit.divergence import check_finite
+from kdkit.errors import KdkitError, say
 from kdkit.resume import check_resume_config
+from kdkit.stage_fit import fit_and_test, load_stage, stage_done, write_on_rank_zero
 from kdkit.teachers import SHORTHAND, make_distillers, results_key, stage_name, teacher_configs, weights_file
-
-STAGES = ("teacher", "baseline", "student")
-
 
 def run(cfg: DictConfig) -> dict[str, dict]:
     """Run every enabled stage of ``cfg``; return (and write) ``{stage: metrics}``."""
@@ -50,7 +43,7 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.get("ckpt_path") == "last":
         check_resume_config(out, cfg)
-    _write_on_rank_zero(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_on_rank_zero(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
 
     L.seed_everything(cfg.seed, workers=True)  # data splits and the teacher's init depend on it
@@ -82,7 +75,7 @@ def run(cfg: DictConfig) -> dict[str, dict]:
             results[f"student/gen{k}"], student = train_stage(
                 cfg, datamodule, out, f"student-gen{k}", {f"gen{k - 1}": student}, {f"gen{k - 1}": cfg.student})
 
-    _write_on_rank_zero(out / "results.json", json.dumps(results, indent=2))
+    write_on_rank_zero(out / "results.json", json.dumps(results, indent=2))
     _print_table(results, cfg.get("name", "kdkit"))
     return results
 
@@ -105,7 +98,7 @@ def load_teacher(cfg, tcfg, out: Path, name: str = SHORTHAND):
     if tcfg.get("pretrained"):
         return model, True  # the model factory already loaded trained weights (hub or local)
     saved = out / weights_file(name)
-    if _done(out, stage_name(name)) and saved.exists():
+    if stage_done(out, stage_name(name)) and saved.exists():
         load_weights(model, saved, what=f"this run's {saved.name}")
         return model, True
     return model, False
@@ -126,8 +119,8 @@ def teacher_stage(cfg, tcfg, name: str, datamodule, out: Path, model, trained: b
         return results
     if not cfg.stages.teacher:
         return None
-    if _done(out, stage):
-        return _load_stage(out, stage)
+    if stage_done(out, stage):
+        return load_stage(out, stage)
     task = make_task(cfg, student=model, role_of_student="teacher", student_cfg=tcfg)
     return fit_and_test(cfg, task, datamodule, out, stage, train=False, validate=bool(cfg.stages.baseline))
 
@@ -199,12 +192,12 @@ def train_stage(cfg, datamodule, out: Path, stage: str, teachers: dict | None = 
     student = instantiate(cfg.student.model)
     generation = stage.startswith("student-gen")
     export = out / "export" / stage.removeprefix("student-") if generation else out / "export"
-    if _done(out, stage):
+    if stage_done(out, stage):
         if stage != "baseline" and (export / "student.pt").exists():
             from kdkit.checkpoints import load_weights
 
             load_weights(student, export / "student.pt", what=f"this run's exported {stage}")
-        return _load_stage(out, stage), student
+        return load_stage(out, stage), student
     distillers = {}
     if stage != "baseline":
         distillers = _unrouted(make_distillers(cfg)) if generation else make_distillers(cfg)
@@ -291,154 +284,9 @@ def input_options(model_cfg) -> dict:
     return {key: _container(model_cfg.get(key)) for key in INPUT_KEYS if model_cfg.get(key) is not None}
 
 
-def make_trainer(cfg, out: Path, stage: str, max_epochs=None, resume_at=None) -> L.Trainer:
-    """The stage's Trainer: its callbacks and loggers, checkpoints under ``checkpoints/<stage>``.
-
-    ``resume_at``: ``(epoch, global_step)`` of the checkpoint the stage resumes from, for the
-    loggers that continue their files (``kdkit.csv_logger``).
-    """
-    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
-    if not cfg.trainer.get("enable_progress_bar", True):  # one switch turns every bar off
-        callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
-    for cb in callbacks:
-        if isinstance(cb, Checkpoint) and hasattr(cb, "dirpath"):
-            cb.dirpath = str(out / "checkpoints" / stage)
-    loggers = [instantiate(node, stage=stage, **_resume_kwargs(node, resume_at))
-               for node in (cfg.get("logger") or {}).values()]
-    overrides = {"max_epochs": max_epochs} if max_epochs else {}
-    if not any(isinstance(cb, Checkpoint) for cb in callbacks) and "enable_checkpointing" not in cfg.trainer:
-        # Without a configured checkpoint callback (callbacks=none) Lightning would add its own and
-        # write a checkpoint every epoch: 12 of 70 s (17%) of a cProfiled cora_glnn run.
-        overrides["enable_checkpointing"] = False
-    trainer = instantiate(
-        cfg.trainer,
-        callbacks=callbacks,
-        logger=loggers or False,
-        plugins=[AtomicCheckpointIO()],
-        # per stage: Lightning's SLURM requeue writes hpc_ckpt_<n>.ckpt there and restores the
-        # newest one found there, which must be this stage's own
-        default_root_dir=str(out / "checkpoints" / stage),
-        **overrides,
-    )
-    refuse_relaunch_in_sweep(trainer)
-    warn_if_oversubscribed(trainer)
-    for logger in loggers:  # W&B and CSV get the whole resolved config once per stage
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    return trainer
-
-
-def _resume_kwargs(node, resume_at) -> dict:
-    """``{"resume_at": ...}`` for logger factories that take it (they continue their files)."""
-    if resume_at is None:
-        return {}
-    factory = get_method(node["_target_"])
-    return {"resume_at": resume_at} if "resume_at" in inspect.signature(factory).parameters else {}
-
-
-def fit_and_test(cfg, task, datamodule, out: Path, stage: str, train: bool,
-                 evaluate: bool = True, max_epochs=None, validate: bool = False) -> dict | None:
-    """Train (optionally) and test one stage with one Trainer, so its logs stay in one place.
-
-    Returns the stage's results (test metrics as logged + ``task.inference_report``), also
-    written to ``stages/<stage>.json``; None when ``evaluate`` is false. ``validate``: measure
-    an untrained (evaluated-only) model on the validation data too, for comparisons that must
-    not look at the test set (``warn_weaker_teachers``).
-    """
-    resume = _resume_point(cfg, out, stage) if train else None
-    trainer = make_trainer(cfg, out, stage, max_epochs,
-                           resume_at=(resume.epoch, resume.global_step) if resume else None)
-    results: dict = {}
-    if train:
-        start = time.perf_counter()
-        try:
-            trainer.fit(task, datamodule=datamodule, ckpt_path=str(resume.path) if resume else None)
-        except DivergenceError as err:
-            raise DivergenceError(f"stage '{stage}' {err}") from None
-        except SIGTERMException:
-            say(f"stage '{stage}' stopped by SIGTERM; resume with the same command and ckpt_path=last")
-            raise SystemExit(143) from None
-        results["fit_seconds"] = round(time.perf_counter() - start, 1)
-        # the last validation metrics: for choosing settings without looking at the test set
-        results.update({k: float(v) for k, v in trainer.callback_metrics.items()
-                        if k.startswith("val/") and v.numel() == 1})
-    if not evaluate:
-        _finish_wandb(trainer)
-        return None
-    if validate and not train and is_overridden("val_dataloader", datamodule, L.LightningDataModule):
-        for metrics in trainer.validate(task, datamodule=datamodule, verbose=False):
-            results.update({k: float(v) for k, v in metrics.items() if k.startswith("val/")})
-    if task.primary_metric:
-        results["primary_metric"] = task.primary_metric
-    metrics = trainer.test(task, datamodule=datamodule, verbose=False)[0]
-    results = {**{k: float(v) for k, v in metrics.items()},
-               **task.fit_summary(), **task.inference_report(_latency_batch(cfg, datamodule)),
-               **results}
-    _write_on_rank_zero(out / "stages" / f"{stage}.json", json.dumps(results, indent=2))
-    _finish_wandb(trainer)
-    return results
-
-
-def _finish_wandb(trainer) -> None:
-    """End this stage's W&B run; wandb would otherwise log every later stage into it."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
-        import wandb
-
-        wandb.finish()
-
-
-def _resume_point(cfg, out: Path, stage: str) -> ResumePoint | None:
-    """The checkpoint ``stage`` resumes from (saying which in one line), or None."""
-    if cfg.get("ckpt_path") == "last":
-        directory = out / "checkpoints" / stage
-        point = find_resume_point(directory)
-        if point is None:
-            say(f"ckpt_path=last: no checkpoint of stage '{stage}' in {directory}; starting it from the beginning")
-        else:
-            say(f"resuming stage '{stage}' from {point.path} (after epoch {point.epoch}, step {point.global_step})")
-        return point
-    if cfg.get("ckpt_path"):
-        path = Path(cfg.ckpt_path).expanduser()
-        ckpt = safe_load(path, "ckpt_path", mmap=True)
-        if not isinstance(ckpt, dict) or "global_step" not in ckpt:
-            raise KdkitError(f"ckpt_path {path} is not a Lightning checkpoint of a kdkit stage")
-        return ResumePoint(path, int(ckpt.get("epoch", 0)), int(ckpt["global_step"]))
-    return None
-
-
 # ---- helpers ------------------------------------------------------------------------------
-def _latency_batch(cfg, datamodule) -> dict:
-    return datamodule.example_batch(n=cfg.get("report", {}).get("latency_batch_size") or None)
-
-
 def _container(node):
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
-
-def _done(out: Path, stage: str) -> bool:
-    return (out / "stages" / f"{stage}.json").exists()
-
-
-def _load_stage(out: Path, stage: str) -> dict:
-    path = out / "stages" / f"{stage}.json"
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise unreadable(path, f"the results of the finished stage '{stage}'", err,
-                         f"delete it to run stage '{stage}' again") from None
-    if not isinstance(results, dict):
-        raise unreadable(path, f"the results of the finished stage '{stage}'", "not a JSON object",
-                         f"delete it to run stage '{stage}' again")
-    return results
-
-
-@rank_zero_only
-def _write_on_rank_zero(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 @rank_zero_only
