@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kdkit.errors import KdkitError, say
-from kdkit.tasks.base import check_teacher_name
+from kdkit.tasks.wiring import check_teacher_name
 
 SHORTHAND = "teacher"
 _IGNORED: set[str] = set()  # distiller settings already reported as unused

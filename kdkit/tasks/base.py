@@ -14,6 +14,8 @@ from kdkit.divergence import LossWatch, check_finite
 from kdkit.errors import KdkitError
 from kdkit.features import FeatureTap
 from kdkit.outputs import Outputs
+from kdkit.tasks.wiring import (callback_list, input_options, label, per_teacher, resolve_task_loss_weight, route,
+                                teacher_models)
 from kdkit.teacher import FrozenTeacher
 from kdkit.teacher_source import CachedTeacher, LiveTeacher, TeacherSource
 
@@ -96,25 +98,25 @@ class DistillationTask(L.LightningModule):
         callbacks: Sequence[L.Callback] | Mapping[str, L.Callback | None] | None = None,
     ):
         super().__init__()
-        models = _teacher_models(teacher, teachers)
-        self.inputs = _input_options(inputs, models, student_normalize, teacher_normalize)
+        models = teacher_models(teacher, teachers)
+        self.inputs = input_options(inputs, models, student_normalize, teacher_normalize)
         self.student = student
         self.distillers = nn.ModuleDict(dict(distillers or {}))
         if self.distillers and not models:
             raise KdkitError(f"distillers {list(self.distillers)} need a teacher, but none given")
-        precisions = _per_teacher(teacher_precision, models, "teacher_precision")
+        precisions = per_teacher(teacher_precision, models, "teacher_precision")
         frozen = {name: m if isinstance(m, FrozenTeacher) else FrozenTeacher(m, precisions[name])
                   for name, m in models.items()}
         object.__setattr__(self, "_teachers", frozen)  # hidden from nn.Module registration
-        self.routes = {name: _route(name, d, list(frozen)) for name, d in self.distillers.items()}
+        self.routes = {name: route(name, d, list(frozen)) for name, d in self.distillers.items()}
         self.task_loss_weight = resolve_task_loss_weight(
             task_loss_weight, bool(self.distillers), self.default_task_loss_weight)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        caches = _per_teacher(teacher_cache, frozen, "teacher_cache")
+        caches = per_teacher(teacher_cache, frozen, "teacher_cache")
         self.teacher_caches = {name: c for name, c in caches.items() if c is not None}
         self.compile = compile
-        self.task_callbacks = _callback_list(callbacks)
+        self.task_callbacks = callback_list(callbacks)
         self._built = False
         self._loss_watch = LossWatch()
         self.student_role = "student"  # "teacher" while the runner trains a teacher itself
@@ -159,7 +161,7 @@ class DistillationTask(L.LightningModule):
         """The feature tap of ``role`` ("student" or a teacher's name), created on first use."""
         if role not in self._taps:
             model = self.student if role == "student" else self._teachers[role].model
-            self._taps[role] = FeatureTap(model, self._feature_names(role), _label(role, self._teachers))
+            self._taps[role] = FeatureTap(model, self._feature_names(role), label(role, self._teachers))
         return self._taps[role]
 
     @property
@@ -300,7 +302,7 @@ class DistillationTask(L.LightningModule):
         self.student.train(was_training)
         self.check_outputs(s, self.student_role)
         for name, t in ts.items():
-            self.check_outputs(t, _label(name, self._teachers))
+            self.check_outputs(t, label(name, self._teachers))
             self.check_compatible(s, t)
         context = DistillContext(num_samples=num_samples, num_classes=num_classes)
         for name, distiller in self.distillers.items():
@@ -436,96 +438,3 @@ def _save_safetensors(state: dict, path) -> "Path":
     # safetensors refuses tensors that share storage (tied weights): store each once, cloned
     save_file({k: v.clone() for k, v in state.items()}, str(path))
     return path
-
-
-# ---- construction helpers ---------------------------------------------------------------------
-def resolve_task_loss_weight(weight: float | None, has_distillers: bool, default: float) -> float:
-    """The task loss weight a task trains with: ``weight`` (None: ``default``) next to
-    distillers; 1 without distillers (a model trained alone learns from its task loss)."""
-    if not has_distillers:
-        return 1.0
-    return float(default if weight is None else weight)
-
-
-def _callback_list(callbacks) -> list[L.Callback]:
-    if callbacks is None:
-        return []
-    items = list(callbacks.values()) if isinstance(callbacks, Mapping) else list(callbacks)
-    items = [cb for cb in items if cb is not None]
-    for cb in items:
-        if not isinstance(cb, L.Callback):
-            raise KdkitError(f"task.callbacks: {cb!r} is not a Lightning Callback")
-    return items
-
-
-def _teacher_models(teacher, teachers) -> dict[str, nn.Module]:
-    models = dict(teachers or {})
-    if teacher is not None:
-        if "teacher" in models:
-            raise KdkitError("a teacher named 'teacher' is given twice (teacher= and teachers=)")
-        models = {"teacher": teacher, **models}
-    for name in models:
-        check_teacher_name(name)
-    return models
-
-
-def check_teacher_name(name: str) -> None:
-    """Teacher names key buffers, stage names and results: a Python identifier, not 'student'."""
-    if not isinstance(name, str) or not name.isidentifier() or name == "student":
-        raise KdkitError(f"teacher name {name!r}: use a Python identifier other than 'student' "
-                         "(letters, digits and _, e.g. teachers.gcn)")
-
-
-def _per_teacher(value, teachers: Mapping, what: str) -> dict:
-    """``value`` for every teacher: a mapping name -> value, or one value for the only teacher."""
-    if isinstance(value, Mapping) and not hasattr(value, "lookup"):
-        unknown = set(value) - set(teachers)
-        if unknown:
-            raise KdkitError(f"{what} names unknown teachers {sorted(unknown)}; teachers: {list(teachers)}")
-        return {name: value.get(name) for name in teachers}
-    if value is not None and len(teachers) > 1:
-        raise KdkitError(f"{what}: one value for {len(teachers)} teachers; give {{name: value}}")
-    return {name: value for name in teachers}
-
-
-def _input_options(inputs, teachers: Mapping, student_normalize, teacher_normalize) -> dict[str, dict]:
-    options = {role: dict(opts or {}) for role, opts in (inputs or {}).items()}
-    unknown = set(options) - {"student", *teachers}
-    if unknown:
-        raise KdkitError(f"inputs for unknown models {sorted(unknown)}: roles are student, {', '.join(teachers)}")
-    options.setdefault("student", {})
-    if student_normalize is not None:
-        options["student"]["normalize"] = student_normalize
-    for name in teachers:
-        options.setdefault(name, {})
-        if teacher_normalize is not None and options[name].get("normalize") is None:
-            options[name]["normalize"] = teacher_normalize
-    return options
-
-
-def _route(distiller: str, d: Distiller, teachers: list[str]) -> list[str]:
-    """The teachers distiller ``distiller`` reads, checked against ``teachers``."""
-    listing = ", ".join(teachers) or "none"
-    if d.reads_several_teachers:
-        names = d.teacher_names if d.teacher_names is not None else teachers
-        unknown = [n for n in names if n not in teachers]
-        if unknown:
-            raise KdkitError(f"distiller '{distiller}' reads teachers {unknown}, which this run does "
-                             f"not have; its teachers: {listing}")
-        return list(names)
-    if d.teacher_name is not None:
-        if d.teacher_name not in teachers:
-            raise KdkitError(f"distiller '{distiller}' reads teacher '{d.teacher_name}', which this run "
-                             f"does not have; its teachers: {listing}")
-        return [d.teacher_name]
-    if len(teachers) > 1:
-        raise KdkitError(f"distiller '{distiller}' reads one teacher but this run has {len(teachers)} "
-                         f"({listing}): set distiller.{distiller}.teacher=<name>")
-    return list(teachers[:1])
-
-
-def _label(role: str, teachers: Mapping) -> str:
-    """How messages name a model: "student", "teacher", or "teacher 'gcn'" among several."""
-    if role == "student" or role not in teachers:
-        return role
-    return "teacher" if role == "teacher" else f"teacher '{role}'"
