@@ -9,7 +9,10 @@ rewrites the markdown from what has run):
   then reuse those teachers' weights (``teachers.<name>.ckpt_path``) with the same student init.
 - ``cifar``: two teachers (resnet20, wrn_16_2) trained once (seed 0), then per seed the resnet8
   baseline, KD from each teacher alone and the ensemble of both.
-- ``born_again``: resnet8 generations 1..K (``stages.generations=K``), seed 0.
+- ``born_again``: resnet8 generations 1..K (``stages.generations=K``), generation 1 taught by
+  the resnet20 teacher, seed 0.
+- ``ban``: born-again networks as in the paper: generation 0 is resnet8 on labels alone, then
+  resnet8 generations 1..K, each taught by the one before, seed 0.
 - ``clip``: a CLIP teacher (``--clip-teacher``: the ``teacher.pt`` of a ``cifar10_clip``
   teacher stage) teaching resnet8 through its zero-shot head, vs the baseline of the same seed.
 
@@ -129,6 +132,66 @@ def born_again(args, log: RunLog) -> None:
         log.record(row("born_again", "cifar10", 0, f"gen{k}", "-", res[f"student/gen{k}"]))
 
 
+def ban(args, log: RunLog) -> None:
+    """Born-again networks as in the paper: generation 0 is resnet8 trained on labels alone (the
+    teacher stage, which with the same seed is the baseline), generations 1..K are resnet8
+    students, each taught by the one before."""
+    out = Path(args.out) / "ban"
+    if done(log, ("ban", "cifar10", 0, "gen1", "-")):
+        return
+    res = run_one(["experiment=cifar10_two_teachers", *QUIET, f"trainer.max_epochs={args.epochs}",
+                   "~teachers.wrn", "teachers.r20.model._target_=kdkit.models.cifar_resnet.resnet8",
+                   f"teachers.r20.max_epochs={args.epochs}", "stages.baseline=false",
+                   f"stages.generations={args.generations}", *args.extra], out)
+    log.record(row("ban", "cifar10", 0, "gen0 (labels only)", "-", res["teacher/r20"]))
+    log.record(row("ban", "cifar10", 0, "gen1", "-", res["student"]))
+    for k in range(2, args.generations + 1):
+        log.record(row("ban", "cifar10", 0, f"gen{k}", "-", res[f"student/gen{k}"]))
+
+
+def ensemble_check(args, log: RunLog) -> None:
+    """The two CIFAR teachers and their ensemble as classifiers on the test set: accuracy, and
+    the mean top-class probability of the soft targets at the distillation temperature."""
+    import torch
+    from hydra.utils import instantiate
+
+    from kdkit.checkpoints import load_weights
+    from kdkit.compose import compose
+    from kdkit.tasks.image_inputs import _channel_stat
+
+    if done(log, ("ensemble_check", "cifar10", 0, "ensemble", "r20+wrn")):
+        return
+    cfg = compose(["experiment=cifar10_two_teachers", *args.extra])
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("test")
+    mean, std = _channel_stat(cfg.data.mean), _channel_stat(cfg.data.std)
+    probs, labels = {}, []
+    for name in ("r20", "wrn"):
+        model = instantiate(cfg.teachers[name].model)
+        load_weights(model, Path(args.out) / "cifar10" / "teachers" / f"teacher-{name}.pt")
+        model.eval()
+        chunks = []
+        with torch.no_grad():
+            for batch in dm.test_dataloader():
+                chunks.append(model((batch["image"] - mean) / std).float())
+                if name == "r20":
+                    labels.append(batch["label"])
+        probs[name] = torch.cat(chunks)
+    y = torch.cat(labels)
+    T = float(cfg.distiller.ensemble_kd.temperature)
+    soft = {n: torch.softmax(z / T, 1) for n, z in probs.items()}
+    soft["r20+wrn"] = (soft["r20"] + soft["wrn"]) / 2
+    plain = {n: torch.softmax(z, 1) for n, z in probs.items()}
+    plain["r20+wrn"] = (plain["r20"] + plain["wrn"]) / 2
+    agree = (probs["r20"].argmax(1) == probs["wrn"].argmax(1)).float().mean().item()
+    for name in ("r20", "wrn", "r20+wrn"):
+        log.record({"part": "ensemble_check", "dataset": "cifar10", "seed": 0,
+                    "method": "ensemble" if "+" in name else "teacher", "teachers": name,
+                    "test/acc": (plain[name].argmax(1) == y).float().mean().item(),
+                    "top_prob_at_T": soft[name].max(1).values.mean().item(), "agreement": agree})
+
+
 def clip(args, log: RunLog) -> None:
     if not args.clip_teacher:
         raise SystemExit("--part clip needs --clip-teacher <teacher.pt of a cifar10_clip teacher stage>")
@@ -175,9 +238,12 @@ def report(args, log: RunLog) -> None:
             text.append(f"| {name} | {k[1]} | {len(g)} | {val} | {mean_std(values(g, 'test/acc'))} |")
         text += ["", f"Best on validation: **{best[0]} ({best[1]})**." if best else "", ""]
     for part, title in (("cifar", "CIFAR-10: two teachers -> resnet8"),
-                        ("born_again", "CIFAR-10: born-again generations of resnet8 (teacher resnet20 for generation 1)"),
+                        ("born_again", "CIFAR-10: generations of resnet8, generation 1 taught by resnet20 (seed 0)"),
+                        ("ban", "CIFAR-10: born-again networks (generation 0: resnet8 on labels alone; seed 0)"),
                         ("clip", "CIFAR-10: a CLIP teacher (zero-shot head) -> resnet8")):
         mine = [r for r in rows if r["part"] == part and r["method"] != "teachers"]
+        order = {"teacher": 0, "baseline": 1}
+        mine.sort(key=lambda r: (order.get(r["method"], 2), r["method"], r["teachers"], r["seed"]))
         if not mine:
             continue
         text += [f"## {title}", "", "| model | teachers | seeds | test acc (%) | params |", "|---|---|---|---|---|"]
@@ -190,6 +256,15 @@ def report(args, log: RunLog) -> None:
                         f"{params:,} |" if isinstance(params, int) else f"| {k[0]} | {k[1]} | {len(g)} | "
                         f"{mean_std(values(g, 'test/acc'))} | - |")
         text.append("")
+    check = [r for r in rows if r["part"] == "ensemble_check"]
+    if check:
+        text += ["## CIFAR-10: the two teachers and their ensemble as classifiers", "",
+                 f"Test set, fp32 (`--part ensemble_check`); the teachers agree on "
+                 f"{check[0]['agreement'] * 100:.1f}% of the test images. `top prob at T`: mean largest "
+                 "probability of the soft targets the student sees (T = 4).", "",
+                 "| model | test acc (%) | top prob at T |", "|---|---|---|"]
+        text += [f"| {r['teachers']} | {r['test/acc'] * 100:.2f} | {r['top_prob_at_T']:.3f} |" for r in check]
+        text.append("")
     if args.notes and Path(args.notes).exists():
         text += ["## Findings", "", Path(args.notes).read_text().strip(), ""]
     write("multi_teacher.md", "\n".join(text))
@@ -197,7 +272,7 @@ def report(args, log: RunLog) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["graph", "cifar", "born_again", "clip"], action="append", default=[])
+    p.add_argument("--part", choices=["graph", "cifar", "born_again", "ban", "ensemble_check", "clip"], action="append", default=[])
     p.add_argument("--datasets", default="cora,citeseer")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=10, help="CIFAR student epochs")
@@ -219,7 +294,8 @@ def main() -> None:
                  key=lambda r: (r["part"], r["dataset"], r["seed"], r["method"], r["teachers"]))
     if not args.report_only:
         for part in args.part:
-            {"graph": graph, "cifar": cifar, "born_again": born_again, "clip": clip}[part](args, log)
+            {"graph": graph, "cifar": cifar, "born_again": born_again, "ban": ban, "ensemble_check": ensemble_check,
+             "clip": clip}[part](args, log)
     report(args, log)
 
 
