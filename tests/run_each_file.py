@@ -31,7 +31,9 @@ def test_files(paths: list[str]) -> list[Path]:
 
 
 def run_alone(path: Path, pytest_args: list[str], timeout: float) -> tuple[str, str]:
-    """("pass" | "fail" | "empty", a one-line summary) for ``pytest -q -x path`` in a new process."""
+    """("pass" | "fail" | "empty", a summary) for ``pytest -q -x path`` in a new process; a
+    failure's summary adds pytest's ``E`` lines, so that a failure seen only here (a flake under
+    load) can be diagnosed from the CI log."""
     start = time.perf_counter()
     command = [sys.executable, "-m", "pytest", "-q", "-x", str(path), *pytest_args]
     try:
@@ -45,7 +47,8 @@ def run_alone(path: Path, pytest_args: list[str], timeout: float) -> tuple[str, 
         return "pass", f"{last} ({seconds:.1f} s)"
     if out.returncode == NO_TESTS_COLLECTED:
         return "empty", f"no tests selected ({seconds:.1f} s)"
-    return "fail", f"exit {out.returncode}: {_first_failure(lines) or last} ({seconds:.1f} s)"
+    detail = "".join(f"\n        {line}" for line in [x for x in lines if x.startswith("E ")][:20])
+    return "fail", f"exit {out.returncode}: {_first_failure(lines) or last} ({seconds:.1f} s){detail}"
 
 
 def _first_failure(lines: list[str]) -> str | None:
