@@ -134,8 +134,8 @@ def born_again(args, log: RunLog) -> None:
 
 def ban(args, log: RunLog) -> None:
     """Born-again networks as in the paper: generation 0 is resnet8 trained on labels alone (the
-    teacher stage, which with the same seed is the baseline), generations 1..K are resnet8
-    students, each taught by the one before."""
+    teacher stage; its init differs from the baseline's, which this part skips), generations
+    1..K are resnet8 students, each taught by the one before."""
     out = Path(args.out) / "ban"
     if done(log, ("ban", "cifar10", 0, "gen1", "-")):
         return
@@ -266,7 +266,7 @@ def report(args, log: RunLog) -> None:
         text += [f"| {r['teachers']} | {r['test/acc'] * 100:.2f} | {r['top_prob_at_T']:.3f} |" for r in check]
         text.append("")
     if args.notes and Path(args.notes).exists():
-        text += ["## Findings", "", Path(args.notes).read_text().strip(), ""]
+        text += ["## How the runs were made, and findings", "", Path(args.notes).read_text().strip(), ""]
     write("multi_teacher.md", "\n".join(text))
 
 
