@@ -172,7 +172,10 @@ def generations(cfg) -> int:
 
 def _unrouted(distillers: dict) -> dict:
     """The distillers reading whatever teacher there is (a born-again generation has one)."""
-    for d in distillers.values():
+    for name, d in distillers.items():
+        if getattr(d, "needs_several_teachers", False):
+            raise KdkitError(f"distiller '{name}' ({type(d).__name__}) needs several teachers, but a "
+                             "born-again generation has one (its parent): stages.generations=1 with it")
         if d.reads_several_teachers:
             d.teacher_names = None
         else:

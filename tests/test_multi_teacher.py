@@ -86,6 +86,9 @@ def test_born_again_generations(tmp_path):
     assert any(not torch.equal(gen1[k], gen2[k]) for k in gen1)
     with pytest.raises(KdkitError, match="generations"):
         run(compose([*FAST, "stages.generations=0"], output_dir=str(tmp_path / "bad")))
+    with pytest.raises(KdkitError, match="needs several teachers, but a born-again generation has one"):
+        run(compose([*FAST, *SECOND, "stages.generations=2", "distiller=[ca_mkd]"], output_dir=str(tmp_path / "ca")))
+    assert not (tmp_path / "ca" / "stages").exists()  # refused before any stage
 
 
 def test_generation_k_is_taught_by_generation_k_minus_1(tmp_path, monkeypatch):

@@ -60,6 +60,8 @@ class CAMKD(MultiTeacherDistiller):
             equal weights. None: every label is a training label.
     """
 
+    needs_several_teachers = True  # refused where only one teacher exists (born-again)
+
     def __init__(self, weight: float = 1.0, teachers=None, temperature: float = 4.0,
                  label_key: str = "label", mask_key: str | None = None):
         super().__init__(weight, teachers)

@@ -35,6 +35,8 @@ class TeacherSchedule(MultiTeacherDistiller):
         weight: multiplier of the loss.
     """
 
+    needs_several_teachers = True  # refused where only one teacher exists (born-again)
+
     def __init__(self, distiller: Distiller, teachers, switch_at, unit: str = "epoch", weight: float = 1.0):
         super().__init__(weight, teachers)
         if not isinstance(distiller, Distiller) or distiller.reads_several_teachers:
