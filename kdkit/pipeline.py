@@ -258,8 +258,8 @@ def make_task(cfg, student, teachers: dict | None = None, distillers=None,
         teachers=teachers,
         distillers=distillers or {},
         teacher_precision={name: teacher_cfgs[name].get("precision") for name in teachers},
-        inputs={"student": input_options(student_cfg),
-                **{name: input_options(teacher_cfgs[name]) for name in teachers}},
+        inputs={"student": inputs_from_config(student_cfg),
+                **{name: inputs_from_config(teacher_cfgs[name]) for name in teachers}},
     )
     if probe:
         kwargs["compile"] = False
@@ -282,7 +282,7 @@ def make_task(cfg, student, teachers: dict | None = None, distillers=None,
 INPUT_KEYS = ("normalize", "image_size")
 
 
-def input_options(model_cfg) -> dict:
+def inputs_from_config(model_cfg) -> dict:
     """A model's own input pipeline from its config, without the unset keys."""
     return {key: _container(model_cfg.get(key)) for key in INPUT_KEYS if model_cfg.get(key) is not None}
 

@@ -22,26 +22,23 @@ def test_every_package_is_listed_for_installation():
     assert found == listed
 
 
+def python_outside(code: str, cwd) -> list[str]:
+    """The stdout lines of ``python -c code`` run in ``cwd``, outside the repository."""
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, check=True).stdout.split()
+
+
 def test_only_kdkit_is_importable_outside_the_repository(tmp_path):
-    code = (
-        "import importlib.util as u, kdkit.conf, kdkit.datamodules.cifar10\n"
-        "print(u.find_spec('conf') is None, u.find_spec('datamodules') is None)\n"
-        "print(kdkit.conf.__name__, kdkit.datamodules.cifar10.__name__)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120, check=True).stdout.split()
+    out = python_outside("import importlib.util as u, kdkit.conf, kdkit.datamodules.cifar10\n"
+                         "print(u.find_spec('conf') is None, u.find_spec('datamodules') is None)\n"
+                         "print(kdkit.conf.__name__, kdkit.datamodules.cifar10.__name__)", tmp_path)
     assert out == ["True", "True", "kdkit.conf", "kdkit.datamodules.cifar10"]
 
 
 def test_hydra_finds_the_installed_config_module(tmp_path):
-    code = (
-        "from kdkit.compose import compose\n"
-        "cfg = compose(['experiment=cora_glnn'])\n"
-        "print(cfg.data._target_)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120, check=True).stdout.strip().splitlines()[-1]
-    assert out == "kdkit.datamodules.graph.GraphDataModule"
+    out = python_outside("from kdkit.compose import compose\n"
+                         "print(compose(['experiment=cora_glnn']).data._target_)", tmp_path)
+    assert out[-1] == "kdkit.datamodules.graph.GraphDataModule"
 
 
 def test_the_console_entry_point_finds_its_config_outside_the_repository(tmp_path):

@@ -128,3 +128,20 @@ def preprocess_stats(model: nn.Module) -> dict:
         "size": size,
         "context_length": getattr(model, "context_length", None),
     }
+
+
+def class_text_embeddings(encode_text, tokenize, class_names, templates, batch_size: int = 1024):
+    """``[C, D]`` float32 zero-shot class embeddings (Radford et al. 2021's prompt ensembling):
+    every ``template.format(name)`` encoded (``tokenize(prompts) -> tokens``, then
+    ``encode_text(tokens, normalize=True)``), averaged over the templates per class, normalised
+    again. Prompts go through in chunks of ``batch_size``."""
+    import torch
+    import torch.nn.functional as F
+
+    names, templates = list(class_names), list(templates)
+    prompts = [t.format(name) for name in names for t in templates]
+    parts = [encode_text(tokenize(prompts[i:i + batch_size]), normalize=True).float()
+             for i in range(0, len(prompts), batch_size)]
+    text = torch.cat(parts).view(len(names), len(templates), -1)
+    return F.normalize(text.mean(1), dim=-1)
+

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdkit.errors import KdkitError
+from kdkit.models.clip import class_text_embeddings
 
 PREFIX = "clip."  # where the wrapped open_clip model sits in the wrapper's module tree
 
@@ -165,14 +166,9 @@ class ZeroShotClassifier(nn.Module):
         """``[C, D]`` float32 class embeddings from the current weights (no cache), with the
         autograd graph when grad is enabled: each prompt's text embedding normalised, averaged
         over the templates per class, normalised again (Radford et al. 2021's ensembling)."""
-        prompts = [t.format(name) for name in self.class_names for t in self.templates]
         device = self._device()
-        parts = []
-        for start in range(0, len(prompts), self.prompt_batch_size):
-            tokens = self.tokenizer(prompts[start:start + self.prompt_batch_size]).to(device)
-            parts.append(self.clip.encode_text(tokens, normalize=True).float())
-        text = torch.cat(parts).view(len(self.class_names), len(self.templates), -1)
-        return F.normalize(text.mean(1), dim=-1)
+        return class_text_embeddings(self.clip.encode_text, lambda prompts: self.tokenizer(prompts).to(device),
+                                     self.class_names, self.templates, self.prompt_batch_size)
 
     def class_embeddings(self) -> Tensor:
         """``[C, D]`` float32 L2-normalised class embeddings of the current weights: cached (no

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from kdkit.data_contract import ImageTextData
 from kdkit.errors import KdkitError
+from kdkit.models.clip import class_text_embeddings
 from kdkit.losses.contrastive import contrastive_loss
 from kdkit.outputs import Outputs
 from kdkit.tasks.base import DistillationTask
@@ -144,11 +145,11 @@ class ImageTextTask(ImageInputs, DistillationTask):
         templates = list(self._eval_setting("templates", ("a photo of a {}.",)))
         was_training = self.student.training
         self.student.eval()
-        prompts = [t.format(name) for name in names for t in templates]
-        tokens = self.text_input(tokenizer(prompts).to(self.device), "student")
-        text = self.student.encode_text(tokens, normalize=True).float()
+        embeddings = class_text_embeddings(
+            self.student.encode_text, lambda prompts: self.text_input(tokenizer(prompts).to(self.device), "student"),
+            names, templates, batch_size=len(names) * len(templates))
         self.student.train(was_training)
-        return F.normalize(text.view(len(names), len(templates), -1).mean(1), dim=-1)
+        return embeddings
 
     def on_validation_epoch_start(self) -> None:
         self._class_embeddings = self.class_embeddings()

@@ -47,6 +47,8 @@ def test_only_the_current_teacher_runs_and_the_loss_is_kd_against_it():
 def test_training_step_sets_the_progress():
     d = TeacherSchedule(KD(), teachers=["t0", "t1"], switch_at=[3])
     task = multi_task({"prod": d})
+    d.set_progress(5, 70)  # as if late in training: the step must reset it to the task's own
+    assert d.current() == "t1"
     task.training_step(image_batch(), 0)  # no trainer: epoch 0, step 0
     assert d.progress == (0, 0) and d.current() == "t0"
 
