@@ -26,6 +26,7 @@ from kdkit.datamodules.archives import ARCHIVE_ERRORS, file_error
 from kdkit.datamodules.base import build_loader, check_loader_options
 from kdkit.datamodules.cifar10 import CIFAR10DataModule
 from kdkit.errors import KdkitError
+from kdkit.extras import require
 
 IMAGE_HINT = "it is corrupt or truncated: replace it with a good copy"
 
@@ -375,6 +376,7 @@ class WebDatasetPairsDataModule(PairsDataModule):
     def __init__(self, train_urls: str | Sequence[str], test_urls: str | Sequence[str],
                  train_samples: int, val_urls: str | Sequence[str] | None = None,
                  shuffle_buffer: int = 1000, **kwargs):
+        require("webdataset", "data=image_text_wds (webdataset shards)")
         super().__init__(**kwargs)
         self.urls = {"train": _expand(train_urls), "test": _expand(test_urls),
                      "val": _expand(val_urls or test_urls)}

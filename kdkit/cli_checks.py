@@ -150,6 +150,12 @@ def _unknown_choice(missing: str, loader) -> str:
     group, _, name = missing.rpartition("/")
     if not group:
         return f"no config '{name}'"
+    if group == "hydra/launcher" and name.startswith("submitit"):
+        from kdkit.extras import EXTRAS
+
+        if not _importable(EXTRAS["cluster"][1][0]):  # the launcher plugin brings these configs
+            return (f"hydra/launcher={name} comes with the package 'hydra-submitit-launcher', which is "
+                    "not installed: pip install 'kdkit[cluster]'")
     options = sorted(loader.get_group_options(group, results_filter=ObjectType.CONFIG))
     hint = _did_you_mean(name, options)
     return (f"no {group} '{name}'; {f'did you mean {hint}? ' if hint else ''}"
@@ -170,6 +176,15 @@ def _unknown_key(full_key: str, parent, hydra_message: str) -> str:
         message += f"; closest keys {where}: {close_names(leaf, keys)}"
     append = re.search(r"use (\+\S+)", hydra_message)  # Hydra's own hint for adding a new key
     return f"{message} (to add it: {append.group(1)})" if append else message
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _did_you_mean(name: str, candidates: Sequence[str]) -> str | None:

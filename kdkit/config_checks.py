@@ -17,6 +17,9 @@ from kdkit.errors import KdkitError
 TEMPERATURE_KEYS = ("temperature", "teacher_temperature", "init_temperature", "tau")
 
 
+PROGRAM_FORMATS = ("pt2", "onnx")  # kdkit.exports.program
+
+
 def _number(value) -> float | None:
     if isinstance(value, bool) or value is None:
         return None
@@ -85,6 +88,10 @@ def config_problems(cfg: DictConfig) -> list[str]:
         _positive(problems, f"distiller.{name}.weight", node.get("weight"))
         for key in TEMPERATURE_KEYS:
             _positive(problems, f"distiller.{name}.{key}", node.get(key))
+    programs = (cfg.get("export") or {}).get("programs")
+    unknown = [p for p in (programs or []) if p not in PROGRAM_FORMATS]
+    if unknown:
+        problems.append(f"export.programs={list(programs)}: unknown {unknown}; choose from {list(PROGRAM_FORMATS)}")
     return problems
 
 

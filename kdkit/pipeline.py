@@ -27,9 +27,11 @@ from torch import nn
 
 from kdkit.checkpoint_io import save_atomically
 from kdkit.config_checks import check_config
+from kdkit.console import start_run
 from kdkit.data_facts import fill_data_facts
 from kdkit.divergence import check_finite
 from kdkit.errors import KdkitError, say
+from kdkit.report import markdown_table
 from kdkit.resume import check_resume_config
 from kdkit.stage_fit import fit_and_test, load_stage, stage_done, write_on_rank_zero
 from kdkit.teachers import SHORTHAND, make_distillers, results_key, stage_name, teacher_configs, weights_file
@@ -41,6 +43,7 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     check_config(cfg)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    start_run(out)  # says where the run writes; Lightning's per-stage lines once per run
     if cfg.get("ckpt_path") == "last":
         check_resume_config(out, cfg)
     write_on_rank_zero(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -76,7 +79,10 @@ def run(cfg: DictConfig) -> dict[str, dict]:
                 cfg, datamodule, out, f"student-gen{k}", {f"gen{k - 1}": student}, {f"gen{k - 1}": cfg.student})
 
     write_on_rank_zero(out / "results.json", json.dumps(results, indent=2))
+    write_on_rank_zero(out / "results.md", markdown_table(results, cfg.get("name", "kdkit")))
+    _write_html_report(out)
     _print_table(results, cfg.get("name", "kdkit"))
+    say(f"run directory: {out} (results.json, results.md, report.html)")
     return results
 
 
@@ -275,6 +281,7 @@ def make_task(cfg, student, teachers: dict | None = None, distillers=None,
         task_cfg = OmegaConf.merge(cfg.task, {"optimizer": own})
     task = instantiate(task_cfg)(**kwargs)
     task.student_role = role_of_student
+    task.export_programs = tuple(cfg.get("export", {}).get("programs", ("pt2", "onnx")))
     return task
 
 
@@ -290,6 +297,18 @@ def inputs_from_config(model_cfg) -> dict:
 # ---- helpers ------------------------------------------------------------------------------
 def _container(node):
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+@rank_zero_only
+def _write_html_report(out: Path) -> None:
+    """``report.html``; a failure to draw it costs the report, never the run's results."""
+    from kdkit.html_report import write_report
+
+    try:
+        write_report(out)
+    except Exception as err:  # noqa: BLE001 - the numbers are written; the pictures are extra
+        say(f"report.html not written ({type(err).__name__}: {err}); rebuild it with "
+            f"kdkit-report {out}", warning=True)
 
 
 @rank_zero_only

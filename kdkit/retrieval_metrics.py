@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from kdkit.errors import KdkitError
+from kdkit.extras import require
 
 DEFAULT_METRICS = ("ndcg@10", "recall@100", "mrr@10")
 
@@ -32,8 +33,7 @@ def exact_search(queries: Tensor, corpus: Tensor, k: int, backend: str = "torch"
         raise KdkitError(f"query dim {queries.shape[-1]} != corpus dim {corpus.shape[-1]}")
     k = min(int(k), corpus.shape[0])
     if backend == "faiss":
-        import faiss
-
+        faiss = require("faiss", "search backend=faiss")
         index = faiss.IndexFlatIP(corpus.shape[1])
         index.add(corpus.detach().float().cpu().contiguous().numpy())
         scores, indices = index.search(queries.detach().float().cpu().contiguous().numpy(), k)
@@ -60,8 +60,8 @@ def evaluate(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[s
     Documents with relevance <= 0 are not relevant (ranx drops them, as trec_eval).
     A query of ``qrels`` absent from ``run`` scores 0.
     """
-    from ranx import Qrels, Run
-    from ranx import evaluate as ranx_evaluate
+    ranx = require("ranx", "retrieval metrics (nDCG, recall)")
+    Qrels, Run, ranx_evaluate = ranx.Qrels, ranx.Run, ranx.evaluate
 
     judged = {q: {d: int(r) for d, r in docs.items() if int(r) > 0} for q, docs in qrels.items()}
     judged = {q: docs for q, docs in judged.items() if docs}

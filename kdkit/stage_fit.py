@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import OmegaConf
 
+from kdkit.callbacks.progress import StageProgressBar
 from kdkit.checkpoint_io import AtomicCheckpointIO, safe_load
 from kdkit.checkpointing import ResumePoint, find_resume_point
 from kdkit.distributed import refuse_relaunch_in_sweep, warn_if_oversubscribed
@@ -29,7 +30,8 @@ from kdkit.errors import KdkitError, say, unreadable
 
 
 def make_trainer(cfg, out: Path, stage: str, max_epochs=None, resume_at=None) -> L.Trainer:
-    """The stage's Trainer: its callbacks and loggers, checkpoints under ``checkpoints/<stage>``.
+    """The stage's Trainer: its callbacks and loggers, checkpoints under ``checkpoints/<stage>``,
+    progress bars named after the stage (``kdkit.callbacks.progress``).
 
     ``resume_at``: ``(epoch, global_step)`` of the checkpoint the stage resumes from, for the
     loggers that continue their files (``kdkit.csv_logger``).
@@ -40,6 +42,8 @@ def make_trainer(cfg, out: Path, stage: str, max_epochs=None, resume_at=None) ->
     for cb in callbacks:
         if isinstance(cb, Checkpoint) and hasattr(cb, "dirpath"):
             cb.dirpath = str(out / "checkpoints" / stage)
+        if isinstance(cb, StageProgressBar):
+            cb.stage = stage
     loggers = [instantiate(node, stage=stage, **_resume_kwargs(node, resume_at))
                for node in (cfg.get("logger") or {}).values()]
     overrides = {"max_epochs": max_epochs} if max_epochs else {}

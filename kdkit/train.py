@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, open_dict
@@ -31,7 +32,20 @@ def run_or_explain(cfg: DictConfig):
         if err is None:
             raise
         print(f"kdkit: error: {err}", file=sys.stderr)
+        _summarize_stopped_sweep()
         sys.exit(2)
+
+
+def _summarize_stopped_sweep() -> None:
+    """In a ``-m`` sweep, the summary of the jobs so far: the exit below ends the sweep before
+    Hydra's end-of-sweep callback (``kdkit.sweep_summary``) could write it."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        from kdkit.sweep_summary import SweepSummary
+
+        SweepSummary()._write(Path(HydraConfig.get().sweep.dir))
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ SMOKE = [
     "trainer.enable_progress_bar=false",
     "callbacks=none",
     "report.latency_batch_size=8",
+    "export.programs=[]",  # ~5 s per run; tests/test_exports.py writes and loads them
 ]
 
 

@@ -7,6 +7,7 @@ other, and exits 1 if any file fails on its own.
     python tests/run_each_file.py                        # every tests/**/test_*.py
     python tests/run_each_file.py tests/test_cli.py ...  # just these files
     python tests/run_each_file.py --timeout 600 -- -m slow   # extra pytest arguments after --
+    python tests/run_each_file.py --jobs 2               # two files at a time (tests use 1 thread)
 
 Not collected by pytest (no ``test_`` prefix).
 """
@@ -15,19 +16,24 @@ from __future__ import annotations
 
 import argparse
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_TESTS_COLLECTED = 5  # pytest's exit code when the markers deselect a whole file
+# Files that cannot depend on test order by construction, left out of the default list: every
+# check in them runs its commands in a fresh subprocess and directory (~5 min each time).
+ALONE_BY_CONSTRUCTION = {"tests/test_readme_commands.py"}
 
 
 def test_files(paths: list[str]) -> list[Path]:
     """The given files, or every ``test_*.py`` under tests/ (sorted), as paths from the root."""
     if paths:
         return [Path(p).resolve().relative_to(ROOT) for p in paths]
-    return sorted(p.relative_to(ROOT) for p in (ROOT / "tests").rglob("test_*.py"))
+    return sorted(p.relative_to(ROOT) for p in (ROOT / "tests").rglob("test_*.py")
+                  if str(p.relative_to(ROOT)) not in ALONE_BY_CONSTRUCTION)
 
 
 def run_alone(path: Path, pytest_args: list[str], timeout: float) -> tuple[str, str]:
@@ -63,14 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="*", help="test files (default: every tests/**/test_*.py)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per file (default 1800)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="files run at the same time (default 1); the suite's tests use one torch thread each")
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
 
     failed = []
-    for path in test_files(args.files):
-        status, summary = run_alone(path, pytest_args, args.timeout)
-        print(f"{status.upper():5} {path}  {summary}", flush=True)
-        if status == "fail":
-            failed.append(str(path))
+    with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
+        files = test_files(args.files)
+        for path, (status, summary) in zip(files, pool.map(lambda p: run_alone(p, pytest_args, args.timeout), files)):
+            print(f"{status.upper():5} {path}  {summary}", flush=True)
+            if status == "fail":
+                failed.append(str(path))
     if failed:
         print(f"{len(failed)} file(s) fail when run alone: {', '.join(failed)}")
         return 1

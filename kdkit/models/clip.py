@@ -87,13 +87,30 @@ def clip_model(
                 )
             pretrained = str(path)
     try:
-        return open_clip.create_model(
+        model = open_clip.create_model(
             name, pretrained=pretrained, precision=precision, force_image_size=image_size,
             force_context_length=context_length, **model_kwargs)
     except (RuntimeError, AssertionError, ValueError, KeyError) as err:
         # download failures; state_dict mismatches (open_clip asserts on some of them)
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise KdkitError(f"could not load {name} weights {pretrained!r}: {first}") from None
+    # open_clip keeps no config on the model; the export (kdkit.exports.open_clip_dir) writes this
+    # one, so the model loads where kdkit's own config names are unknown
+    model.open_clip_model_cfg = _final_config(name, image_size, context_length, model_kwargs)
+    return model
+
+
+def _final_config(name: str, image_size, context_length, model_kwargs: dict) -> dict:
+    """The config open_clip built ``name`` from, with the same overrides as ``create_model``."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(name)  # a copy
+    if image_size is not None:
+        cfg["vision_cfg"]["image_size"] = image_size
+    if context_length is not None:
+        cfg["text_cfg"]["context_length"] = context_length
+    cfg.update(model_kwargs)
+    return cfg
 
 
 def clip_tokenizer(name: str, context_length: int | None = None):

@@ -136,16 +136,34 @@ class TextEncoder(nn.Module):
 
         ``AutoModel.from_pretrained(directory)`` gives the backbone (token states);
         ``SentenceTransformer(directory)`` and ``sentence_encoder(directory)`` give the whole
-        encoder, projection and normalisation included.
+        encoder, projection and normalisation included. With sentence-transformers installed the
+        folder is written through its own API (``kdkit.exports.sentence_transformers_dir``),
+        else (or when that fails: one warning line) the same files are written by hand.
         """
+        import importlib.util
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        if importlib.util.find_spec("sentence_transformers") is not None:
+            from kdkit.exports.optional import optional_format
+            from kdkit.exports.sentence_transformers_dir import save_sentence_transformer
+
+            if optional_format("sentence-transformers folder (written by hand instead)",
+                               lambda: [save_sentence_transformer(self, directory)]):
+                return directory
+        return self._save_by_hand(directory)
+
+    def _save_by_hand(self, directory: Path) -> Path:
+        from kdkit.exports.sentence_transformers_dir import no_pooler_kwargs
+
         self.backbone.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         hidden = self.backbone.config.hidden_size
         modules = [_st_module(0, "", "Transformer"), _st_module(1, "1_Pooling", "Pooling")]
+        no_pooler = no_pooler_kwargs(self.backbone)  # see kdkit.exports.sentence_transformers_dir
         _write_json(directory / "sentence_bert_config.json",
-                    {"max_seq_length": self.max_length, "do_lower_case": False})
+                    {"max_seq_length": self.max_length, "do_lower_case": False,
+                     **({"model_args": no_pooler} if no_pooler else {})})
         _write_json(directory / "1_Pooling" / "config.json",
                     {"word_embedding_dimension": hidden,
                      **{key: mode == self.pooling for mode, key in _ST_POOLING_KEYS.items()},
@@ -296,8 +314,12 @@ def _load_backbone(name_or_path: str, config=None):
     from transformers import AutoModel
 
     _check_source(name_or_path)
+    st = _read_json(name_or_path, "sentence_bert_config.json") or {}
+    # a folder kdkit exported has no pooler weights and says so (kdkit.exports.sentence_transformers_dir)
+    kwargs = {k: v for k, v in {**st.get("model_args", {}), **st.get("model_kwargs", {})}.items()
+              if k == "add_pooling_layer"}
     try:
-        backbone = AutoModel.from_pretrained(name_or_path, **({"config": config} if config else {}))
+        backbone = AutoModel.from_pretrained(name_or_path, **({"config": config} if config else {}), **kwargs)
     except (OSError, ValueError) as exc:
         raise _hub_error(name_or_path, exc) from exc
     return drop_pooler(backbone)

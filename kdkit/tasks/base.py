@@ -249,7 +249,8 @@ class DistillationTask(L.LightningModule):
     def export(self, directory, with_adapters: bool = False) -> list:
         """Save the trained student alone, never the teacher: ``student.safetensors`` (loads
         without unpickling anything) and ``student.pt`` (the same bare ``state_dict`` for
-        ``torch.load``); the distillers' adapters (``adapters.*``) only when asked."""
+        ``torch.load``); the distillers' adapters (``adapters.*``) only when asked. Setting tasks
+        add their library-native formats (``kdkit.exports``)."""
         from pathlib import Path
 
         from kdkit.checkpoint_io import save_atomically

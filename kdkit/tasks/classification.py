@@ -106,6 +106,17 @@ class ClassificationTask(ImageInputs, DistillationTask):
         self.metrics[stage].reset()
         return {"acc": acc}
 
+    def export(self, directory, with_adapters: bool = False, datamodule=None) -> list:
+        """``DistillationTask.export``, plus the student as self-contained programs
+        (``student.pt2``, ``student.onnx``, ``inputs.json``) and, for a timm student, a timm
+        folder (``timm/``): see ``kdkit.exports``. ``datamodule`` gives the example input
+        (default: the Trainer's). A format that cannot be written costs a warning line only."""
+        from kdkit.exports.optional import optional_format
+        from kdkit.exports.settings import vision_exports
+
+        paths = super().export(directory, with_adapters)
+        return paths + optional_format("programs", lambda: vision_exports(self, directory, datamodule))
+
 
 def _embedding_name(model: nn.Module | None, name: str | None) -> str | None:
     if model is None or name is None:

@@ -181,6 +181,16 @@ class ImageTextTask(ImageInputs, DistillationTask):
             metrics[f"t2i_r@{k}"] = t2i[k]
         return metrics
 
+    # ---- export -----------------------------------------------------------------------------
+    def export(self, directory, with_adapters: bool = False, datamodule=None) -> list:
+        """``DistillationTask.export``, plus the student as an open_clip ``local-dir:`` folder
+        (``open_clip/``: model config, preprocessing, weights; see ``kdkit.exports``) that loads
+        without kdkit. ``datamodule`` lends its tokenizer when the task has none (default: the
+        Trainer's). A format that cannot be written costs a warning line only."""
+        from kdkit.exports.settings import clip_exports
+
+        return super().export(directory, with_adapters) + clip_exports(self, directory, datamodule)
+
     # ---- report -----------------------------------------------------------------------------
     def inference_report(self, batch: dict) -> dict:
         """Parameters (total, image and text towers) and image / text encoding throughput."""

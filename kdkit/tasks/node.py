@@ -154,6 +154,19 @@ class NodeTask(DistillationTask):
             observed.reset()
         return metrics
 
+    # ---- export -----------------------------------------------------------------------------
+    def export(self, directory, with_adapters: bool = False, datamodule=None) -> list:
+        """``DistillationTask.export``, plus a graph-free student as self-contained programs
+        (``student.pt2``, ``student.onnx``) with ``inputs.json`` (the features it reads and their
+        normalisation; see ``kdkit.exports``). ``datamodule`` gives the example features and
+        preprocessing facts (default: the Trainer's). A format that cannot be written costs a
+        warning line only."""
+        from kdkit.exports.optional import optional_format
+        from kdkit.exports.settings import node_exports
+
+        paths = super().export(directory, with_adapters)
+        return paths + optional_format("programs", lambda: node_exports(self, directory, datamodule))
+
     # ---- inference cost ---------------------------------------------------------------------
     @torch.inference_mode()  # as a deployed model runs: no autograd bookkeeping at all
     def inference_report(self, batch: dict) -> dict:

@@ -237,7 +237,8 @@ class RetrievalTask(DistillationTask):
 
     def export(self, directory, with_adapters: bool = False) -> list[Path]:
         """Save the student as a transformers + sentence-transformers folder (see
-        ``TextEncoder.save_pretrained``); distiller adapters in ``adapters.pt`` only if asked."""
+        ``TextEncoder.save_pretrained`` and ``kdkit.exports``); distiller adapters in
+        ``adapters.pt`` only if asked."""
         directory = Path(self.student.save_pretrained(directory))
         paths = [directory]
         if with_adapters and len(self.distillers):
