@@ -23,13 +23,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import RunLog, header, mean_std, write  # noqa: E402
 
-METHODS = ["kd", "dkd", "dist", "fitnet", "at", "rkd", "sp", "crd"]
+METHODS = ["kd", "dkd", "dist", "fitnet", "at", "rkd", "sp", "crd",
+           # issue #16: the peers' classic distillers and the seed papers' logit methods
+           "pkt", "vid", "cc", "ab", "ft", "fsp", "nst", "ofd", "reviewkd", "logit_std", "ctkd", "mlkd",
+           "pld", "sinkd", "dhkd", "lelp", "msdcrd"]
+# A method "a+b" runs distiller=[a,b] (feature methods combined with KD, as mdistiller reports them):
+#   python benchmarks/cifar10.py --methods kd+fitnet,kd+at,kd+reviewkd ...
 
 
 def method_overrides(method: str, epochs: int, steps_per_epoch: int) -> list[str]:
-    """Per-method settings scaled to the short CPU schedule (written into the report)."""
+    """Per-method settings scaled to the short CPU schedule (written into the report); a
+    combination ``a+b`` takes each part's."""
+    if "+" in method:
+        return [o for part in method.split("+") for o in method_overrides(part, epochs, steps_per_epoch)]
     if method == "dkd":  # mdistiller ramps DKD in over the first 1/12 of training (20 of 240 epochs)
         return [f"distiller.dkd.warmup_steps={max(1, epochs * steps_per_epoch // 12)}"]
+    if method == "reviewkd":  # mdistiller: over the first 20 of 240 epochs, as DKD
+        return [f"distiller.reviewkd.warmup_steps={max(1, epochs * steps_per_epoch // 12)}"]
+    if method in ("ab", "fsp"):  # RepDistiller's init stage: 30 of 240 epochs
+        return [f"distiller.{method}.epochs={max(1, epochs // 8)}"]
+    if method == "ctkd":  # the temperature curriculum: 10 of 240 epochs
+        return [f"distiller.ctkd.curriculum_epochs={max(1, epochs // 24)}"]
     if method == "crd":  # 16384 negatives of 50k in the paper; 4096 of 9k here keeps a step cheap
         return ["distiller.crd.nce_k=4096"]
     return []
@@ -103,7 +117,7 @@ def main() -> None:
                 f"trainer.max_epochs={args.epochs}", f"seed={seed}"]
         if method == "baseline":
             return over + ["stages.student=false"]
-        return over + ["stages.baseline=false", f"distiller=[{method}]",
+        return over + ["stages.baseline=false", f"distiller=[{method.replace('+', ',')}]",
                        *method_overrides(method, args.epochs, args.steps_per_epoch)]
 
     def run_all(todo: list[tuple[str, int]]) -> None:

@@ -70,7 +70,8 @@ def read_state_dict(path: str | os.PathLike, what: str = "teacher checkpoint",
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True,
-                 what: str = "teacher checkpoint", trust: bool = False) -> nn.Module:
+                 what: str = "teacher checkpoint", trust: bool = False,
+                 layout: str | None = None) -> nn.Module:
     """Load the weights in ``path`` into ``model`` (in place) and return ``model``.
 
     Args:
@@ -79,8 +80,14 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True,
         strict: require the keys to match exactly (shapes must always match).
         what: how error messages name the file.
         trust: allow arbitrary unpickling (``teacher.trust_checkpoint``; off by default).
+        layout: the key layout of a checkpoint from another toolkit (``teacher.ckpt_layout``:
+            torchdistill, repdistiller, mdistiller; see ``kdkit.peer_checkpoints``); None: kdkit's.
     """
     state = read_state_dict(path, what, trust)
+    if layout:
+        from kdkit.peer_checkpoints import to_kdkit
+
+        state = to_kdkit(state, layout, f"{what} {path}")
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # size mismatches are raised even when strict=False

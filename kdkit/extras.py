@@ -24,6 +24,8 @@ EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
     "onnx": ("ONNX export of vision students and distilled MLPs, checked with onnxruntime",
              ("onnx", "onnxscript", "onnxruntime")),
     "notebook": ("the notebooks (pandas tables, a Jupyter kernel)", ("pandas", "ipykernel")),
+    "peers": ("the side-by-side benchmark with torchdistill (benchmarks/peers.py) and its checkpoint tests",
+              ("torchdistill",)),
     "report-browser": ("the test that opens report.html in headless Chromium (Debian's chromium package)",
                        ("playwright",)),
 }

@@ -91,15 +91,19 @@ def load_teacher(cfg, tcfg, out: Path, name: str = SHORTHAND):
     """Teacher ``name``'s network and whether it already has trained weights.
 
     Weights come from its ``ckpt_path`` (loaded with ``weights_only=True`` unless its
-    ``trust_checkpoint``), from the model factory (``pretrained``), or from this run
+    ``trust_checkpoint``; keys renamed from its ``ckpt_layout``, e.g. torchdistill), from the
+    model factory (``pretrained``), or from this run
     directory's ``teacher[-<name>].pt`` when its stage finished before; otherwise it is trained.
     """
     from kdkit.checkpoints import load_weights
 
     model = instantiate(tcfg.model)
     trust = bool(tcfg.get("trust_checkpoint", False))
+    layout = tcfg.get("ckpt_layout")  # a checkpoint from another toolkit (kdkit.peer_checkpoints)
+    if layout and not tcfg.get("ckpt_path"):
+        raise KdkitError(f"ckpt_layout={layout} needs ckpt_path: the file written in that layout")
     if tcfg.get("ckpt_path"):
-        load_weights(model, tcfg.ckpt_path, trust=trust)
+        load_weights(model, tcfg.ckpt_path, trust=trust, layout=layout)
         return model, True
     if tcfg.get("pretrained"):
         return model, True  # the model factory already loaded trained weights (hub or local)

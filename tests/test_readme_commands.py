@@ -145,7 +145,7 @@ def test_ci_runs_the_readme_install_and_test_commands():
     assert install, "README has no install command"
     for command in install:
         line = shlex.join(command)
-        with_extras = re.sub(r"-e (\S+)", lambda m: f'-e ".[test]"' if m.group(1) == "." else m.group(0), line)
+        with_extras = re.sub(r"-e (\S+)", lambda m: '-e ".[test]"' if m.group(1) == "." else m.group(0), line)
         assert line in ci or with_extras.replace("'", '"') in ci, f".ci/run does not run README's `{line}`"
     assert re.search(r"^pytest\b", ci, re.M), ".ci/run does not run README's test command"
 

@@ -1,0 +1,415 @@
+"""kdkit side by side with torchdistill: the same KD run through each toolkit's own training path.
+
+Both sides get the same work (issue #16): kdkit's CIFAR ResNet-20 teacher (frozen, eval mode)
+and ResNet-8 student (one initialisation, deep-copied), the shared CIFAR-10 decoded to tensors
+once (``CIFAR10DataModule``'s in-memory ``TensorImageDataset``), batches of 128 collated by a
+``DataLoader`` (``num_workers=0``), SGD (lr 0.05, momentum 0.9, wd 5e-4, no schedule) and
+CE + KD (Hinton et al. 2015, T=4, KD weight 1.0 as in ``conf/distiller/kd.yaml``).
+
+- kdkit: ``ClassificationTask`` in the ``Trainer`` that ``kdkit-train`` builds, minus logging and
+  saving (``benchmarks/overhead.py``'s ``make_trainer``). Images stay in [0, 1]; the task
+  normalises each batch.
+- torchdistill: its ``DistillationBox`` (``get_distillation_box``) from a train config written
+  here as the dict its YAML files load into, driven as ``train_one_epoch`` in its
+  ``examples/torchvision/image_classification.py`` drives it: ``MetricLogger.log_every`` over
+  ``box.train_data_loader`` (built by torchdistill with its ``BaseDatasetWrapper``),
+  ``forward_process``, ``post_forward_process``, ``loss.item()``. Its ``KDLoss`` with
+  ``alpha=1, beta=1`` is ``CE + T^2 KL``, kdkit's objective. Its dataset normalises per image,
+  as torchvision's ``Normalize`` transform does in torchdistill's configs.
+
+Step time (default, and ``--quick``): the two are interleaved in one process, one thread: every
+``--block`` kdkit steps a Lightning callback runs ``--block`` torchdistill steps. A kdkit step is
+the time between consecutive ``on_train_batch_end`` calls minus the torchdistill block run in
+between (as in ``overhead.py``); a torchdistill step is one loop iteration, data fetch included.
+The ratio is the median over block pairs of (mean kdkit step / mean torchdistill step), so
+machine noise hits both sides of a pair alike. The teacher is randomly initialised here: step
+time does not depend on its weights. When kdkit is slower, ``cProfile`` runs each side alone
+and the report lists where the time goes.
+
+``--full``: accuracy at equal epochs. The teacher is trained first (plain PyTorch loop, same
+data and optimiser; or ``--teacher-ckpt`` in any ``kdkit.peer_checkpoints`` layout), then each
+toolkit trains its own copy of the student for ``--epochs`` on the augmented train set (random
+crop + flip, kdkit's ``RandomCropFlip`` for both), and both students are scored on the test set
+by the same function.
+
+    python benchmarks/peers.py --quick
+    python benchmarks/peers.py --full --epochs 30 --teacher-epochs 30
+
+Last line: ``torchdistill_step_ratio=X`` = kdkit step / torchdistill step (> 1: kdkit slower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import cProfile
+import importlib.metadata as md
+import io
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler  # noqa: E402
+from torch.utils.data import default_collate  # noqa: E402
+
+from benchmarks._common import header, write  # noqa: E402
+from benchmarks.overhead import make_trainer  # noqa: E402
+from kdkit.datamodules.cifar10 import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule  # noqa: E402
+from kdkit.distillers.kd import KD  # noqa: E402
+from kdkit.models import cifar_resnet  # noqa: E402
+from kdkit.tasks.classification import ClassificationTask  # noqa: E402
+
+TEMPERATURE, LR, MOMENTUM, WD, NUM_CLASSES = 4.0, 0.05, 0.9, 5e-4, 10
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WD)
+
+
+# ---------------------------------------------------------------- kdkit side
+
+
+class SharedDataModule(L.LightningDataModule):
+    """Serves a ``TensorImageDataset`` (dict samples, images in [0, 1]) the way kdkit's image
+    datamodules do for training: shuffled or not, batches of ``batch_size``, remainder dropped.
+    The attributes are the ones ``ClassificationTask`` reads at start-up (see overhead.py)."""
+
+    teacher_input_fingerprint = None
+    fixed_shards = False
+
+    def use_fixed_shards(self) -> None:
+        self.fixed_shards = True  # one process: nothing to shard
+
+    def __init__(self, dataset, batch_size: int, shuffle: bool, seed: int = 0):
+        super().__init__()
+        self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
+        self.num_classes = NUM_CLASSES
+        self.static_for_teacher = dataset.transform is None
+        self.num_train_samples = len(dataset)
+
+    def example_batch(self, n: int | None = None) -> dict:
+        return default_collate([self.dataset[i] for i in range(n or 4)])
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if self.shuffle else None
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=self.shuffle,
+                          drop_last=True, generator=generator)
+
+
+def kdkit_task(student, teacher) -> ClassificationTask:
+    return ClassificationTask(student, teacher, distillers={"kd": KD(weight=1.0, temperature=TEMPERATURE)},
+                              num_classes=NUM_CLASSES, mean=CIFAR10_MEAN, std=CIFAR10_STD, optimizer=sgd)
+
+
+# ---------------------------------------------------------- torchdistill side
+
+
+class NormalizedView(Dataset):
+    """``(normalised image, label)`` pairs of the same dataset: torchdistill's configs feed
+    classification models through torchvision's ``Normalize`` transform, per image."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.mean = torch.tensor(CIFAR10_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(CIFAR10_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        sample = self.dataset[index]
+        return (sample["image"] - self.mean) / self.std, sample["label"]
+
+
+def train_config(batch_size: int, shuffle: bool, epochs: int) -> dict:
+    """What torchdistill's YAML ``train:`` section loads into, for this run (structure from its
+    ``configs/sample/cifar10/kd/*.yaml``; no wrapper: one CPU process)."""
+    return {
+        "num_epochs": epochs,
+        "train_data_loader": {
+            "dataset_id": "train",
+            "sampler": {"class_or_func": RandomSampler if shuffle else SequentialSampler, "kwargs": None},
+            "kwargs": {"batch_size": batch_size, "num_workers": 0, "drop_last": True},
+        },
+        "teacher": {"forward_proc": "forward_batch_only", "sequential": [], "requires_grad": False,
+                    "frozen_modules": []},
+        "student": {"forward_proc": "forward_batch_only", "adaptations": None, "sequential": [],
+                    "requires_grad": True, "frozen_modules": []},
+        "optimizer": {"key": "SGD", "kwargs": {"lr": LR, "momentum": MOMENTUM, "weight_decay": WD}},
+        "criterion": {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"kd": {
+            "criterion": {"key": "KDLoss", "kwargs": {
+                "student_module_path": ".", "student_module_io": "output",
+                "teacher_module_path": ".", "teacher_module_io": "output",
+                # alpha * CE + beta * T^2 * KL with alpha = beta = 1: kdkit's CE + 1.0 * KD
+                "temperature": TEMPERATURE, "alpha": 1.0, "beta": 1.0, "reduction": "batchmean"}},
+            "weight": 1.0}}}},
+    }
+
+
+class TorchdistillLoop:
+    """torchdistill's training loop, one step at a time (its example's ``train_one_epoch``)."""
+
+    def __init__(self, teacher, student, dataset, batch_size: int, shuffle: bool, epochs: int = 10**6):
+        from torchdistill.core.distillation import get_distillation_box
+
+        self.box = get_distillation_box(teacher, student, {"train": NormalizedView(dataset)},
+                                        train_config(batch_size, shuffle, epochs), torch.device("cpu"),
+                                        None, False, 1)
+        self.epoch, self.batches = 0, None
+
+    def _next(self):
+        from torchdistill.misc.log import MetricLogger
+
+        while True:
+            if self.batches is None:
+                self.box.pre_epoch_process(epoch=self.epoch)
+                self.metric_logger = MetricLogger(delimiter="  ")
+                self.batches = iter(self.metric_logger.log_every(self.box.train_data_loader, 10**9,
+                                                                 f"Epoch: [{self.epoch}]"))
+            try:
+                return next(self.batches)
+            except StopIteration:
+                self.box.post_epoch_process()
+                self.epoch, self.batches = self.epoch + 1, None
+
+    def step(self) -> float:
+        start = time.perf_counter()
+        sample_batch, targets, supp_dict = self._next()
+        loss = self.box.forward_process(sample_batch, targets, supp_dict)
+        self.box.post_forward_process(loss=loss)
+        self.metric_logger.update(loss=loss.item(), lr=self.box.optimizer.param_groups[0]["lr"])
+        return time.perf_counter() - start
+
+    def epoch_(self) -> None:
+        """One whole epoch (``--full``)."""
+        for _ in range(len(self.box.train_data_loader)):
+            self.step()
+
+
+# ------------------------------------------------------------------ timing
+
+
+class Interleave(L.Callback):
+    """Times kdkit steps; after every ``block`` of them runs ``block`` torchdistill steps."""
+
+    def __init__(self, peer: TorchdistillLoop, block: int):
+        self.peer, self.block = peer, block
+        self.kdkit: list[float] = []
+        self.torchdistill: list[float] = []
+        self.mark: float | None = None
+
+    def on_train_batch_start(self, trainer, task, batch, batch_idx):
+        if self.mark is None:
+            self.mark = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, task, outputs, batch, batch_idx):
+        self.kdkit.append(time.perf_counter() - self.mark)
+        if len(self.kdkit) % self.block == 0:
+            self.torchdistill += [self.peer.step() for _ in range(self.block)]
+        self.mark = time.perf_counter()
+
+
+def models(seed: int = 0):
+    torch.manual_seed(seed)
+    teacher = cifar_resnet.resnet20(NUM_CLASSES).eval()
+    student = cifar_resnet.resnet8(NUM_CLASSES)
+    return teacher, student
+
+
+def block_ratios(kd: list[float], td: list[float], block: int, warmup_blocks: int) -> list[float]:
+    pairs = range(warmup_blocks, min(len(kd), len(td)) // block)
+    return [statistics.fmean(kd[i * block:(i + 1) * block]) / statistics.fmean(td[i * block:(i + 1) * block])
+            for i in pairs]
+
+
+class ProfileFrom(L.Callback):
+    """Profiles kdkit's steps after the first ``warm`` (start-up and first-step costs are not
+    what a long run pays per step)."""
+
+    def __init__(self, prof: cProfile.Profile, warm: int):
+        self.prof, self.warm = prof, warm
+
+    def on_train_batch_end(self, trainer, task, outputs, batch, batch_idx):
+        if batch_idx + 1 == self.warm:
+            self.prof.enable()
+
+    def on_train_end(self, trainer, task):
+        self.prof.disable()
+
+
+def profile_sides(teacher, student, dataset, batch_size: int, steps: int, warm: int = 3) -> str:
+    """cProfile of each side alone for ``steps`` steady-state steps: where the time goes."""
+    out = []
+    for side in ("kdkit", "torchdistill"):
+        t, s = copy.deepcopy(teacher), copy.deepcopy(student)
+        prof = cProfile.Profile()
+        if side == "kdkit":
+            trainer = make_trainer(max_steps=warm + steps, callbacks=[ProfileFrom(prof, warm)])
+            trainer.fit(kdkit_task(s, t), datamodule=SharedDataModule(dataset, batch_size, shuffle=False))
+        else:
+            loop = TorchdistillLoop(t, s, dataset, batch_size, shuffle=False)
+            for _ in range(warm):
+                loop.step()
+            prof.enable()
+            for _ in range(steps):
+                loop.step()
+            prof.disable()
+        text = io.StringIO()
+        stats = pstats.Stats(prof, stream=text)
+        stats.sort_stats("tottime").print_stats(14)
+        stats.sort_stats("cumulative").print_stats(r"kdkit|lightning|torchdistill", 14)
+        total = sum(v[2] for v in stats.stats.values())  # tottime summed = profiled wall time
+        body = "\n".join(line for line in text.getvalue().splitlines() if line.strip()
+                         and not line.startswith(("   Ordered by", "   List reduced")))
+        out.append(f"### {side}: {steps} steps, {total:.2f} s under cProfile (top by own time)\n\n```\n{body}\n```\n")
+    return "\n".join(out)
+
+
+def versions() -> str:
+    return ", ".join(f"{p} {md.version(p)}" for p in ("torch", "lightning", "torchdistill"))
+
+
+def step_time(args) -> float:
+    dm = CIFAR10DataModule(augment=False, val_size=0, batch_size=args.batch_size)
+    dm.setup("fit")
+    dataset = dm.plain_train_set  # the shared CIFAR-10 train images, decoded once, in [0, 1]
+    teacher, student = models()
+    peer = TorchdistillLoop(copy.deepcopy(teacher), copy.deepcopy(student), dataset, args.batch_size, shuffle=False)
+    clock = Interleave(peer, args.block)
+    steps = args.rounds * args.block
+    task = kdkit_task(copy.deepcopy(student), copy.deepcopy(teacher))
+    make_trainer(max_steps=steps, callbacks=[clock]).fit(
+        task, datamodule=SharedDataModule(dataset, args.batch_size, shuffle=False))
+
+    kd, td = clock.kdkit[args.warmup * args.block:], clock.torchdistill[args.warmup * args.block:]
+    ratios = block_ratios(clock.kdkit, clock.torchdistill, args.block, args.warmup)
+    ratio = statistics.median(ratios)
+    lines = [
+        f"- versions: {versions()}",
+        f"- work: resnet20 (random init, eval mode, frozen) -> resnet8, CIFAR-10 train images "
+        f"(shared tensors, no augmentation), batch {args.batch_size}, CE + KD(T={TEMPERATURE}), "
+        f"SGD lr {LR} momentum {MOMENTUM} wd {WD}; {torch.get_num_threads()} thread(s)",
+        f"- timing: {len(ratios)} interleaved block pairs of {args.block} steps after {args.warmup} warm-up "
+        f"pairs ({len(kd)} + {len(td)} timed steps)",
+        "",
+        "| side | median step (ms) | mean (ms) | min (ms) |",
+        "|---|---|---|---|",
+        f"| kdkit (Lightning) | {1e3 * statistics.median(kd):.1f} | {1e3 * statistics.fmean(kd):.1f} "
+        f"| {1e3 * min(kd):.1f} |",
+        f"| torchdistill (DistillationBox) | {1e3 * statistics.median(td):.1f} | "
+        f"{1e3 * statistics.fmean(td):.1f} | {1e3 * min(td):.1f} |",
+        "",
+        f"Ratio kdkit / torchdistill, median over block pairs: **{ratio:.3f}** "
+        f"(block ratios min {min(ratios):.3f}, max {max(ratios):.3f}; "
+        f"gap of medians {1e3 * (statistics.median(kd) - statistics.median(td)):+.2f} ms/step)",
+    ]
+    if ratio > 1.0 + args.profile_above or args.profile:
+        lines += ["", "## Where the time goes (cProfile, each side alone)", "",
+                  profile_sides(teacher, student, dataset, args.batch_size, args.profile_steps)]
+    text = header("kdkit vs torchdistill: step time") + "\n".join(lines) + "\n\n" + full_command_note()
+    print("\n".join(lines))
+    write(args.out, text)
+    return ratio
+
+
+def full_command_note() -> str:
+    return ("Accuracy at equal epochs (not run here; about 2 x epochs x 156 steps plus the teacher):\n"
+            "`OMP_NUM_THREADS=1 python benchmarks/peers.py --full --epochs 30 --teacher-epochs 30`\n")
+
+
+# ---------------------------------------------------------------- accuracy
+
+
+@torch.no_grad()
+def accuracy(model, dataset, batch_size: int = 512) -> float:
+    model.eval()
+    mean, std = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    correct = 0
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        correct += (model((batch["image"] - mean) / std).argmax(1) == batch["label"]).sum().item()
+    return correct / len(dataset)
+
+
+def train_teacher(teacher, dataset, batch_size: int, epochs: int):
+    """Plain CE training of the teacher shared by both sides (same data and optimiser)."""
+    opt = sgd(teacher.parameters())
+    view = NormalizedView(dataset)
+    teacher.train()
+    for _ in range(epochs):
+        for x, y in DataLoader(view, batch_size=batch_size, shuffle=True, drop_last=True):
+            loss = F.cross_entropy(teacher(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return teacher.eval()
+
+
+def full(args) -> float:
+    dm = CIFAR10DataModule(augment=True, val_size=0, batch_size=args.batch_size)
+    dm.setup("fit")
+    teacher, student = models()
+    if args.teacher_ckpt:
+        from kdkit.checkpoints import load_weights
+
+        load_weights(teacher, args.teacher_ckpt, layout=args.teacher_layout)
+    else:
+        train_teacher(teacher, dm.train_set, args.batch_size, args.teacher_epochs)
+    teacher.eval().requires_grad_(False)
+    rows, times = {}, {}
+    start = time.perf_counter()
+    s_kd = copy.deepcopy(student)
+    make_trainer(max_epochs=args.epochs).fit(kdkit_task(s_kd, copy.deepcopy(teacher)),
+                                             datamodule=SharedDataModule(dm.train_set, args.batch_size, True))
+    times["kdkit"], start = time.perf_counter() - start, time.perf_counter()
+    s_td = copy.deepcopy(student)
+    loop = TorchdistillLoop(copy.deepcopy(teacher), s_td, dm.train_set, args.batch_size, True, args.epochs)
+    for _ in range(args.epochs):
+        loop.epoch_()
+    times["torchdistill"] = time.perf_counter() - start
+    rows = {"teacher": accuracy(teacher, dm.test_set), "kdkit": accuracy(s_kd, dm.test_set),
+            "torchdistill": accuracy(s_td, dm.test_set)}
+    teacher_src = args.teacher_ckpt or f"trained here, {args.teacher_epochs} epochs"
+    lines = [f"- versions: {versions()}",
+             f"- teacher resnet20 ({teacher_src}); student resnet8, {args.epochs} epochs each, batch "
+             f"{args.batch_size}, constant lr {LR}, random crop + flip; test set {len(dm.test_set)} images",
+             "", "| model | test accuracy (%) | train wall time (s) |", "|---|---|---|"]
+    lines += [f"| {k} | {100 * v:.2f} | {f'{times[k]:.0f}' if k in times else '-'} |" for k, v in rows.items()]
+    print("\n".join(lines))
+    write(args.out.replace(".md", "_full.md"), header("kdkit vs torchdistill: accuracy at equal epochs")
+          + "\n".join(lines) + "\n")
+    return times["kdkit"] / times["torchdistill"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="step time only (the default mode)")
+    p.add_argument("--full", action="store_true", help="accuracy at equal epochs instead")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=40, help="interleaved block pairs")
+    p.add_argument("--block", type=int, default=5, help="steps per block")
+    p.add_argument("--warmup", type=int, default=2, help="block pairs left out at the start")
+    p.add_argument("--profile", action="store_true", help="profile even when kdkit is not slower")
+    p.add_argument("--profile-above", type=float, default=0.02,
+                   help="profile when the ratio exceeds 1 + this")
+    p.add_argument("--profile-steps", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--teacher-epochs", type=int, default=30)
+    p.add_argument("--teacher-ckpt", default=None, help="trained teacher weights instead")
+    p.add_argument("--teacher-layout", default=None, help="torchdistill | repdistiller | mdistiller")
+    p.add_argument("--out", default="peers.md")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    ratio = full(args) if args.full else step_time(args)
+    print(f"torchdistill_step_ratio={ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
