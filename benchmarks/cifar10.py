@@ -76,6 +76,8 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", type=int, default=3, help="seeds for baseline, KD and the best method")
     p.add_argument("--all-seeds", action="store_true", help="run every method with --seeds seeds")
+    p.add_argument("--more-seeds", default="dkd,crd,reviewkd",
+                   help="methods that also get --seeds seeds, besides baseline, KD and the best one")
     p.add_argument("--report-only", action="store_true", help="rewrite cifar10.md from the runs so far")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the teacher run")
     p.add_argument("--jobs", type=int, default=1,
@@ -136,7 +138,8 @@ def main() -> None:
 
     run_all([(m, 0) for m in ["baseline", *methods]])
     best = best_method(done, methods)
-    more = [m for m in dict.fromkeys(["baseline", "kd", best]) if m and (m == "baseline" or m in methods)]
+    extra = [m for m in args.more_seeds.split(",") if m]
+    more = [m for m in dict.fromkeys(["baseline", "kd", best, *extra]) if m and (m == "baseline" or m in methods)]
     if args.all_seeds:
         more = ["baseline", *methods]
     run_all([(m, seed) for seed in range(1, args.seeds) for m in more])
