@@ -36,6 +36,17 @@ def _umask() -> int:
 
 def save_atomically(obj, path: str | os.PathLike) -> Path:
     """``torch.save(obj)`` to ``path`` through an fsynced temporary file and an atomic rename."""
+    return _write_atomically(path, lambda f: torch.save(obj, f))
+
+
+def write_atomically(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Text or bytes to ``path`` the same way (results, reports, summaries): a reader never sees
+    half a file, and a failed write leaves the previous one intact."""
+    payload = data.encode() if isinstance(data, str) else data
+    return _write_atomically(path, lambda f: f.write(payload))
+
+
+def _write_atomically(path: str | os.PathLike, write) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,7 +57,7 @@ def save_atomically(obj, path: str | os.PathLike) -> Path:
                          "writable directory or choose another hydra.run.dir)") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())

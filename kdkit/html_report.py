@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import base64
 import html
-import os
-import tempfile
 from pathlib import Path
 
+from kdkit.checkpoint_io import write_atomically
 from kdkit.report_data import RunData, is_number, load_run
 from kdkit.report_plan import Plot, headline_key, metric_label, plan
 from kdkit.report_plots import render_png
@@ -39,17 +38,7 @@ def write_report(run_dir, output=None) -> Path:
     run_dir = Path(run_dir)
     page = render_report(run_dir)
     path = Path(output) if output is not None else run_dir / "report.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a reader (a browser refreshing, a sync job) never sees half a page
-    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the page from other users of the run
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, page)  # a browser refreshing never sees half a page
     return path
 
 

@@ -83,13 +83,14 @@ def format_table(results: dict[str, dict], title: str = "kdkit results"):
 def markdown_table(results: dict[str, dict], title: str = "kdkit results") -> str:
     """The console table as Markdown (``results.md``): same rows, columns and figures."""
     header, rows = table_cells(results)
-    lines = [f"## {title}", "", _md_row(header), "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|"]
-    lines += [_md_row(row) for row in rows]
+    lines = [f"## {title}", "", md_row(header), "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|"]
+    lines += [md_row(row) for row in rows]
     return "\n".join(lines) + "\n"
 
 
-def _md_row(cells: list[str]) -> str:
-    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+def md_row(cells: list) -> str:
+    """One Markdown table row; a ``|`` inside a cell is escaped."""
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
 
 def fmt(value, key: str = "") -> str:

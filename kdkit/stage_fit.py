@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import OmegaConf
 
 from kdkit.callbacks.progress import StageProgressBar
-from kdkit.checkpoint_io import AtomicCheckpointIO, safe_load
+from kdkit.checkpoint_io import AtomicCheckpointIO, safe_load, write_atomically
 from kdkit.checkpointing import ResumePoint, find_resume_point
 from kdkit.distributed import refuse_relaunch_in_sweep, warn_if_oversubscribed
 from kdkit.divergence import DivergenceError
@@ -171,7 +171,4 @@ def load_stage(out: Path, stage: str) -> dict:
 
 @rank_zero_only
 def write_on_rank_zero(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_atomically(path, text)

@@ -11,6 +11,7 @@ error bars. ``SweepSummary`` writes them at the end of a multirun (registered in
 from __future__ import annotations
 
 import csv
+import io
 import json
 import statistics
 from dataclasses import dataclass, field
@@ -19,7 +20,9 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from kdkit.checkpoint_io import write_atomically
 from kdkit.errors import KdkitError, say, unreadable
+from kdkit.report import md_row
 
 SEED_KEYS = ("seed",)  # the overrides a configuration's repeats differ by
 
@@ -190,15 +193,14 @@ def write_csv(jobs: list[Job], path: Path) -> Path:
     """One row per job: job, status, its overrides, every figure of every stage."""
     override_keys = list(dict.fromkeys(k for job in jobs for k in job.overrides))
     figure_keys = list(dict.fromkeys(k for job in jobs for k in job.figures))
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["job", "status", *override_keys, *figure_keys])
-        for job in jobs:
-            writer.writerow([job.name, "ok" if job.results is not None else "failed",
-                             *[job.overrides.get(k, "") for k in override_keys],
-                             *[job.figures.get(k, "") for k in figure_keys]])
-    tmp.replace(path)
+    f = io.StringIO(newline="")
+    writer = csv.writer(f)
+    writer.writerow(["job", "status", *override_keys, *figure_keys])
+    for job in jobs:
+        writer.writerow([job.name, "ok" if job.results is not None else "failed",
+                         *[job.overrides.get(k, "") for k in override_keys],
+                         *[job.figures.get(k, "") for k in figure_keys]])
+    write_atomically(path, f.getvalue())
     return path
 
 
@@ -224,25 +226,19 @@ def write_markdown(jobs: list[Job], path: Path, title: str) -> Path:
         return f"{fmt(mean, key)} ± {fmt(std, key) if std else 0}"
 
     lines += ["", "## Headline: " + ", ".join(f"{s}: {k.removeprefix(s + '/')}" for s, k in headline.items()), ""]
-    lines.append(_md_row(["configuration", "seeds", *headline]))
+    lines.append(md_row(["configuration", "seeds", *headline]))
     lines.append(_md_rule(2 + len(headline)))
     for name, group in groups.items():
         seeds = ", ".join(job.overrides.get("seed", "?") for job in group if job.results is not None)
         n_failed = sum(job.results is None for job in group)
         seeds += f" ({n_failed} failed)" if n_failed else ""
-        lines.append(_md_row([name, seeds or "-", *[cell(group, k) for k in headline.values()]]))
+        lines.append(md_row([name, seeds or "-", *[cell(group, k) for k in headline.values()]]))
 
     figure_keys = list(dict.fromkeys(k for job in jobs for k in job.figures))
-    lines += ["", "## Every figure", "", _md_row(["figure", *groups]), _md_rule(1 + len(groups))]
-    lines += [_md_row([key, *[cell(group, key) for group in groups.values()]]) for key in figure_keys]
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    lines += ["", "## Every figure", "", md_row(["figure", *groups]), _md_rule(1 + len(groups))]
+    lines += [md_row([key, *[cell(group, key) for group in groups.values()]]) for key in figure_keys]
+    write_atomically(path, "\n".join(lines) + "\n")
     return path
-
-
-def _md_row(cells: list[str]) -> str:
-    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
 
 def _md_rule(n: int) -> str:
@@ -273,8 +269,8 @@ def write_plot(jobs: list[Job], path: Path) -> Path:
         ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(path)
+    write_atomically(path, image.getvalue())
     return path
