@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmark scripts: machine facts, mean ± std, markdown writing."""
+"""Shared pieces of the benchmark scripts: machine facts, mean ± std, markdown writing, and
+resumable runs of kdkit students in parallel one-thread workers."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -74,3 +76,36 @@ def write(name: str, text: str) -> Path:
     path.write_text(text)
     print(f"wrote {path}")
     return path
+
+
+def run_student(job: tuple) -> dict:
+    """One run of ``job`` = (method, seed, overrides, output_dir, threads): the metrics of its
+    baseline stage (``method == "baseline"``) or its student stage, with ``wall_s``. Top level,
+    so that spawned workers can import it."""
+    import torch
+
+    from kdkit.compose import compose
+    from kdkit.pipeline import run
+
+    method, seed, over, output_dir, threads = job
+    torch.set_num_threads(threads)
+    start = time.time()
+    res = run(compose(over, output_dir=output_dir))
+    return {"method": method, "seed": seed, **res["baseline" if method == "baseline" else "student"],
+            "wall_s": round(time.time() - start, 1)}
+
+
+def run_all_jobs(jobs: list[tuple], n_jobs: int, threads: int):
+    """Rows of the ``(method, seed, overrides, output_dir)`` jobs, yielded as each finishes (so
+    an interrupted benchmark can record them and resume): in this process with ``threads``
+    torch threads when ``n_jobs`` is 1, else in ``n_jobs`` spawned workers of one thread each."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    jobs = [(*job, 1 if n_jobs > 1 else threads) for job in jobs]
+    if n_jobs <= 1:
+        yield from map(run_student, jobs)
+        return
+    with ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for future in as_completed([pool.submit(run_student, job) for job in jobs]):
+            yield future.result()

@@ -12,16 +12,13 @@ Protocol (all knobs are flags; defaults fit a 2-core CPU in about two hours):
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import statistics
 import sys
-import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RunLog, header, mean_std, write  # noqa: E402
+from benchmarks._common import RunLog, header, mean_std, run_all_jobs, write  # noqa: E402
 
 METHODS = ["kd", "dkd", "dist", "fitnet", "at", "rkd", "sp", "crd",
            # issue #16: the peers' classic distillers and the seed papers' logit methods
@@ -123,15 +120,8 @@ def main() -> None:
                        *method_overrides(method, args.epochs, args.steps_per_epoch)]
 
     def run_all(todo: list[tuple[str, int]]) -> None:
-        todo = [key for key in dict.fromkeys(todo) if key not in done]
-        jobs = [(m, s, overrides(m, s), str(out / f"{m}_s{s}"), 1 if args.jobs > 1 else args.threads)
-                for m, s in todo]
-        if args.jobs <= 1:
-            rows = map(run_student, jobs)
-        else:  # spawn: each worker is a fresh interpreter with its own single torch thread
-            pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
-            rows = (f.result() for f in as_completed([pool.submit(run_student, j) for j in jobs]))
-        for row in rows:  # recorded as each finishes, so an interrupted benchmark resumes
+        jobs = [(m, s, overrides(m, s), str(out / f"{m}_s{s}")) for m, s in dict.fromkeys(todo) if (m, s) not in done]
+        for row in run_all_jobs(jobs, args.jobs, args.threads):  # recorded as each finishes: resumable
             record(row)
             print(f"[cifar10] {row['method']} seed {row['seed']}: test/acc {row['test/acc']:.4f} "
                   f"({row['wall_s']:.0f} s)", flush=True)
@@ -144,21 +134,6 @@ def main() -> None:
         more = ["baseline", *methods]
     run_all([(m, seed) for seed in range(1, args.seeds) for m in more])
     report(args, done, best)
-
-
-def run_student(job: tuple) -> dict:
-    """One baseline or distilled student run (top level so that spawned workers can import it)."""
-    import torch
-
-    from kdkit.compose import compose
-    from kdkit.pipeline import run
-
-    method, seed, over, output_dir, threads = job
-    torch.set_num_threads(threads)
-    start = time.time()
-    res = run(compose(over, output_dir=output_dir))
-    return {"method": method, "seed": seed, **res["baseline" if method == "baseline" else "student"],
-            "wall_s": round(time.time() - start, 1)}
 
 
 def report(args, done: dict, best: str | None) -> None:

@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from kdkit.checkpoint_io import save_atomically
@@ -34,6 +34,7 @@ from kdkit.errors import KdkitError, say
 from kdkit.report import markdown_table
 from kdkit.resume import check_resume_config
 from kdkit.stage_fit import fit_and_test, load_stage, stage_done, write_on_rank_zero
+from kdkit.student_init import make_student
 from kdkit.teachers import SHORTHAND, make_distillers, results_key, stage_name, teacher_configs, weights_file
 
 def run(cfg: DictConfig) -> dict[str, dict]:
@@ -68,15 +69,16 @@ def run(cfg: DictConfig) -> dict[str, dict]:
         teacher_results = teacher_stage(cfg, teacher_cfgs[name], name, datamodule, out, model, trained)
         if teacher_results is not None:
             results[results_key(name)] = teacher_results
+    models = {name: model for name, (model, _) in teachers.items()}
     if cfg.stages.baseline:
-        results["baseline"], _ = train_stage(cfg, datamodule, out, "baseline")
+        results["baseline"], _ = train_stage(cfg, datamodule, out, "baseline", init_from=models)
         warn_weaker_teachers(results)
     if cfg.stages.student:
-        models = {name: model for name, (model, _) in teachers.items()}
         results["student"], student = train_stage(cfg, datamodule, out, "student", models, teacher_cfgs)
         for k in range(2, generations(cfg) + 1):  # born-again: student k-1 teaches student k
             results[f"student/gen{k}"], student = train_stage(
-                cfg, datamodule, out, f"student-gen{k}", {f"gen{k - 1}": student}, {f"gen{k - 1}": cfg.student})
+                cfg, datamodule, out, f"student-gen{k}", {f"gen{k - 1}": student}, {f"gen{k - 1}": cfg.student},
+                init_from=models)
 
     write_on_rank_zero(out / "results.json", json.dumps(results, indent=2))
     write_on_rank_zero(out / "results.md", markdown_table(results, cfg.get("name", "kdkit")))
@@ -153,12 +155,12 @@ def check_before_training(cfg, datamodule, teachers: dict, teacher_cfgs: dict) -
                                    student_cfg=teacher_cfgs[name], probe=True))
     if cfg.stages.baseline or cfg.stages.student:
         distillers = make_distillers(cfg) if cfg.stages.student else {}
-        tasks.append(make_task(cfg, student=instantiate(cfg.student.model),
+        tasks.append(make_task(cfg, student=make_student(cfg, models),
                                teachers=models if distillers else None, distillers=distillers,
                                teacher_cfgs=teacher_cfgs, probe=True))
     if cfg.stages.student and generations(cfg) > 1:
-        tasks.append(make_task(cfg, student=instantiate(cfg.student.model),
-                               teachers={"gen1": instantiate(cfg.student.model)},
+        tasks.append(make_task(cfg, student=make_student(cfg, models),
+                               teachers={"gen1": make_student(cfg, models)},
                                distillers=_unrouted(make_distillers(cfg)),
                                teacher_cfgs={"gen1": cfg.student}, probe=True))
     try:
@@ -194,23 +196,27 @@ def _unrouted(distillers: dict) -> dict:
 
 
 def train_stage(cfg, datamodule, out: Path, stage: str, teachers: dict | None = None,
-                teacher_cfgs: dict | None = None) -> tuple[dict, nn.Module]:
+                teacher_cfgs: dict | None = None, init_from: dict | None = None) -> tuple[dict, nn.Module]:
     """Train the student alone (``baseline``) or with distillers; its results and the student.
+
+    ``init_from``: the run's teachers, for a student that inherits their weights
+    (``student.init``); default ``teachers``.
 
     ``student-gen<k>`` stages are born-again generations: their one teacher is the student of
     generation k-1, and their distillers read it whatever teacher they name. Generation k's
     student is exported to ``export/gen<k>/`` (the first generation to ``export/``).
     """
     L.seed_everything(cfg.seed, workers=True)  # baseline and student start from the same init
-    student = instantiate(cfg.student.model)
     generation = stage.startswith("student-gen")
     export = out / "export" / stage.removeprefix("student-") if generation else out / "export"
     if stage_done(out, stage):
+        student = instantiate(cfg.student.model)
         if stage != "baseline" and (export / "student.pt").exists():
             from kdkit.checkpoints import load_weights
 
             load_weights(student, export / "student.pt", what=f"this run's exported {stage}")
         return load_stage(out, stage), student
+    student = make_student(cfg, teachers if init_from is None else init_from, announce=True)
     distillers = {}
     if stage != "baseline":
         distillers = _unrouted(make_distillers(cfg)) if generation else make_distillers(cfg)
@@ -282,7 +288,12 @@ def make_task(cfg, student, teachers: dict | None = None, distillers=None,
     task_cfg = cfg.task
     own = student_cfg.get("optimizer")
     if own:  # <role>.optimizer: this model's own optimizer settings (e.g. a student's weight decay)
-        task_cfg = OmegaConf.merge(cfg.task, {"optimizer": own})
+        if own.get("_target_") not in (None, cfg.task.optimizer.get("_target_")):
+            task_cfg = cfg.task.copy()  # another optimizer: its settings replace the task's
+            with open_dict(task_cfg):
+                task_cfg.optimizer = {"_partial_": True, **OmegaConf.to_container(own)}
+        else:
+            task_cfg = OmegaConf.merge(cfg.task, {"optimizer": own})
     task = instantiate(task_cfg)(**kwargs)
     task.student_role = role_of_student
     task.export_programs = tuple(cfg.get("export", {}).get("programs", ("pt2", "onnx")))

@@ -21,7 +21,10 @@ OTHER_SETTINGS = {
     "clip_fd", "clip_icl", "clip_crd", "affinity",   # CLIP image-text
     "ensemble_kd", "ca_mkd", "unic", "teacher_schedule",  # several teachers (test_multi_teacher.py)
 }
-IMAGE_CLASSIFICATION = [name for name in CONFIGS if name not in OTHER_SETTINGS]
+# Distillers for a ViT student (a distillation token, patch tokens, masked inputs): they run
+# together on the CNN -> ViT experiment, with FitNet and AT through the token <-> map adapter.
+VIT_STUDENT = ["deit", "cskd", "trg", "mfd"]
+IMAGE_CLASSIFICATION = [name for name in CONFIGS if name not in OTHER_SETTINGS | set(VIT_STUDENT)]
 
 
 def _target(name: str) -> str:
@@ -43,7 +46,11 @@ def test_every_distiller_config_has_a_readme_row(name):
 
 
 def test_every_other_setting_name_is_a_config():
-    assert OTHER_SETTINGS <= set(CONFIGS)
+    assert OTHER_SETTINGS | set(VIT_STUDENT) <= set(CONFIGS)
+
+
+SHORT = ["teacher.max_epochs=1", "data.train_limit=256", "data.val_size=32", "data.batch_size=32",
+         "data.eval_batch_size=64", "stages.baseline=false", "trainer.log_every_n_steps=1"]
 
 
 def test_every_image_distiller_runs_together_on_cifar(compose_run, data_dir):
@@ -51,13 +58,31 @@ def test_every_image_distiller_runs_together_on_cifar(compose_run, data_dir):
     config's defaults: each composes with the experiment, builds its adapters on the real
     models' taps, and logs a finite loss term in the student stage."""
     cfg, results = compose_run(
-        "experiment=cifar10_resnet20_resnet8", f"distiller=[{','.join(IMAGE_CLASSIFICATION)}]",
-        "teacher.max_epochs=1", "data.train_limit=256", "data.val_size=32", "data.batch_size=32",
-        "data.eval_batch_size=64", "stages.baseline=false", "trainer.log_every_n_steps=1")
+        "experiment=cifar10_resnet20_resnet8", f"distiller=[{','.join(IMAGE_CLASSIFICATION)}]", *SHORT)
+    assert_finite_terms(cfg, results, IMAGE_CLASSIFICATION)
+
+
+def test_vit_student_distillers_run_together_on_cnn_to_vit(compose_run, data_dir):
+    """``cifar10_deit`` (resnet20 -> a ViT with a distillation token) with every ViT-student
+    distiller, FitNet and AT reading the ViT's token grids against the CNN's maps, and OFA's
+    branches on the ViT's blocks."""
+    names = [*VIT_STUDENT, "fitnet", "at", "ofa"]
+    cfg, results = compose_run(
+        "experiment=cifar10_deit", f"distiller=[{','.join(names)}]", *SHORT,
+        "distiller.cskd.distill_feature=null",  # deit already trains the distillation head
+        "distiller.trg.student_feature=blocks.3", "distiller.trg.student_prefix_tokens=2",
+        "distiller.mfd.student_feature=blocks.3", "distiller.mfd.student_prefix_tokens=2",
+        "distiller.fitnet.student_feature=blocks.1", "distiller.fitnet.student_prefix_tokens=2",
+        "distiller.at.pairs=[[blocks.0,layer2],[blocks.3,layer3]]", "distiller.at.student_prefix_tokens=2",
+        "distiller.ofa.stages=[blocks.0,blocks.2]", "distiller.ofa.student_prefix_tokens=2")
+    assert_finite_terms(cfg, results, names)
+
+
+def assert_finite_terms(cfg, results: dict, names: list[str]) -> None:
     assert math.isfinite(results["student"]["test/acc"])
     with open(Path(cfg.paths.output_dir) / "logs" / "student" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    for name in IMAGE_CLASSIFICATION:
+    for name in names:
         columns = [c for c in rows[0] if c == f"train/loss/{name}" or c.startswith(f"train/loss/{name}/")]
         assert columns, f"{name} logged no loss term"
         values = [float(r[c]) for r in rows for c in columns if r.get(c)]

@@ -21,6 +21,8 @@ SMALLER = {
                                  "data.eval_batch_size=32"],
     "cifar10_resnet56_resnet20": ["data.train_limit=256", "data.val_size=32", "data.batch_size=16",
                                   "data.eval_batch_size=32"],
+    "cifar10_deit": ["data.train_limit=256", "data.val_size=32", "data.batch_size=32", "data.eval_batch_size=64"],
+    "cifar10_vit_vit": ["data.train_limit=256", "data.val_size=32", "data.batch_size=32", "data.eval_batch_size=64"],
     "cifar10_resnet32x4_resnet8x4": ["data.train_limit=256", "data.val_size=32", "data.batch_size=8",
                                      "data.eval_batch_size=8", "trainer.precision=32-true"],
 }

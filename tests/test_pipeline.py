@@ -104,6 +104,29 @@ def test_student_stage_mistakes_fail_before_the_teacher_trains(tmp_path, overrid
     assert not (tmp_path / "run" / "logs").exists() and not (tmp_path / "run" / "stages").exists()
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    # a ViT student's token grid against a CNN teacher's map, no adapter allowed: both shapes
+    (["experiment=cifar10_deit", "student=vit_tiny", "distiller=[fitnet]", "distiller.fitnet.adapter=false",
+      "distiller.fitnet.student_feature=blocks.1", "distiller.fitnet.teacher_feature=layer2"],
+     r"student shape \(65, 128\) does not match teacher shape \(32, 16, 16\).*student tokens, teacher a map"),
+    # the adapter needs the token side's prefix count: the values that fit are named
+    (["experiment=cifar10_deit", "student=vit_tiny", "distiller=[fitnet]",
+      "distiller.fitnet.student_feature=blocks.1", "distiller.fitnet.teacher_feature=layer2"],
+     r"fitnet.student_prefix_tokens; prefix counts that leave a square grid: \[1\]"),
+    # weight inheritance into a student whose head width the teacher's heads cannot give
+    (["experiment=cifar10_vit_vit", "student.model.num_heads=4"], "head"),
+])
+def test_vit_mistakes_fail_before_the_teacher_trains(tmp_path, data_dir, overrides, expected):
+    from kdkit.errors import KdkitError
+
+    cfg = compose(["trainer.enable_progress_bar=false", "callbacks=none", "data.train_limit=256",
+                   "data.val_size=32", *overrides], output_dir=str(tmp_path / "run"))
+    with pytest.raises(KdkitError, match=expected):
+        run(cfg)
+    assert not (tmp_path / "run" / "teacher.pt").exists()
+    assert not (tmp_path / "run" / "logs").exists() and not (tmp_path / "run" / "stages").exists()
+
+
 def test_the_probe_leaves_the_teacher_trainable_and_in_train_mode(tmp_path):
     from kdkit.pipeline import check_before_training
 

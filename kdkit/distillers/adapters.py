@@ -11,7 +11,20 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdkit.distillers.token_layout import check_prefix, map_to_tokens, patch_tokens, tokens_to_map
 from kdkit.errors import KdkitError
+
+
+def resize_map(x: Tensor, size: Sequence[int]) -> Tensor:
+    """``x`` ``[B, C, H, W]`` at spatial ``size``: adaptive average pooling when it is at least as
+    large in both dimensions (each output cell is the exact mean of the cells it covers),
+    bilinear interpolation otherwise; unchanged when it already has that size."""
+    size = tuple(int(v) for v in size)
+    if tuple(x.shape[-2:]) == size:
+        return x
+    if x.shape[-2] >= size[0] and x.shape[-1] >= size[1]:
+        return F.adaptive_avg_pool2d(x, size)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 class ConvAdapter(nn.Module):
@@ -41,13 +54,11 @@ class ConvAdapter(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels)
 
     def forward(self, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
-        size = tuple(size) if size is not None else self.size
-        if tuple(x.shape[-2:]) != size:
-            if x.shape[-2] >= size[0] and x.shape[-1] >= size[1]:
-                x = F.adaptive_avg_pool2d(x, size)
-            else:
-                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        return self.bn(self.conv(x))
+        return self.bn(self.conv(resize_map(x, self.size if size is None else size)))
+
+    def target(self, t: Tensor) -> Tensor:
+        """The teacher feature as the adapted student feature is compared with it (as it is)."""
+        return t
 
     def extra_repr(self) -> str:
         return f"size={self.size}"
@@ -67,6 +78,9 @@ class LinearAdapter(nn.Module):
 
     def forward(self, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
         return self.linear(x)
+
+    def target(self, t: Tensor) -> Tensor:
+        return t
 
 
 class NormalizedLinear(nn.Module):
@@ -88,14 +102,127 @@ class NormalizedLinear(nn.Module):
         return F.normalize(self.linear(x.flatten(1)).float(), dim=1)
 
 
-def make_adapter(student_shape: Sequence[int], teacher_shape: Sequence[int], who: str) -> nn.Module:
-    """The adapter mapping a student tensor of ``student_shape`` to ``teacher_shape`` (batch first)."""
+class TokensToMap(nn.Module):
+    """A ViT student's tokens ``[B, P + h*w, Ds]`` regressed onto a CNN teacher's map ``[B, Ct, Ht, Wt]``.
+
+    The ``P`` prefix tokens are dropped, the patch tokens laid out as their ``h x w`` grid
+    (``[B, Ds, h, w]``), and a ``ConvAdapter`` (resize to ``Ht x Wt``, 1x1 conv, BN) maps them.
+
+    Args:
+        prefix_tokens: ``P``. grid: ``(h, w)``. in_dim: ``Ds``. out_channels: ``Ct``.
+        size: the teacher's ``(Ht, Wt)``.
+    """
+
+    def __init__(self, prefix_tokens: int, grid: Sequence[int], in_dim: int, out_channels: int,
+                 size: Sequence[int]):
+        super().__init__()
+        self.prefix_tokens, self.grid = int(prefix_tokens), tuple(grid)
+        self.map = ConvAdapter(in_dim, out_channels, size)
+
+    def forward(self, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
+        return self.map(tokens_to_map(x, self.prefix_tokens, self.grid), size)
+
+    def target(self, t: Tensor) -> Tensor:
+        return t
+
+    def extra_repr(self) -> str:
+        return f"prefix_tokens={self.prefix_tokens}, grid={self.grid}"
+
+
+class MapToTokens(nn.Module):
+    """A CNN student's map ``[B, Cs, Hs, Ws]`` regressed onto a ViT teacher's patch tokens.
+
+    The map is resized to the teacher's patch grid ``h x w``, mapped by a 1x1 conv + BN to the
+    teacher's width ``Dt`` and read row-major as ``[B, h*w, Dt]``; the teacher's sequence
+    ``[B, P + h*w, Dt]`` is compared without its ``P`` prefix tokens (``target``).
+
+    Args:
+        in_channels: ``Cs``. out_dim: ``Dt``. grid: the teacher's ``(h, w)``.
+        teacher_prefix_tokens: ``P``.
+    """
+
+    def __init__(self, in_channels: int, out_dim: int, grid: Sequence[int], teacher_prefix_tokens: int):
+        super().__init__()
+        self.teacher_prefix_tokens = int(teacher_prefix_tokens)
+        self.map = ConvAdapter(in_channels, out_dim, grid)
+
+    def forward(self, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
+        return map_to_tokens(self.map(x))
+
+    def target(self, t: Tensor) -> Tensor:
+        return patch_tokens(t, self.teacher_prefix_tokens)
+
+    def extra_repr(self) -> str:
+        return f"teacher_prefix_tokens={self.teacher_prefix_tokens}"
+
+
+class TokenGrid(nn.Module):
+    """Student patch tokens onto a teacher's patch tokens of another count or prefix.
+
+    Both prefixes are dropped; a linear map takes the student width ``Ds`` to ``Dt``, and the
+    student grid is resampled to the teacher's (``resize_map``: area pooling down, bilinear up).
+    Linear maps and these resamplings commute, so the order changes only the cost.
+
+    Args:
+        student_prefix_tokens, student_grid: the student's ``P_s`` and ``(h_s, w_s)``.
+        teacher_prefix_tokens, teacher_grid: the teacher's ``P_t`` and ``(h_t, w_t)``.
+        in_dim: ``Ds``. out_dim: ``Dt``.
+    """
+
+    def __init__(self, student_prefix_tokens: int, student_grid: Sequence[int], teacher_prefix_tokens: int,
+                 teacher_grid: Sequence[int], in_dim: int, out_dim: int):
+        super().__init__()
+        self.student_prefix_tokens, self.student_grid = int(student_prefix_tokens), tuple(student_grid)
+        self.teacher_prefix_tokens, self.teacher_grid = int(teacher_prefix_tokens), tuple(teacher_grid)
+        self.linear = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
+        x = self.linear(patch_tokens(x, self.student_prefix_tokens))
+        if self.student_grid == self.teacher_grid:
+            return x
+        grid = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *self.student_grid)
+        return map_to_tokens(resize_map(grid, self.teacher_grid))
+
+    def target(self, t: Tensor) -> Tensor:
+        return patch_tokens(t, self.teacher_prefix_tokens)
+
+    def extra_repr(self) -> str:
+        return (f"student: {self.student_prefix_tokens} prefix + {self.student_grid} grid, "
+                f"teacher: {self.teacher_prefix_tokens} prefix + {self.teacher_grid} grid")
+
+
+def make_adapter(student_shape: Sequence[int], teacher_shape: Sequence[int], who: str,
+                 student_prefix_tokens: int | None = None, teacher_prefix_tokens: int | None = None,
+                 names: tuple[str, str] = ("", "")) -> nn.Module:
+    """The adapter mapping a student tensor of ``student_shape`` to ``teacher_shape`` (batch first).
+
+    Every adapter has ``forward(student, size=None)`` (the student feature in the compared
+    layout) and ``target(teacher)`` (the teacher feature in that layout). Maps go to maps
+    (``ConvAdapter``), vectors and equal-length token sequences to the teacher's width
+    (``LinearAdapter``); token sequences of other lengths or prefixes, and tokens <-> maps, go
+    through the patch grid, which needs the ``*_prefix_tokens`` of each token side
+    (``TokenGrid``, ``TokensToMap``, ``MapToTokens``). ``names``: the tapped modules, for errors.
+    """
     s, t = tuple(student_shape), tuple(teacher_shape)
+    s_name, t_name = names
     if len(s) == 4 and len(t) == 4:
         return ConvAdapter(s[1], t[1], t[2:])
-    if len(s) == len(t) and len(s) in (2, 3) and s[1:-1] == t[1:-1]:
+    same_prefix = student_prefix_tokens is None or teacher_prefix_tokens is None or \
+        int(student_prefix_tokens) == int(teacher_prefix_tokens)
+    if len(s) == len(t) == 2 or (len(s) == len(t) == 3 and s[1] == t[1] and same_prefix):
         return LinearAdapter(s[-1], t[-1])
+    if len(s) == 3 and len(t) == 3:
+        s_grid = check_prefix(s, student_prefix_tokens, who, "student", s_name)
+        t_grid = check_prefix(t, teacher_prefix_tokens, who, "teacher", t_name)
+        return TokenGrid(student_prefix_tokens, s_grid, teacher_prefix_tokens, t_grid, s[2], t[2])
+    if len(s) == 3 and len(t) == 4:
+        grid = check_prefix(s, student_prefix_tokens, who, "student", s_name)
+        return TokensToMap(student_prefix_tokens, grid, s[2], t[1], t[2:])
+    if len(s) == 4 and len(t) == 3:
+        grid = check_prefix(t, teacher_prefix_tokens, who, "teacher", t_name)
+        return MapToTokens(s[1], t[2], grid, teacher_prefix_tokens)
     raise KdkitError(
         f"{who}: no adapter maps student shape {s[1:]} to teacher shape {t[1:]} "
-        "(supported: 4-D maps [B, C, H, W], or [B, D] / [B, N, D] with the same N)"
+        "(supported: maps [C, H, W], tokens [N, D] and vectors [D], each to its own kind, "
+        "and tokens <-> maps through the patch grid)"
     )

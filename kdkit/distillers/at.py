@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdkit.distillers.base import Distiller, feature
+from kdkit.distillers.token_layout import as_map
 from kdkit.errors import KdkitError
 from kdkit.outputs import Outputs
 
@@ -53,17 +54,23 @@ class AT(Distiller):
     spatial mismatch is resolved by adaptive average pooling of the larger map). Like the paper
     (beta/2 * sum_j ||.||_2 with beta = 1e3 divided by the map size and the batch size) and
     RepDistiller (``sum(loss_group)``), pairs are *summed* and each pair is averaged over batch
-    and positions, so ``weight: 1000`` means what RepDistiller's ``-b 1000`` means. Returns the
-    single term ``"loss"``.
+    and positions, so ``weight: 1000`` means what RepDistiller's ``-b 1000`` means. A vision
+    transformer's token feature ``[B, P + h*w, D]`` takes part as its patch-token map
+    ``[B, D, h, w]`` (its ``P`` prefix tokens dropped), so CNN <-> ViT pairs compare where each
+    network's activations concentrate on the image. Returns the single term ``"loss"``.
 
     Args:
         weight: multiplier of the loss (RepDistiller on CIFAR-100: 1000).
         pairs: ``[[student_module, teacher_module], ...]`` whose outputs are compared.
         p: exponent of the attention map (the paper uses 2).
+        student_prefix_tokens, teacher_prefix_tokens: prefix (CLS / distillation) tokens ahead
+            of the patch tokens of each side's token features; required for token features.
     """
 
-    def __init__(self, weight: float = 1000.0, pairs: Sequence = DEFAULT_PAIRS, p: float = 2.0):
+    def __init__(self, weight: float = 1000.0, pairs: Sequence = DEFAULT_PAIRS, p: float = 2.0,
+                 student_prefix_tokens: int | None = None, teacher_prefix_tokens: int | None = None):
         super().__init__(weight)
+        self.prefix_tokens = {"student": student_prefix_tokens, "teacher": teacher_prefix_tokens}
         self.pairs = parse_pairs(pairs, "at")
         if p <= 0:
             raise KdkitError(f"at.p must be > 0, got {p}")
@@ -81,13 +88,15 @@ class AT(Distiller):
         total = 0.0
         for s_name, t_name in self.pairs:
             f_s, f_t = feature(student, s_name, "at"), feature(teacher, t_name, "at")
-            if f_s.dim() != 4 or f_t.dim() != 4:
+            if f_s.dim() not in (3, 4) or f_t.dim() not in (3, 4):
                 raise KdkitError(
-                    f"at: pair [{s_name}, {t_name}] must be maps [B, C, H, W], got student "
-                    f"shape {tuple(f_s.shape[1:])} and teacher shape {tuple(f_t.shape[1:])}"
+                    f"at: pair [{s_name}, {t_name}] must be maps [B, C, H, W] or tokens [B, N, D], "
+                    f"got student shape {tuple(f_s.shape[1:])} and teacher shape {tuple(f_t.shape[1:])}"
                 )
+            f_s = as_map(f_s, self.prefix_tokens["student"], "at", "student", s_name)
+            f_t = as_map(f_t, self.prefix_tokens["teacher"], "at", "teacher", t_name)
             total = total + at_loss(f_s, f_t, self.p)
         return {"loss": total}
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight}, pairs={self.pairs}, p={self.p}"
+        return f"weight={self.weight}, pairs={self.pairs}, p={self.p}, prefix_tokens={self.prefix_tokens}"

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from kdkit.errors import KdkitError
+from kdkit.errors import KdkitError, close_names
 from kdkit.outputs import Outputs
 
 
@@ -17,10 +17,30 @@ class DistillContext:
     Args:
         num_samples: size of the training set (memory banks over dataset indices, e.g. CRD).
         num_classes: number of classes, when the task has them.
+        models: the networks themselves: ``"student"``, and ``"teacher"`` for the teacher the
+            distiller reads (a several-teacher distiller gets each teacher under its name).
     """
 
     num_samples: int | None = None
     num_classes: int | None = None
+    models: dict[str, nn.Module] = field(default_factory=dict)
+
+    def module(self, role: str, name: str, who: str) -> nn.Module:
+        """Submodule ``name`` of model ``role``, for a distiller that applies part of a network to
+        other inputs (e.g. the student's classifier head to every patch token, CSKD).
+
+        A distiller must keep such a module out of its own registration (e.g. in a tuple), so
+        that it is neither trained twice nor saved with the adapters: it stays the model's.
+        """
+        if role not in self.models:
+            raise KdkitError(f"{who} needs the {role} network itself, which this task does not "
+                             f"give distillers (it gives: {sorted(self.models)})")
+        modules = dict(self.models[role].named_modules())
+        if name not in modules or not name:
+            raise KdkitError(f"{who}: {name!r} is not a module of the {role} "
+                             f"({type(self.models[role]).__name__}); close valid names: "
+                             f"{close_names(name, [n for n in modules if n])}")
+        return modules[name]
 
 
 class Distiller(nn.Module):
@@ -72,11 +92,42 @@ class Distiller(nn.Module):
     def build(self, student: Outputs, teacher: Outputs, context: DistillContext) -> None:
         """Create adapters now that the output shapes are known. Default: nothing to build."""
 
+    def student_batch(self, batch: dict) -> dict:
+        """The batch the student sees in a training step (the teachers see ``batch`` itself).
+
+        Default: ``batch`` unchanged. A distiller that changes the student's input (masked
+        images for masked feature distillation) returns a *new* dict, never mutating ``batch``,
+        and may add its own keys (e.g. the mask), which its ``forward`` then finds in the batch
+        it receives. Evaluation always feeds the student the clean batch.
+        """
+        return batch
+
     def forward(self, student: Outputs, teacher: Outputs, batch: dict) -> dict[str, Tensor]:
         raise NotImplementedError
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}"
+
+
+class FeaturePair(Distiller):
+    """Base of the distillers that compare one student feature with one teacher feature
+    (FitNet, MFD, TRG): it taps the modules named by ``self.student_feature`` and
+    ``self.teacher_feature``, which subclasses set."""
+
+    student_feature: str = ""
+    teacher_feature: str = ""
+
+    @property
+    def student_features(self) -> list[str]:
+        return [self.student_feature]
+
+    @property
+    def teacher_features(self) -> list[str]:
+        return [self.teacher_feature]
+
+    def feature_pair(self, student: Outputs, teacher: Outputs, who: str) -> tuple[Tensor, Tensor]:
+        """The tapped student and teacher features (a clear error when one was not captured)."""
+        return feature(student, self.student_feature, who), feature(teacher, self.teacher_feature, who)
 
 
 def require(outputs: Outputs, field: str, who: str) -> Tensor:

@@ -6,22 +6,32 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdkit.distillers.adapters import make_adapter
-from kdkit.distillers.base import DistillContext, Distiller, check_same_shape, feature
+from kdkit.distillers.base import DistillContext, FeaturePair, check_same_shape
 from kdkit.outputs import Outputs
 
-_NO_ADAPTER_HINT = " (set adapter: true to learn a projection)"
+_LAYOUTS = {2: "a vector", 3: "tokens", 4: "a map"}
 
 
-class FitNet(Distiller):
+def _no_adapter_hint(s: Tensor, t: Tensor) -> str:
+    if s.dim() != t.dim() and {s.dim(), t.dim()} <= {3, 4}:
+        return (f" (student {_LAYOUTS[s.dim()]}, teacher {_LAYOUTS[t.dim()]}: set adapter: true "
+                "for a token <-> map adapter through the patch grid, with the token side's prefix_tokens)")
+    return " (set adapter: true to learn a projection)"
+
+
+class FitNet(FeaturePair):
     """FitNets: Hints for Thin Deep Nets (Romero et al., ICLR 2015).
 
         L_HT = mean( (r(u_g(x)) - u_h(x))^2 )
 
     where ``u_h`` is the teacher's hint layer, ``u_g`` the student's guided layer and ``r`` a
     trainable regressor (``adapter``): 1x1 conv + BatchNorm for maps, resizing the student map
-    to the teacher's spatial size (see ``ConvAdapter``), a linear layer for vectors/tokens. The
-    paper trains the hint stage first; like RepDistiller, kdkit adds it to the task loss in one
-    stage. Returns the single term ``"loss"``.
+    to the teacher's spatial size (see ``ConvAdapter``), a linear layer for vectors/tokens.
+    Across architectures (a ViT student and a CNN teacher, or the reverse), the token sequence's
+    patch tokens are laid out as their grid and regressed onto the map, or the map onto the
+    patch tokens (``kdkit.distillers.adapters``); token sides say how many prefix (CLS /
+    distillation) tokens they carry. The paper trains the hint stage first; like RepDistiller,
+    kdkit adds it to the task loss in one stage. Returns the single term ``"loss"``.
 
     Args:
         weight: multiplier of the loss (RepDistiller on CIFAR-100: 100).
@@ -29,44 +39,39 @@ class FitNet(Distiller):
         teacher_feature: teacher module whose output is the hint (e.g. "layer2").
         adapter: learn the regressor ``r``; false compares the features as they are, which
             requires equal shapes.
+        student_prefix_tokens, teacher_prefix_tokens: prefix tokens ahead of the patch tokens
+            of a token feature ``[B, P + N, D]`` (1: CLS, 2: CLS + distillation token, 0:
+            none); needed when a token side meets a map or tokens of another count.
     """
 
     def __init__(self, weight: float = 100.0, student_feature: str = "layer2",
-                 teacher_feature: str = "layer2", adapter: bool = True):
+                 teacher_feature: str = "layer2", adapter: bool = True,
+                 student_prefix_tokens: int | None = None, teacher_prefix_tokens: int | None = None):
         super().__init__(weight)
         self.student_feature = str(student_feature)
         self.teacher_feature = str(teacher_feature)
         self.use_adapter = bool(adapter)
+        self.prefix_tokens = (student_prefix_tokens, teacher_prefix_tokens)
         self.adapter: nn.Module | None = None
 
-    @property
-    def student_features(self) -> list[str]:
-        return [self.student_feature]
-
-    @property
-    def teacher_features(self) -> list[str]:
-        return [self.teacher_feature]
-
-    def _pair(self, student: Outputs, teacher: Outputs) -> tuple[Tensor, Tensor]:
-        return (feature(student, self.student_feature, "fitnet"),
-                feature(teacher, self.teacher_feature, "fitnet"))
-
     def build(self, student: Outputs, teacher: Outputs, context: DistillContext) -> None:
-        s, t = self._pair(student, teacher)
+        s, t = self.feature_pair(student, teacher, "fitnet")
         if self.use_adapter:
-            self.adapter = make_adapter(s.shape, t.shape, "fitnet").to(s.device)
+            self.adapter = make_adapter(s.shape, t.shape, "fitnet", *self.prefix_tokens,
+                                        names=(self.student_feature, self.teacher_feature)).to(s.device)
         else:
-            check_same_shape(s, t, "fitnet", _NO_ADAPTER_HINT)
+            check_same_shape(s, t, "fitnet", _no_adapter_hint(s, t))
 
     def forward(self, student: Outputs, teacher: Outputs, batch: dict) -> dict[str, Tensor]:
-        s, t = self._pair(student, teacher)
+        s, t = self.feature_pair(student, teacher, "fitnet")
         if self.use_adapter:
             if self.adapter is None:
                 raise RuntimeError("fitnet: build() must run (on a probe forward) before forward()")
-            s = self.adapter(s, t.shape[2:] if t.dim() == 4 else None)
-        check_same_shape(s, t, "fitnet", _NO_ADAPTER_HINT)
+            s, t = self.adapter(s, t.shape[2:] if t.dim() == 4 else None), self.adapter.target(t)
+        check_same_shape(s, t, "fitnet", _no_adapter_hint(s, t))
         return {"loss": F.mse_loss(s.float(), t.float())}
 
     def extra_repr(self) -> str:
         return (f"weight={self.weight}, student_feature={self.student_feature!r}, "
-                f"teacher_feature={self.teacher_feature!r}, adapter={self.use_adapter}")
+                f"teacher_feature={self.teacher_feature!r}, adapter={self.use_adapter}, "
+                f"prefix_tokens={self.prefix_tokens}")

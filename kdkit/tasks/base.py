@@ -305,8 +305,12 @@ class DistillationTask(L.LightningModule):
         for name, t in ts.items():
             self.check_outputs(t, label(name, self._teachers))
             self.check_compatible(s, t)
-        context = DistillContext(num_samples=num_samples, num_classes=num_classes)
         for name, distiller in self.distillers.items():
+            teachers = {n: self._teachers[n].model for n in self.routes[name]}
+            if not distiller.reads_several_teachers:
+                teachers = {"teacher": next(iter(teachers.values()))}
+            context = DistillContext(num_samples=num_samples, num_classes=num_classes,
+                                     models={"student": self.student, **teachers})
             distiller.build(s.float(), self._routed(name, {n: t.float() for n, t in ts.items()}), context)
         self._built = True
 
@@ -346,6 +350,8 @@ class DistillationTask(L.LightningModule):
         step_routes = {name: d.teachers_for_step(self.routes[name]) for name, d in self.distillers.items()}
         needed = dict.fromkeys(n for names in step_routes.values() for n in names)
         ts = {name: self.teacher_outputs(batch, name) for name in needed}
+        for distiller in self.distillers.values():  # e.g. masked images for the student only
+            batch = distiller.student_batch(batch)
         s = self.student_outputs(batch)
         losses: dict[str, Tensor] = {}
         if self.task_loss_weight:

@@ -9,7 +9,7 @@ from torch import nn
 from kdkit.tasks.base import DistillationTask
 from kdkit.tasks.node import NodeTask
 from kdkit.tasks.retrieval import RetrievalTask
-from tests.tasks.tiny_task import ScriptedTask, VectorData, scripted_task, trainer
+from tests.tasks.tiny_task import AdapterMSE, ScriptedTask, VectorData, scripted_task, trainer
 
 
 class CountingEval(ScriptedTask):
@@ -100,3 +100,47 @@ def test_task_callbacks_are_lightning_callbacks():
     with pytest.raises(KdkitError, match="not a Lightning Callback"):
         scripted_task([0.5], callbacks=[object()])
     assert scripted_task([0.5], callbacks={"off": None}).task_callbacks == []
+
+
+class RecordingDistiller(AdapterMSE):
+    """Doubles the student's input in training (a stand-in for masking) and records what it saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = {}
+
+    def build(self, student, teacher, context):
+        super().build(student, teacher, context)
+        self.seen["models"] = dict(context.models)
+
+    def student_batch(self, batch):
+        return {**batch, "x": 2 * batch["x"], "doubled": True}
+
+    def forward(self, student, teacher, batch):
+        self.seen["batch"] = batch
+        return super().forward(student, teacher, batch)
+
+
+def test_student_batch_reaches_the_student_only_in_training():
+    torch.manual_seed(0)
+    d = RecordingDistiller()
+    task = ScriptedTask(student=nn.Linear(4, 2), teacher=nn.Linear(4, 3), distillers={"r": d},
+                        optimizer=lambda groups: torch.optim.SGD(groups, lr=0.1))
+    batch = VectorData().example_batch()
+    original = batch["x"].clone()
+    task.build(batch)
+    assert d.seen["models"]["student"] is task.student and d.seen["models"]["teacher"] is task.teacher.model
+    losses, s = task.losses(batch)
+    assert torch.equal(batch["x"], original) and "doubled" not in batch  # the caller's dict untouched
+    assert torch.allclose(s.logits, task.student(2 * original))  # the student saw the doubled input
+    assert d.seen["batch"]["doubled"]  # and the distiller the batch the student saw
+    teacher_logits = task.teacher_outputs(batch).logits
+    assert torch.allclose(teacher_logits, task.teacher.model(original))  # the teacher the clean one
+    expected = torch.nn.functional.mse_loss(d.adapter(task.student(2 * original)), teacher_logits)
+    assert losses["r"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert losses["task"].item() == pytest.approx(
+        torch.nn.functional.mse_loss(task.student(2 * original), batch["y"]).item(), rel=1e-6)
+    calls = []
+    task.update_metrics = lambda stage, out, b: calls.append(torch.allclose(out.logits, task.student(original)))
+    task.eval_step("val", batch)
+    assert calls == [True]  # evaluation: the clean input

@@ -1,0 +1,205 @@
+"""Vision transformers on CIFAR-10: a CNN teacher -> a tiny ViT from scratch, and a ViT teacher ->
+a smaller ViT that inherits its weights (issue #15). Resumable: every finished run is a line of
+``<out>/results.jsonl``; rerun the same command to continue, ``--report-only`` to rewrite
+``benchmarks/results/vit.md`` from what has finished.
+
+    # CNN teacher (a trained resnet20, e.g. the one benchmarks/cifar10.py trained) -> vit_tiny
+    python benchmarks/vit.py cnn --teacher-ckpt benchmarks/runs/cifar10_20k/teacher/teacher.pt \\
+        --epochs 40 --seeds 3 --jobs 2
+    # ViT teacher (vit_small, trained here) -> vit_tiny, inherited vs random init, equal budget
+    python benchmarks/vit.py vit --teacher-epochs 40 --epochs 40 --jobs 2
+    # time per training step of each method relative to plain KD (interleaved, one process)
+    python benchmarks/vit.py steps
+
+Rows of ``cnn``: the ViT alone, KD (class token), DeiT hard / soft (distillation token), DeiT's
+hard label on the class token (no distillation token), CSKD, TRG, FitNet and AT through the
+token <-> map adapter, OFA-KD's branch heads, masked feature distillation. Seeds 1.. for the baseline, KD and the best two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import RunLog, header, mean_std, run_all_jobs, write  # noqa: E402
+
+PLAIN = ["student=vit_tiny"]  # no distillation token: it would average an untrained head in
+CNN_METHODS = {
+    "baseline": [*PLAIN, "stages.student=false"],
+    "kd": [*PLAIN, "distiller=[kd]", "task.task_loss_weight=1.0"],
+    "deit_hard": [],  # the experiment as it is
+    "deit_soft": ["distiller.deit.mode=soft", "distiller.deit.weight=0.1", "task.task_loss_weight=0.9"],
+    "hard_class_token": [*PLAIN, "distiller.deit.student_feature=head"],
+    "cskd": ["distiller=[cskd]"],
+    "trg": [*PLAIN, "distiller=[trg]", "task.task_loss_weight=1.0", "distiller.trg.student_feature=blocks.3",
+            "distiller.trg.student_prefix_tokens=1", "distiller.trg.teacher_feature=layer3"],
+    "fitnet": [*PLAIN, "distiller=[fitnet]", "task.task_loss_weight=1.0", "distiller.fitnet.student_feature=blocks.3",
+               "distiller.fitnet.teacher_feature=layer3", "distiller.fitnet.student_prefix_tokens=1"],
+    "at": [*PLAIN, "distiller=[at]", "task.task_loss_weight=1.0", "distiller.at.pairs=[[blocks.1,layer2],[blocks.3,layer3]]",
+           "distiller.at.student_prefix_tokens=1"],
+    "ofa": [*PLAIN, "distiller=[ofa]", "task.task_loss_weight=1.0", "distiller.ofa.stages=[blocks.0,blocks.1,blocks.2]",
+            "distiller.ofa.student_prefix_tokens=1", "distiller.ofa.variant=official"],
+    "mfd": [*PLAIN, "distiller=[mfd]", "task.task_loss_weight=1.0", "distiller.mfd.student_feature=blocks.3",
+            "distiller.mfd.student_prefix_tokens=1", "distiller.mfd.teacher_feature=layer3"],
+}
+VIT_METHODS = {
+    "baseline": ["stages.student=false"],
+    "kd": [],
+    "baseline_random_init": ["stages.student=false", "student.init=null"],
+    "kd_random_init": ["student.init=null"],
+}
+PARTS = {"cnn": ("cifar10_deit", CNN_METHODS), "vit": ("cifar10_vit_vit", VIT_METHODS)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("part", choices=["cnn", "vit", "steps"])
+    p.add_argument("--epochs", type=int, default=40, help="student epochs of every row")
+    p.add_argument("--teacher-epochs", type=int, default=40)
+    p.add_argument("--teacher-ckpt", default=None, help="a trained teacher.pt (cnn: required)")
+    p.add_argument("--methods", default=None, help="comma-separated rows (default: all of the part)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the baseline, KD and the best two")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one torch thread each")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of a teacher run / steps")
+    p.add_argument("--out", default=None, help="default: benchmarks/runs/vit_<part>")
+    p.add_argument("--rounds", type=int, default=6, help="steps: turns of 3 steps per row (the first warms up)")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
+    args = p.parse_args()
+    if args.part == "steps":
+        return step_times(args)
+    experiment, table = PARTS[args.part]
+    methods = [m for m in (args.methods.split(",") if args.methods else table) if m]
+    unknown = sorted(set(methods) - set(table))
+    if unknown:
+        p.error(f"unknown rows {unknown}; rows of {args.part}: {', '.join(table)}")
+    out = Path(args.out or f"benchmarks/runs/vit_{args.part}")
+    common = [f"experiment={experiment}", "data.train_limit=null", "trainer.enable_progress_bar=false",
+              "logger=csv", "export.programs=[]", f"trainer.max_epochs={args.epochs}", *args.extra]
+    log = RunLog(out / "results.jsonl", key=lambda row: (row["part"], row["method"], row["seed"]))
+    if not args.report_only:
+        teacher_ckpt = args.teacher_ckpt or train_teacher(args, common, out, log)
+        over = {m: [*common, f"teacher.ckpt_path={teacher_ckpt}", "stages.teacher=false", *table[m]]
+                for m in methods}
+        more = lambda: [m for m in ("baseline", "kd", *best(log, args.part, methods, 2)) if m in methods]  # noqa: E731
+        for todo in (lambda: [(m, 0) for m in methods],
+                     lambda: [(m, s) for s in range(1, args.seeds) for m in more()]):
+            jobs = [(m, s, [*over[m], f"seed={s}"], str(out / f"{m}_s{s}"))
+                    for m, s in todo() if (args.part, m, s) not in log.done]
+            for row in run_all_jobs(jobs, args.jobs, args.threads):
+                log.record({"part": args.part, **row})
+                print(f"[vit {args.part}] {row['method']} seed {row['seed']}: test/acc "
+                      f"{row['test/acc']:.4f} ({row['wall_s']:.0f} s)", flush=True)
+    report(log)
+
+
+def train_teacher(args, common: list[str], out: Path, log: RunLog) -> str:
+    """The part's teacher, trained once into ``<out>/teacher/teacher.pt`` (its row recorded)."""
+    from kdkit.compose import compose
+    from kdkit.pipeline import run
+
+    import torch
+
+    path = out / "teacher" / "teacher.pt"
+    if (args.part, "teacher", 0) not in log.done or not path.exists():
+        torch.set_num_threads(args.threads)
+        over = [*common, "stages.baseline=false", "stages.student=false", f"teacher.max_epochs={args.teacher_epochs}"]
+        res = run(compose(over, output_dir=str(path.parent)))["teacher"]
+        log.record({"part": args.part, "method": "teacher", "seed": 0, **res})
+    return str(path)
+
+
+def best(log: RunLog, part: str, methods: list[str], k: int) -> list[str]:
+    """The ``k`` distilled rows with the highest seed-0 test accuracy."""
+    ran = [m for m in methods if m != "baseline" and (part, m, 0) in log.done]
+    return sorted(ran, key=lambda m: -log.done[(part, m, 0)]["test/acc"])[:k]
+
+
+def report(log: RunLog) -> None:
+    lines = [header("Vision transformers on CIFAR-10"), ""]
+    for part, (experiment, table) in PARTS.items():
+        rows = [r for (p, _, _), r in log.done.items() if p == part]
+        if not rows:
+            continue
+        by_method: dict[str, list[dict]] = {}
+        for row in sorted(rows, key=lambda r: r["seed"]):
+            by_method.setdefault(row["method"], []).append(row)
+        teacher = by_method.pop("teacher", [None])[0]
+        base = statistics.mean(r["test/acc"] for r in by_method.get("baseline", [{"test/acc": float("nan")}]))
+        lines += [f"## `{experiment}` on every shared training image", ""]
+        if teacher:
+            lines.append(f"Teacher: {teacher['test/acc'] * 100:.2f}% test accuracy, {teacher['params']:,} "
+                         f"parameters, {teacher['fit_seconds']:.0f} s of training.\n")
+        lines += ["| row | overrides | seeds | test acc (%) | Δ vs baseline | params | train time / run (s) |",
+                  "|---|---|---|---|---|---|---|"]
+        for method in [m for m in table if m in by_method]:
+            accs = [r["test/acc"] for r in by_method[method]]
+            fit = statistics.mean(r.get("fit_seconds", 0) for r in by_method[method])
+            over = ", ".join(f"`{o}`" for o in table[method]) or "(the experiment)"
+            lines.append(f"| {method} | {over} | {len(accs)} | {mean_std(accs)} | "
+                         f"{(statistics.mean(accs) - base) * 100:+.2f} | {by_method[method][0]['params']:,} | {fit:.0f} |")
+        lines.append("")
+    steps = Path(log.path).parent.parent / "vit_steps.md"
+    if steps.exists():
+        lines += [steps.read_text()]
+    write("vit.md", "\n".join(lines) + "\n")
+
+
+def step_times(args) -> None:
+    """Median time of one training step (teacher forward, student forward/backward, optimizer
+    step) of every ``cnn`` row, relative to KD's: the rows take turns, a few steps each, on the
+    same batch of 128 CIFAR images, so machine noise hits them alike."""
+    import torch
+    from hydra.utils import instantiate
+
+    from kdkit.compose import compose
+    from kdkit.pipeline import make_task
+    from kdkit.student_init import make_student
+    from kdkit.teachers import make_distillers
+
+    torch.set_num_threads(args.threads)
+    rows = [m for m in CNN_METHODS if m != "baseline"]
+    tasks, optimizers, batch = {}, {}, None
+    for method in rows:
+        cfg = compose(["experiment=cifar10_deit", *CNN_METHODS[method]])
+        if batch is None:
+            dm = instantiate(cfg.data)
+            dm.prepare_data()
+            dm.setup("fit")
+            batch = next(iter(dm.train_dataloader()))
+        teacher = instantiate(cfg.teacher.model)
+        task = make_task(cfg, student=make_student(cfg), teachers={"teacher": teacher},
+                         distillers=make_distillers(cfg), teacher_cfgs={"teacher": cfg.teacher}, probe=True)
+        task.build(batch, dm.num_train_samples, dm.num_classes)
+        tasks[method], optimizers[method] = task, task.optimizer_factory(task.param_groups())
+    times: dict[str, list[float]] = {m: [] for m in rows}
+    for rnd in range(args.rounds):
+        for method in rows:
+            task, opt = tasks[method], optimizers[method]
+            for step in range(3):
+                start = time.perf_counter()
+                losses, _ = task.losses(batch)
+                torch.stack([v.float() for v in losses.values()]).sum().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if rnd > 0:  # the first round warms up every row
+                    times[method].append(time.perf_counter() - start)
+    kd = statistics.median(times["kd"])
+    lines = ["## Time per training step relative to KD (`cnn` rows)", "",
+             f"`python benchmarks/vit.py steps --threads {args.threads} --rounds {args.rounds}`: batch 128, resnet20 teacher -> "
+             f"vit_tiny(_distilled), {len(times['kd'])} timed steps per row taken in turns of 3.", "",
+             "| row | median step (ms) | vs KD |", "|---|---|---|"]
+    lines += [f"| {m} | {statistics.median(t) * 1000:.0f} | {statistics.median(t) / kd:.2f}x |" for m, t in times.items()]
+    path = Path(args.out or "benchmarks/runs") / "vit_steps.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from kdkit.distillers.mfd import (MFD, VISIBLE_KEY, draw_visible, masked_count, masked_feature_loss,
+                                  visible_at)
+from kdkit.errors import KdkitError
+from kdkit.outputs import Outputs
+from kdkit.tasks.classification import ClassificationTask
+from kdkit.teachers import build_distiller
+
+from .vit_helpers import ViTPair, tiny_vit
+from .helpers import CONF, Pair, build, distill_backward, from_yaml, image_batch
+
+
+def images(n: int = 4, size: int = 16, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.rand(n, 3, size, size, generator=g), "label": torch.randint(0, 5, (n,), generator=g),
+            "index": torch.arange(10, 10 + n)}
+
+
+def vit_mfd(**kwargs) -> MFD:
+    args = dict(student_feature="blocks.0", teacher_feature="blocks.1", student_prefix_tokens=1,
+                teacher_prefix_tokens=1, patch_size=4)
+    return MFD(**{**args, **kwargs})
+
+
+# ---- the mask ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size, patch, ratio, masked", [(16, 4, 0.5, 8), (16, 4, 0.75, 12), (28, 4, 0.5, 25),
+                                                         (16, 2, 0.9, 58), (16, 4, 0.0, 0)])
+def test_each_image_has_round_ratio_masked_patches(size, patch, ratio, masked):
+    assert masked_count((size // patch) ** 2, ratio) == masked
+    d = MFD(mask_ratio=ratio, patch_size=patch)
+    out = d.student_batch(images(5, size))
+    visible = out[VISIBLE_KEY]
+    assert visible.dtype == torch.bool and visible.shape == (5, size // patch, size // patch)
+    assert (~visible).flatten(1).sum(1).tolist() == [masked] * 5
+
+
+def test_masked_pixels_are_zero_visible_pixels_untouched_and_the_batch_is_new():
+    batch = images(3)
+    saved = {k: v.clone() for k, v in batch.items()}
+    keys = set(batch)
+    out = MFD(mask_ratio=0.5, patch_size=4).student_batch(batch)
+    assert out is not batch and set(batch) == keys  # the given dict is not mutated
+    assert all(torch.equal(batch[k], saved[k]) for k in keys)
+    assert out["label"] is batch["label"] and out["index"] is batch["index"]
+    visible = out[VISIBLE_KEY]
+    for b in range(3):
+        for y in range(4):
+            for x in range(4):
+                patch = out["image"][b, :, 4 * y:4 * y + 4, 4 * x:4 * x + 4]
+                if visible[b, y, x]:
+                    assert torch.equal(patch, batch["image"][b, :, 4 * y:4 * y + 4, 4 * x:4 * x + 4])
+                else:
+                    assert torch.count_nonzero(patch) == 0
+
+
+def test_masks_depend_on_seed_step_and_index_only():
+    index = torch.tensor([3, 7, 11, 20])
+    base = draw_visible(index, (4, 4), 0.5, seed=0, step=5)
+    assert torch.equal(base, draw_visible(index, (4, 4), 0.5, seed=0, step=5))  # reproducible
+    order = torch.tensor([2, 0, 3, 1])
+    assert torch.equal(base[order], draw_visible(index[order], (4, 4), 0.5, seed=0, step=5))  # per sample
+    assert torch.equal(base[1:2], draw_visible(index[1:2], (4, 4), 0.5, seed=0, step=5))  # batch-independent
+    assert not torch.equal(base, draw_visible(index, (4, 4), 0.5, seed=0, step=6))
+    assert not torch.equal(base, draw_visible(index, (4, 4), 0.5, seed=1, step=5))
+    assert len({tuple(m.flatten().tolist()) for m in base}) > 1  # samples differ
+    d = MFD(mask_ratio=0.5, patch_size=4)
+    d.set_progress(0, 5)
+    batch = {"image": torch.ones(4, 3, 16, 16), "index": index}
+    assert torch.equal(d.student_batch(batch)[VISIBLE_KEY], base)  # the step is self.progress's
+
+
+def test_visible_at_other_grids_is_area_resizing():
+    visible = torch.tensor([[[1, 1, 0, 1], [1, 1, 1, 1], [1, 0, 1, 1], [1, 1, 1, 1]]], dtype=torch.bool)
+    assert torch.equal(visible_at(visible, (4, 4)), visible.float())
+    coarse = visible_at(visible, (2, 2))
+    expected = [[visible[0, 2 * y:2 * y + 2, 2 * x:2 * x + 2].float().mean().item() for x in range(2)]
+                for y in range(2)]
+    assert coarse[0].tolist() == expected == [[1.0, 0.75], [0.75, 1.0]]
+    fine = visible_at(visible, (8, 8))
+    assert torch.equal(fine, visible.repeat_interleave(2, 1).repeat_interleave(2, 2).float())  # nearest
+
+
+# ---- the loss ------------------------------------------------------------------------------
+
+def mfd_by_loops(f_s, f_t, visible, loss="mse", normalize=False):
+    """Weighted by each position's visible fraction (0 / 1 on the mask's own grid)."""
+    b, c, h, w = f_s.shape
+    total, count = 0.0, 0.0
+    for i in range(b):
+        for y in range(h):
+            for x in range(w):
+                v = float(visible[i, y, x])
+                if v == 0:
+                    continue
+                s, t = f_s[i, :, y, x].tolist(), f_t[i, :, y, x].tolist()
+                if normalize:
+                    ns, nt = sum(u * u for u in s) ** 0.5, sum(u * u for u in t) ** 0.5
+                    s, t = [u / ns for u in s], [u / nt for u in t]
+                total += v * sum((p - q) ** 2 if loss == "mse" else abs(p - q) for p, q in zip(s, t))
+                count += v * c
+    return total / count
+
+
+def test_loss_matches_loops_over_visible_positions():
+    torch.manual_seed(0)
+    f_s, f_t = torch.randn(3, 5, 4, 4), torch.randn(3, 5, 4, 4)
+    visible = torch.rand(3, 4, 4) > 0.5
+    for loss, normalize in (("mse", False), ("l1", False), ("l1", True), ("mse", True)):
+        assert masked_feature_loss(f_s, f_t, visible, loss, normalize).item() == pytest.approx(
+            mfd_by_loops(f_s, f_t, visible, loss, normalize), rel=1e-5)
+    fractions = torch.rand(3, 4, 4) * visible  # area-resized masks: weights in [0, 1]
+    assert masked_feature_loss(f_s, f_t, fractions).item() == pytest.approx(
+        mfd_by_loops(f_s, f_t, fractions), rel=1e-5)
+    assert masked_feature_loss(f_s, f_t, torch.zeros(3, 4, 4, dtype=torch.bool)).item() == 0.0
+    # masked positions drop out whatever their values, inf included
+    f_inf = torch.where(visible[:, None], f_s, torch.full_like(f_s, float("inf")))
+    assert masked_feature_loss(f_inf, f_t, visible).item() == pytest.approx(
+        masked_feature_loss(f_s, f_t, visible).item(), rel=1e-6)
+
+
+def test_forward_through_the_linear_adapter_matches_loops_and_ignores_masked_positions():
+    torch.manual_seed(1)
+    d = MFD(student_feature="s", teacher_feature="t", student_prefix_tokens=1, teacher_prefix_tokens=1)
+    s, t = torch.randn(2, 1 + 16, 8), torch.randn(2, 1 + 16, 12)
+    d.build(Outputs(features={"s": s}), Outputs(features={"t": t}), None)
+    batch = d.student_batch({"image": torch.rand(2, 3, 16, 16), "index": torch.tensor([0, 1])})
+    visible = batch[VISIBLE_KEY]
+    loss = d(Outputs(features={"s": s}), Outputs(features={"t": t}), batch)["loss"]
+    lin = d.adapter.linear
+    with torch.no_grad():
+        total, count = 0.0, 0
+        for b in range(2):
+            for pos in range(16):
+                if visible[b, pos // 4, pos % 4]:
+                    r = lin.weight @ s[b, 1 + pos] + lin.bias
+                    total += ((r - t[b, 1 + pos]) ** 2).sum().item()
+                    count += 12
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+    # new values at the masked patch tokens (both sides) and at the CLS tokens: the same loss
+    masked_tokens = torch.cat([torch.ones(2, 1, dtype=torch.bool), ~visible.flatten(1)], 1)
+    s2 = torch.where(masked_tokens[..., None], torch.randn_like(s) * 100, s)
+    t2 = torch.where(masked_tokens[..., None], torch.randn_like(t) * 100, t)
+    loss2 = d(Outputs(features={"s": s2}), Outputs(features={"t": t2}), batch)["loss"]
+    assert loss2.item() == pytest.approx(loss.item(), rel=1e-6)
+    # while a visible token changes it
+    b, pos = (visible.flatten(1)).nonzero()[0].tolist()
+    s3 = s.clone()
+    s3[b, 1 + pos] += 1.0
+    assert d(Outputs(features={"s": s3}), Outputs(features={"t": t}), batch)["loss"].item() != pytest.approx(
+        loss.item(), rel=1e-6)
+
+
+def test_tokens_onto_a_coarser_map_weigh_cells_by_their_visible_area():
+    torch.manual_seed(2)
+    d = MFD(student_feature="s", teacher_feature="t", student_prefix_tokens=1, adapter=True)
+    s, t = torch.randn(2, 1 + 16, 8), torch.randn(2, 6, 2, 2)  # ViT 4x4 grid onto a 2x2 map
+    d.build(Outputs(features={"s": s}), Outputs(features={"t": t}), None)
+    batch = d.student_batch({"image": torch.rand(2, 3, 16, 16), "index": torch.tensor([4, 5])})
+    d.eval()  # BatchNorm in eval: position-wise, so the comparison below is exact
+    loss = d(Outputs(features={"s": s}), Outputs(features={"t": t}), batch)["loss"]
+    with torch.no_grad():
+        s_map = d.adapter(s, (2, 2))
+    visible = batch[VISIBLE_KEY]
+    cells = torch.tensor([[[visible[b, 2 * y:2 * y + 2, 2 * x:2 * x + 2].float().mean().item() for x in range(2)]
+                           for y in range(2)] for b in range(2)])
+    assert loss.item() == pytest.approx(mfd_by_loops(s_map, t, cells), rel=1e-5)
+
+
+@pytest.mark.parametrize("student_shape", [(2, 1 + 16, 8), (2, 8, 4, 4)])
+def test_onto_a_finer_token_grid_each_token_takes_its_patch_visibility(student_shape):
+    """ViT tokens (4x4 grid) or a CNN map (4x4) onto teacher tokens of an 8x8 grid (with CLS):
+    the grid adapters drop the teacher's prefix; the mask goes to 8x8 by nearest."""
+    torch.manual_seed(3)
+    d = MFD(student_feature="s", teacher_feature="t", student_prefix_tokens=1, teacher_prefix_tokens=1)
+    s, t = torch.randn(*student_shape), torch.randn(2, 1 + 64, 6)
+    d.build(Outputs(features={"s": s}), Outputs(features={"t": t}), None)
+    batch = d.student_batch({"image": torch.rand(2, 3, 16, 16), "index": torch.tensor([6, 7])})
+    d.eval()
+    loss = d(Outputs(features={"s": s}), Outputs(features={"t": t}), batch)["loss"]
+    with torch.no_grad():
+        r = d.adapter(s)  # [2, 64, 6] patch tokens on the teacher's grid
+    visible = batch[VISIBLE_KEY]
+    total, count = 0.0, 0
+    for b in range(2):
+        for pos in range(64):
+            if visible[b, pos // 8 // 2, pos % 8 // 2]:
+                total += ((r[b, pos] - t[b, 1 + pos]) ** 2).sum().item()
+                count += 6
+    assert r.shape == (2, 64, 6) and loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_gradients_reach_the_student_and_adapter_only():
+    d = vit_mfd()
+    pair = ViTPair(d)
+    batch = images()
+    build(d, pair, batch)
+    terms = distill_backward(d, pair, d.student_batch(batch))
+    assert terms["loss"] > 0
+    reached = {n for n, p in pair.student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight"} <= reached
+    assert not any(n.startswith(("blocks.1", "norm", "head")) for n in reached)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in d.parameters())
+    assert all(not p.requires_grad and p.grad is None for p in pair.teacher.parameters())
+
+
+def test_only_the_training_student_sees_masked_images():
+    d = vit_mfd()
+    task = ClassificationTask(tiny_vit(0), tiny_vit(1, embed_dim=24), num_classes=5, distillers={"mfd": d},
+                              optimizer=lambda groups: torch.optim.SGD(groups, lr=0.1))
+    seen = {"student": [], "teacher": []}
+    task.student.register_forward_pre_hook(lambda m, args: seen["student"].append(args[0].clone()))
+    task.teacher.model.register_forward_pre_hook(lambda m, args: seen["teacher"].append(args[0].clone()))
+    batch = images()
+    task.build(batch)
+    seen["student"].clear()
+    seen["teacher"].clear()
+    losses, _ = task.losses(batch)
+    assert torch.isfinite(losses["mfd"]) and VISIBLE_KEY not in batch
+    (student_input,), (teacher_input,) = seen["student"], seen["teacher"]
+    assert torch.equal(teacher_input, batch["image"])  # the teacher: the full image
+    masked = d.student_batch(batch)["image"]  # step 0 both times: the same mask
+    assert torch.equal(student_input, masked) and not torch.equal(student_input, batch["image"])
+    task.update_metrics = lambda stage, out, b: None
+    task.eval_step("val", batch)
+    assert torch.equal(seen["student"][-1], batch["image"])  # evaluation: never masked
+
+
+def test_errors():
+    with pytest.raises(KdkitError, match="mask_ratio"):
+        MFD(mask_ratio=1.0)
+    with pytest.raises(KdkitError, match=r"patch_size=5 does not divide the image size 16x16.*\[1, 2, 4, 8, 16\]"):
+        MFD(patch_size=5).student_batch(images())
+    with pytest.raises(KdkitError, match="masks all 2x2"):
+        MFD(patch_size=8, mask_ratio=0.9).student_batch(images())
+    with pytest.raises(KdkitError, match="index"):
+        MFD().student_batch({"image": torch.rand(2, 3, 16, 16)})
+    d = MFD(student_feature="s", teacher_feature="t", adapter=False)
+    fmap = torch.zeros(2, 4, 4, 4)
+    with pytest.raises(KdkitError, match="no 'mfd/visible' mask"):
+        d(Outputs(features={"s": fmap}), Outputs(features={"t": fmap}), {})
+    with pytest.raises(KdkitError, match=r"student shape \(5,\) and teacher shape \(4, 4, 4\)"):
+        d.build(Outputs(features={"s": torch.zeros(2, 5)}), Outputs(features={"t": fmap}), None)
+    with pytest.raises(KdkitError, match=r"student shape \(8, 4, 4\) does not match teacher shape \(4, 4, 4\)"):
+        d.build(Outputs(features={"s": torch.zeros(2, 8, 4, 4)}), Outputs(features={"t": fmap}), None)
+    d = MFD(student_feature="s", teacher_feature="t")  # tokens onto a map need the student's prefix
+    both = r"student_prefix_tokens.*\(student shape \(17, 8\), teacher shape \(4, 4, 4\)\)"
+    with pytest.raises(KdkitError, match=both):
+        d.build(Outputs(features={"s": torch.zeros(2, 17, 8)}), Outputs(features={"t": fmap}), None)
+
+
+def test_yaml_instantiates_and_runs():
+    d = from_yaml("mfd")
+    assert (d.student_feature, d.teacher_feature, d.mask_ratio, d.patch_size) == ("layer3", "layer3", 0.5, 4)
+    assert (d.use_adapter, d.loss, d.normalize, d.seed, d.weight) == (True, "mse", False, 0, 1.0)
+    pair, batch = Pair(d), image_batch()  # CNNs at 8x8: a 2x2 mask grid, layer3 2x2 maps
+    build(d, pair, batch)
+    assert distill_backward(d, pair, d.student_batch(batch))["loss"] > 0
+    node = OmegaConf.load(CONF / "mfd.yaml")["mfd"]
+    node.merge_with({"student_feature": "blocks.1", "teacher_feature": "blocks.1",
+                     "student_prefix_tokens": 1, "teacher_prefix_tokens": 1, "mask_ratio": 0.75})
+    d = build_distiller(node)
+    pair, batch = ViTPair(d), images()
+    build(d, pair, batch)
+    masked = d.student_batch(batch)
+    assert (~masked[VISIBLE_KEY]).flatten(1).sum(1).tolist() == [12] * 4
+    assert distill_backward(d, pair, masked)["loss"] > 0
