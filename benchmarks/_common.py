@@ -80,8 +80,10 @@ def write(name: str, text: str) -> Path:
 
 def run_student(job: tuple) -> dict:
     """One run of ``job`` = (method, seed, overrides, output_dir, threads): the metrics of its
-    baseline stage (``method == "baseline"``) or its student stage, with ``wall_s``. Top level,
-    so that spawned workers can import it."""
+    baseline stage (``method == "baseline"``) or its student stage, with ``wall_s``. Runs with
+    ``ckpt_path=last``, so a run interrupted in an earlier session (a killed benchmark) continues
+    from its last epoch's checkpoint instead of from scratch. Top level, so that spawned workers
+    can import it."""
     import torch
 
     from kdkit.compose import compose
@@ -90,7 +92,7 @@ def run_student(job: tuple) -> dict:
     method, seed, over, output_dir, threads = job
     torch.set_num_threads(threads)
     start = time.time()
-    res = run(compose(over, output_dir=output_dir))
+    res = run(compose([*over, "ckpt_path=last"], output_dir=output_dir))
     return {"method": method, "seed": seed, **res["baseline" if method == "baseline" else "student"],
             "wall_s": round(time.time() - start, 1)}
 

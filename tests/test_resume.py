@@ -7,6 +7,7 @@ at the end of an epoch, Lightning's Ctrl-C handling runs and the checkpoint call
 
 import csv
 import json
+import signal
 
 import pytest
 
@@ -20,6 +21,16 @@ BASE = ["trainer.max_epochs=3", "trainer.enable_progress_bar=false", "~callbacks
 SIGINT_AFTER = ["+callbacks.interrupt._target_=tests.faults.signals.SignalAtEpochEnd",
                 "+callbacks.interrupt.stage=student", "+callbacks.interrupt.epoch=1"]
 ALLOW = ["resume.allow_changes=[callbacks.interrupt]"]
+
+
+@pytest.fixture(autouse=True)
+def ctrl_c_interrupts():
+    """Ctrl-C as in a terminal: a process started in the background by a non-interactive shell
+    (``cmd &``, as a CI script may launch the tests) inherits SIGINT ignored, and Python then
+    installs no KeyboardInterrupt handler, so the interrupted run would simply go on."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def _metrics(results: dict) -> dict:
