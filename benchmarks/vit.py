@@ -84,7 +84,8 @@ def main() -> None:
     log = RunLog(out / "results.jsonl", key=lambda row: (row["part"], row["method"], row["seed"]))
     if not args.report_only:
         teacher_ckpt = args.teacher_ckpt or train_teacher(args, common, out, log)
-        over = {m: [*common, f"teacher.ckpt_path={teacher_ckpt}", "stages.teacher=false", *table[m]]
+        over = {m: [*common, f"teacher.ckpt_path={teacher_ckpt}", "stages.teacher=false",
+                    *([] if m.startswith("baseline") else ["stages.baseline=false"]), *table[m]]
                 for m in methods}
         more = lambda: [m for m in ("baseline", "kd", *best(log, args.part, methods, 2)) if m in methods]  # noqa: E731
         for todo in (lambda: [(m, 0) for m in methods],
@@ -118,7 +119,7 @@ def train_teacher(args, common: list[str], out: Path, log: RunLog) -> str:
 
 def best(log: RunLog, part: str, methods: list[str], k: int) -> list[str]:
     """The ``k`` distilled rows with the highest seed-0 test accuracy."""
-    ran = [m for m in methods if m != "baseline" and (part, m, 0) in log.done]
+    ran = [m for m in methods if not m.startswith("baseline") and (part, m, 0) in log.done]
     return sorted(ran, key=lambda m: -log.done[(part, m, 0)]["test/acc"])[:k]
 
 
