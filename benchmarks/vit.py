@@ -139,6 +139,11 @@ def report(logs: dict[str, RunLog]) -> None:
         if teacher:
             lines.append(f"Teacher: {teacher['test/acc'] * 100:.2f}% test accuracy, {teacher['params']:,} "
                          f"parameters, {teacher['fit_seconds']:.0f} s of training.\n")
+        else:
+            lines.append("Teacher: the checkpoint given by `--teacher-ckpt` (not trained by this benchmark).\n")
+        lines.append("Train times are wall seconds of one-thread runs on a shared 2-core machine (other runs "
+                     "alongside, and any time a run was paused or resumed), not a speed comparison: see the "
+                     "step times below for that.\n")
         lines += ["| row | overrides | seeds | test acc (%) | Δ vs baseline | params | train time / run (s) |",
                   "|---|---|---|---|---|---|---|"]
         for method in [m for m in table if m in by_method]:
