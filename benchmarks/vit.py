@@ -176,14 +176,13 @@ def step_times(args) -> None:
 
     torch.set_num_threads(args.threads)
     rows = [m for m in CNN_METHODS if m != "baseline"]
-    tasks, optimizers, batch = {}, {}, None
+    dm = instantiate(compose(["experiment=cifar10_deit"]).data)
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    tasks, optimizers = {}, {}
     for method in rows:
         cfg = compose(["experiment=cifar10_deit", *CNN_METHODS[method]])
-        if batch is None:
-            dm = instantiate(cfg.data)
-            dm.prepare_data()
-            dm.setup("fit")
-            batch = next(iter(dm.train_dataloader()))
         teacher = instantiate(cfg.teacher.model)
         task = make_task(cfg, student=make_student(cfg), teachers={"teacher": teacher},
                          distillers=make_distillers(cfg), teacher_cfgs={"teacher": cfg.teacher}, probe=True)

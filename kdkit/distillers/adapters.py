@@ -205,6 +205,13 @@ def make_adapter(student_shape: Sequence[int], teacher_shape: Sequence[int], who
     """
     s, t = tuple(student_shape), tuple(teacher_shape)
     s_name, t_name = names
+
+    def grid(shape, prefix_tokens, role: str, name: str) -> tuple[int, int]:
+        try:
+            return check_prefix(shape, prefix_tokens, who, role, name)
+        except KdkitError as err:  # say what it was to be compared with
+            raise KdkitError(f"{err} (student shape {s[1:]}, teacher shape {t[1:]})") from None
+
     if len(s) == 4 and len(t) == 4:
         return ConvAdapter(s[1], t[1], t[2:])
     same_prefix = student_prefix_tokens is None or teacher_prefix_tokens is None or \
@@ -212,15 +219,14 @@ def make_adapter(student_shape: Sequence[int], teacher_shape: Sequence[int], who
     if len(s) == len(t) == 2 or (len(s) == len(t) == 3 and s[1] == t[1] and same_prefix):
         return LinearAdapter(s[-1], t[-1])
     if len(s) == 3 and len(t) == 3:
-        s_grid = check_prefix(s, student_prefix_tokens, who, "student", s_name)
-        t_grid = check_prefix(t, teacher_prefix_tokens, who, "teacher", t_name)
+        s_grid = grid(s, student_prefix_tokens, "student", s_name)
+        t_grid = grid(t, teacher_prefix_tokens, "teacher", t_name)
         return TokenGrid(student_prefix_tokens, s_grid, teacher_prefix_tokens, t_grid, s[2], t[2])
     if len(s) == 3 and len(t) == 4:
-        grid = check_prefix(s, student_prefix_tokens, who, "student", s_name)
-        return TokensToMap(student_prefix_tokens, grid, s[2], t[1], t[2:])
+        return TokensToMap(student_prefix_tokens, grid(s, student_prefix_tokens, "student", s_name),
+                           s[2], t[1], t[2:])
     if len(s) == 4 and len(t) == 3:
-        grid = check_prefix(t, teacher_prefix_tokens, who, "teacher", t_name)
-        return MapToTokens(s[1], t[2], grid, teacher_prefix_tokens)
+        return MapToTokens(s[1], t[2], grid(t, teacher_prefix_tokens, "teacher", t_name), teacher_prefix_tokens)
     raise KdkitError(
         f"{who}: no adapter maps student shape {s[1:]} to teacher shape {t[1:]} "
         "(supported: maps [C, H, W], tokens [N, D] and vectors [D], each to its own kind, "

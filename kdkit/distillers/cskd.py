@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from kdkit.distillers.base import DistillContext, Distiller, feature, require
 from kdkit.distillers.deit import check_mode, check_temperature, deit_loss, distillation_logits, teach_distillation_head
+from kdkit.distillers.map_pairs import pool_to_smaller
 from kdkit.distillers.token_layout import check_prefix, map_to_tokens, patch_tokens
 from kdkit.errors import KdkitError
 from kdkit.outputs import Outputs
@@ -63,21 +64,11 @@ def dense_logits_from_tokens(tokens: Tensor, prefix_tokens: int, grid: tuple[int
     return logits.transpose(1, 2).reshape(tokens.shape[0], -1, grid[0], grid[1])
 
 
-def common_grid(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
-    """Both dense predictions on the coarser grid: the finer one is average-pooled (the authors
-    pool the ViT's 14 x 14 predictions to the CNN's 7 x 7)."""
-    size = (min(student.shape[-2], teacher.shape[-2]), min(student.shape[-1], teacher.shape[-1]))
-    if tuple(student.shape[-2:]) != size:
-        student = F.adaptive_avg_pool2d(student, size)
-    if tuple(teacher.shape[-2:]) != size:
-        teacher = F.adaptive_avg_pool2d(teacher, size)
-    return student, teacher
-
-
 def cskd_loss(student_dense: Tensor, teacher_dense: Tensor, teacher_global: Tensor, alpha: float,
               mode: str = "hard", temperature: float = 1.0) -> Tensor:
-    """``L_CSKD`` between dense predictions ``[B, K, h, w]`` (grids reconciled by
-    ``common_grid``), averaged over the batch and the positions, float32.
+    """``L_CSKD`` between dense predictions ``[B, K, h, w]``, averaged over the batch and the
+    positions, float32. Grids that differ meet on the coarser one: the finer prediction is
+    average-pooled (``pool_to_smaller``; the authors pool the ViT's 14 x 14 to the CNN's 7 x 7).
 
         P_CKF = alpha P^T + (1 - alpha) P^T_global        (CKF, at every position)
         hard:  CE(P^S, argmax_c P_CKF)
@@ -91,7 +82,7 @@ def cskd_loss(student_dense: Tensor, teacher_dense: Tensor, teacher_global: Tens
         mode: ``"hard"`` or ``"soft"``.
         temperature: ``tau`` of the soft mode.
     """
-    s, t = common_grid(student_dense.float(), teacher_dense.float())
+    s, t = pool_to_smaller(student_dense.float(), teacher_dense.float())
     fused = alpha * t + (1.0 - alpha) * teacher_global.float()[:, :, None, None]
     if mode == "hard":
         return F.cross_entropy(s, fused.argmax(dim=1))

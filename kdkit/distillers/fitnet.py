@@ -44,6 +44,8 @@ class FitNet(FeaturePair):
             none); needed when a token side meets a map or tokens of another count.
     """
 
+    who = "fitnet"  # the config name in messages (subclasses: their own)
+
     def __init__(self, weight: float = 100.0, student_feature: str = "layer2",
                  teacher_feature: str = "layer2", adapter: bool = True,
                  student_prefix_tokens: int | None = None, teacher_prefix_tokens: int | None = None):
@@ -55,20 +57,26 @@ class FitNet(FeaturePair):
         self.adapter: nn.Module | None = None
 
     def build(self, student: Outputs, teacher: Outputs, context: DistillContext) -> None:
-        s, t = self.feature_pair(student, teacher, "fitnet")
+        s, t = self.feature_pair(student, teacher, self.who)
         if self.use_adapter:
-            self.adapter = make_adapter(s.shape, t.shape, "fitnet", *self.prefix_tokens,
+            self.adapter = make_adapter(s.shape, t.shape, self.who, *self.prefix_tokens,
                                         names=(self.student_feature, self.teacher_feature)).to(s.device)
         else:
-            check_same_shape(s, t, "fitnet", _no_adapter_hint(s, t))
+            check_same_shape(s, t, self.who, _no_adapter_hint(s, t))
 
-    def forward(self, student: Outputs, teacher: Outputs, batch: dict) -> dict[str, Tensor]:
-        s, t = self.feature_pair(student, teacher, "fitnet")
+    def aligned(self, student: Outputs, teacher: Outputs) -> tuple[Tensor, Tensor]:
+        """``(r(u_g), u_h)``: the student feature through the adapter and the teacher feature in
+        the layout they are compared in (equal shapes)."""
+        s, t = self.feature_pair(student, teacher, self.who)
         if self.use_adapter:
             if self.adapter is None:
-                raise RuntimeError("fitnet: build() must run (on a probe forward) before forward()")
+                raise RuntimeError(f"{self.who}: build() must run (on a probe forward) before forward()")
             s, t = self.adapter(s, t.shape[2:] if t.dim() == 4 else None), self.adapter.target(t)
-        check_same_shape(s, t, "fitnet", _no_adapter_hint(s, t))
+        check_same_shape(s, t, self.who, _no_adapter_hint(s, t))
+        return s, t
+
+    def forward(self, student: Outputs, teacher: Outputs, batch: dict) -> dict[str, Tensor]:
+        s, t = self.aligned(student, teacher)
         return {"loss": F.mse_loss(s.float(), t.float())}
 
     def extra_repr(self) -> str:

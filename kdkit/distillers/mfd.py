@@ -7,10 +7,10 @@ import hashlib
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from kdkit.distillers.adapters import make_adapter
-from kdkit.distillers.base import DistillContext, FeaturePair, check_same_shape
+from kdkit.distillers.base import DistillContext, feature
+from kdkit.distillers.fitnet import FitNet
 from kdkit.distillers.token_layout import as_map
 from kdkit.errors import KdkitError
 from kdkit.outputs import Outputs
@@ -77,7 +77,7 @@ def masked_feature_loss(f_s: Tensor, f_t: Tensor, visible: Tensor, loss: str = "
         return (weight * err).sum() / weight.sum().clamp(min=1e-12)
 
 
-class MFD(FeaturePair):
+class MFD(FitNet):
     """Masked feature distillation: DMAE (Bai et al., "Masked Autoencoders Enable Efficient
     Knowledge Distillers", CVPR 2023) and CLIP-KD's MFD (Yang et al., "CLIP-KD: An Empirical
     Study of CLIP Model Distillation", CVPR 2024), as one feature distiller.
@@ -90,8 +90,8 @@ class MFD(FeaturePair):
         L_MFD = sum_{y, x, c} v_{y,x} (r(F^S)_{c,y,x} - F^T_{c,y,x})^2 / (C * sum_{y, x} v_{y,x})
 
     (summed over the batch too), ``v`` being 1 at visible and 0 at masked positions, and ``r`` a
-    learned adapter (``make_adapter``, as in FitNet: 1x1 conv + BN for maps, linear for tokens,
-    the patch grid for tokens <-> maps). The mask reaches the compared feature's grid by area
+    learned adapter (FitNet's, which this class extends: 1x1 conv + BN for maps, linear for
+    tokens, the patch grid for tokens <-> maps). The mask reaches the compared feature's grid by area
     resizing (``visible_at``): on the mask's own grid (a ViT student at its patch grid) ``v``
     is 0 or 1; on a coarser grid each cell weighs by the fraction of its patches the student
     saw (a strict "all visible" rule would leave almost no cell of a 2x coarser grid at ratio
@@ -132,24 +132,24 @@ class MFD(FeaturePair):
         seed: seed of the masks.
     """
 
+    who = "mfd"
+
     def __init__(self, weight: float = 1.0, student_feature: str = "layer3",
                  teacher_feature: str = "layer3", student_prefix_tokens: int | None = None,
                  teacher_prefix_tokens: int | None = None, mask_ratio: float = 0.5,
                  patch_size: int = 4, adapter: bool = True, loss: str = "mse",
                  normalize: bool = False, seed: int = 0):
-        super().__init__(weight)
+        super().__init__(weight, student_feature, teacher_feature, adapter, student_prefix_tokens,
+                         teacher_prefix_tokens)
         if not 0 <= float(mask_ratio) < 1:
             raise KdkitError(f"mfd.mask_ratio must lie in [0, 1), got {mask_ratio}")
         if int(patch_size) < 1:
             raise KdkitError(f"mfd.patch_size must be a positive number of pixels, got {patch_size}")
         if loss not in ("mse", "l1"):
             raise KdkitError(f"mfd.loss must be 'mse' or 'l1', got {loss!r}")
-        self.student_feature, self.teacher_feature = str(student_feature), str(teacher_feature)
-        self.prefix_tokens = (student_prefix_tokens, teacher_prefix_tokens)
         self.mask_ratio, self.patch_size = float(mask_ratio), int(patch_size)
-        self.use_adapter, self.loss, self.normalize = bool(adapter), loss, bool(normalize)
+        self.loss, self.normalize = loss, bool(normalize)
         self.seed = int(seed)
-        self.adapter: nn.Module | None = None
 
     def student_batch(self, batch: dict) -> dict:
         """A new batch: ``image`` with the masked patches zeroed, ``"mfd/visible"`` the mask."""
@@ -177,17 +177,8 @@ class MFD(FeaturePair):
                 VISIBLE_KEY: visible}
 
     def build(self, student: Outputs, teacher: Outputs, context: DistillContext) -> None:
-        s, t = self.feature_pair(student, teacher, "mfd")
-        self._check_layouts(s, t)
-        if self.use_adapter:
-            try:
-                self.adapter = make_adapter(s.shape, t.shape, "mfd", *self.prefix_tokens,
-                                            names=(self.student_feature, self.teacher_feature)).to(s.device)
-            except KdkitError as err:
-                raise KdkitError(f"{err} (student shape {tuple(s.shape[1:])}, "
-                                 f"teacher shape {tuple(t.shape[1:])})") from None
-        else:
-            check_same_shape(s, t, "mfd", " (set adapter: true to learn a projection)")
+        self._check_layouts(*self.feature_pair(student, teacher, self.who))
+        super().build(student, teacher, context)
 
     def _check_layouts(self, s: Tensor, t: Tensor) -> None:
         if s.dim() not in (3, 4) or t.dim() not in (3, 4):
@@ -196,16 +187,11 @@ class MFD(FeaturePair):
                 f"{self.teacher_feature}] must be tokens [N, D] or maps [C, H, W], got student shape "
                 f"{tuple(s.shape[1:])} and teacher shape {tuple(t.shape[1:])}")
 
-    def compared_maps(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def compared_maps(self, student: Outputs, teacher: Outputs) -> tuple[Tensor, Tensor]:
         """The student feature through the adapter and the teacher feature, as maps of one size."""
-        self._check_layouts(s, t)
-        if self.use_adapter:
-            if self.adapter is None:
-                raise RuntimeError("mfd: build() must run (on a probe forward) before forward()")
-            s_c, t_c = self.adapter(s, t.shape[2:] if t.dim() == 4 else None), self.adapter.target(t)
-        else:
-            s_c, t_c = s, t
-        check_same_shape(s_c, t_c, "mfd", " (set adapter: true to learn a projection)")
+        t = feature(teacher, self.teacher_feature, self.who)
+        self._check_layouts(feature(student, self.student_feature, self.who), t)
+        s_c, t_c = self.aligned(student, teacher)
         if s_c.dim() == 4:
             return s_c, t_c
         # Compared tokens keep the teacher's prefix when they are its whole sequence (equal
@@ -213,21 +199,18 @@ class MFD(FeaturePair):
         prefix = self.prefix_tokens[1] if self.prefix_tokens[1] is not None else self.prefix_tokens[0]
         if t.dim() != 3 or t_c.shape[1] != t.shape[1]:
             prefix = 0
-        names = (self.student_feature, self.teacher_feature)
-        return (as_map(s_c, prefix, "mfd", "student", names[0]),
-                as_map(t_c, prefix, "mfd", "teacher", names[1]))
+        return (as_map(s_c, prefix, self.who, "student", self.student_feature),
+                as_map(t_c, prefix, self.who, "teacher", self.teacher_feature))
 
     def forward(self, student: Outputs, teacher: Outputs, batch: dict) -> dict[str, Tensor]:
         if VISIBLE_KEY not in batch:
             raise KdkitError(f"mfd: the batch has no {VISIBLE_KEY!r} mask: the student must be fed "
                              "mfd.student_batch(batch), as DistillationTask does in every training step")
-        s, t = self.compared_maps(*self.feature_pair(student, teacher, "mfd"))
+        s, t = self.compared_maps(student, teacher)
         visible = visible_at(batch[VISIBLE_KEY].to(s.device), s.shape[-2:])
         return {"loss": masked_feature_loss(s, t, visible, self.loss, self.normalize)}
 
     def extra_repr(self) -> str:
-        return (f"weight={self.weight}, student_feature={self.student_feature!r}, "
-                f"teacher_feature={self.teacher_feature!r}, prefix_tokens={self.prefix_tokens}, "
-                f"mask_ratio={self.mask_ratio}, patch_size={self.patch_size}, "
-                f"adapter={self.use_adapter}, loss={self.loss!r}, normalize={self.normalize}, "
+        return (f"{super().extra_repr()}, mask_ratio={self.mask_ratio}, patch_size={self.patch_size}, "
+                f"loss={self.loss!r}, normalize={self.normalize}, "
                 f"seed={self.seed}")

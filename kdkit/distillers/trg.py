@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdkit.distillers.adapters import resize_map
 from kdkit.distillers.base import DistillContext, FeaturePair
+from kdkit.distillers.map_pairs import pool_to_smaller
 from kdkit.distillers.token_layout import as_map, map_to_tokens
 from kdkit.errors import KdkitError
 from kdkit.outputs import Outputs
@@ -205,8 +205,7 @@ class TRG(FeaturePair):
             t = as_map(t, self.prefix_tokens["teacher"], "trg", "teacher", self.teacher_feature)
         except KdkitError as err:
             raise KdkitError(f"{err} ({shapes})") from None
-        size = (min(s.shape[-2], t.shape[-2]), min(s.shape[-1], t.shape[-1]))
-        return map_to_tokens(resize_map(s, size)), map_to_tokens(resize_map(t, size))
+        return tuple(map_to_tokens(m) for m in pool_to_smaller(s, t))
 
     def build(self, student: Outputs, teacher: Outputs, context: DistillContext) -> None:
         f_s, f_t = self._tokens(student, teacher)

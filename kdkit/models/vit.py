@@ -221,15 +221,10 @@ def _clip_overrides(model_name: str, model_config: Mapping | None) -> dict:
 
     register_configs()
     base = open_clip.get_model_config(model_name) or {}  # unknown names: clip_model says so
-    return {key: _merged(base.get(key), value) for key, value in _plain(model_config).items()}
+    from omegaconf import OmegaConf
 
-
-def _plain(value):
-    if isinstance(value, Mapping):  # DictConfig from Hydra too
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
-        return [_plain(v) for v in value]
-    return value
+    plain = OmegaConf.to_container(model_config, resolve=True) if OmegaConf.is_config(model_config) else model_config
+    return {str(key): _merged(base.get(key), value) for key, value in plain.items()}
 
 
 def _merged(base, override):
