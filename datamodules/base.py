@@ -85,17 +85,42 @@ class ImageDataModule(L.LightningDataModule, ClassificationData):
         seed: seeds the training shuffle (a fresh ``torch.Generator`` per loader).
         num_classes: expected class count (from the config, checked against the data).
         mean, std: per-channel statistics of this data, read by the task for normalisation.
+        labeled_fraction, labeled_count: keep the labels of only this fraction / number of
+            training samples (stratified, drawn with ``split_seed``); the others become transfer
+            data the student learns from through teacher outputs alone
+            (``kdkit.datamodules.transfer``). None: every sample keeps its label.
+        unlabeled: a folder or archive of extra images without labels, added to the student's
+            training view as transfer data (resized to the data's image size).
+        teacher_view: the training view of the teacher's own stage: ``all`` (every label: the
+            teacher stands for a model trained elsewhere on more labels) or ``labeled``.
+        student_view: the distilled student's: ``transfer`` (labelled plus unlabelled samples)
+            or ``labeled`` (KD on the labelled part alone, for comparison).
     """
 
     augment: bool = False  # random augmentation of training images (subclasses' option)
     fixed_shards: bool = False  # True after use_fixed_shards(): see kdkit.data_contract
     teacher_input_fingerprint: str | None = None  # the data config stands for the teacher's inputs
+    teacher_view: str = "all"  # training view of the teacher's stage (kdkit.stage_views)
+    student_view: str = "transfer"  # training view of the distilled student's stage
 
     def __init__(self, batch_size: int = 128, eval_batch_size: int | None = None,
                  num_workers: int = 0, pin_memory: bool = False, seed: int = 0,
                  num_classes: int | None = None, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None):
+                 std: Sequence[float] | None = None, labeled_fraction: float | None = None,
+                 labeled_count: int | None = None, unlabeled: str | None = None,
+                 teacher_view: str = "all", student_view: str = "transfer"):
         super().__init__()
+        if teacher_view not in ("all", "labeled"):
+            raise KdkitError(f"data.teacher_view={teacher_view!r} must be 'all' or 'labeled'")
+        if student_view not in ("transfer", "labeled"):
+            raise KdkitError(f"data.student_view={student_view!r} must be 'transfer' or 'labeled'")
+        self.student_view = student_view
+        self.labeled_fraction = labeled_fraction
+        self.labeled_count = labeled_count
+        self.unlabeled = unlabeled
+        self.teacher_view = teacher_view
+        self.train_view = "all"
+        self._views: dict[str, tuple] = {}
         check_loader_options(batch_size, eval_batch_size, num_workers)
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
@@ -120,8 +145,64 @@ class ImageDataModule(L.LightningDataModule, ClassificationData):
 
     @property
     def num_train_samples(self) -> int:
+        return len(self.view_sets()[0])
+
+    # ---- transfer data (kdkit.datamodules.transfer) ------------------------------------------
+    @property
+    def is_transfer(self) -> bool:
+        """Whether some training samples have no label (transfer options are set)."""
+        return self.labeled_fraction is not None or self.labeled_count is not None or bool(self.unlabeled)
+
+    @property
+    def has_unlabeled(self) -> bool:
+        """Whether the current training view holds samples without a label."""
+        return self.is_transfer and self.train_view == "transfer"
+
+    def use_train_view(self, view: str) -> None:
+        """Serve the training view ``view`` from now on (``all``, ``labeled`` or ``transfer``;
+        see ``kdkit.datamodules.transfer``); without transfer options every view is the whole
+        labelled train set."""
+        from kdkit.datamodules.transfer import VIEWS
+
+        if view not in VIEWS:
+            raise KdkitError(f"unknown training view {view!r}; one of {VIEWS}")
+        self.train_view = view
+
+    def view_sets(self) -> tuple[Dataset, Dataset]:
+        """(augmented, plain) training datasets of the current view."""
         self._require_setup()
-        return len(self.train_set)
+        if not self.is_transfer:
+            return self.train_set, self.plain_train_set
+        if self.train_view not in self._views:
+            self._views[self.train_view] = self._build_view(self.train_view)
+        return self._views[self.train_view]
+
+    def train_labels(self) -> list[int]:
+        """Every training sample's label, in train-set order (subclasses reading files answer
+        from their index, without decoding images)."""
+        return _labels_of(self.plain_train_set)
+
+    @property
+    def plain_train_view(self) -> Dataset:
+        """The current training view without augmentation, indexed like its batches."""
+        return self.view_sets()[1]
+
+    def _build_view(self, view: str) -> tuple[Dataset, Dataset]:
+        import numpy as np
+
+        from kdkit.datamodules.transfer import UnlabeledImages, build_view, labeled_rows, load_unlabeled_images
+
+        labels = np.asarray(self.train_labels())
+        keep = labeled_rows(labels, self.labeled_fraction, self.labeled_count, getattr(self, "split_seed", 0))
+        extra = extra_plain = None
+        if self.unlabeled and view == "transfer":
+            if getattr(self, "_unlabeled_images", None) is None:
+                image = self.plain_train_set[0]["image"]
+                self._unlabeled_images = load_unlabeled_images(self.unlabeled, image.shape[-1], image.shape[0])
+            extra = UnlabeledImages(self._unlabeled_images, getattr(self.train_set, "transform", None))
+            extra_plain = UnlabeledImages(self._unlabeled_images)
+        return (build_view(view, self.train_set, keep, extra),
+                build_view(view, self.plain_train_set, keep, extra_plain))
 
     @property
     def static_for_teacher(self) -> bool:
@@ -141,20 +222,25 @@ class ImageDataModule(L.LightningDataModule, ClassificationData):
     def example_batch(self, n: int | None = None) -> dict[str, Tensor]:
         """The first ``n`` (default 4) train samples, without augmentation: a small
         deterministic batch."""
-        self._require_setup()
-        n = min(4 if n is None else n, len(self.plain_train_set))
-        return default_collate([self.plain_train_set[i] for i in range(n)])
+        plain = self.plain_train_view
+        n = min(4 if n is None else n, len(plain))
+        if not self.has_unlabeled:
+            return default_collate([plain[i] for i in range(n)])
+        # a transfer view's probe batch holds labelled and unlabelled rows, as its batches do
+        hidden = [i for i in range(len(plain)) if plain.hidden[i]][: max(1, n // 2)]
+        shown = [i for i in range(len(plain)) if not plain.hidden[i]][: n - len(hidden)]
+        return default_collate([plain[i] for i in sorted(shown + hidden)])
 
     # ---- loaders -----------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         return build_loader(self, dataset, train)
 
     def train_dataloader(self) -> DataLoader:
-        self._require_setup()
-        if len(self.train_set) < self.batch_size:
-            raise KdkitError(f"batch_size={self.batch_size} exceeds the {len(self.train_set)} "
-                             "training samples (train batches drop the remainder)")
-        return self._loader(self.train_set, train=True)
+        train = self.view_sets()[0]
+        if len(train) < self.batch_size:
+            raise KdkitError(f"batch_size={self.batch_size} exceeds the {len(train)} "
+                             f"training samples of the '{self.train_view}' view (train batches drop the remainder)")
+        return self._loader(train, train=True)
 
     def val_dataloader(self) -> DataLoader:
         self._require_setup()
@@ -190,3 +276,11 @@ def build_loader(dm, dataset: Dataset, train: bool) -> DataLoader:
         pin_memory=dm.pin_memory,
         persistent_workers=dm.num_workers > 0,
     )
+
+
+def _labels_of(dataset) -> list[int]:
+    """Every sample's label; read from the tensor when the dataset holds one (no decoding)."""
+    labels = getattr(dataset, "labels", None)
+    if isinstance(labels, Tensor):
+        return labels.tolist()
+    return [int(dataset[i]["label"]) for i in range(len(dataset))]

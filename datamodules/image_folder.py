@@ -111,6 +111,10 @@ class ImageFolderDataModule(ImageDataModule):
         except OSError as err:  # a folder that cannot be listed (permissions)
             raise file_error(path, "image folder", err) from None
 
+    def train_labels(self) -> list[int]:
+        self._require_setup()
+        return [label for _, label in self.plain_train_set.folder.samples]
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return

@@ -68,6 +68,16 @@ def config_problems(cfg: DictConfig) -> list[str]:
     for key, node in teachers.items():
         _epochs(problems, f"{key}.max_epochs", node.get("max_epochs"), max_steps)
         _lrs(problems, f"{key}.optimizer", node.get("optimizer"))
+        if node.get("cache") and (node.get("labels") or (cfg.get("stages") or {}).get("teacher_labels")):
+            problems.append(f"{key}.cache={node.get('cache')} with teacher labels (teacher.labels or "
+                            "stages.teacher_labels): the labels file already holds every output; set "
+                            f"{key}.cache=false")
+        topk = node.get("labels_topk")
+        if topk is not None and (_number(topk) is None or _number(topk) < 1 or _number(topk) != int(_number(topk))):
+            problems.append(f"{key}.labels_topk={topk} must be a whole number >= 1 or null")
+    baseline_epochs = (cfg.get("stages") or {}).get("baseline_max_epochs")
+    if baseline_epochs != "equal_steps":
+        _epochs(problems, "stages.baseline_max_epochs", baseline_epochs, max_steps)
     generations = (cfg.get("stages") or {}).get("generations")
     if generations is not None and (_number(generations) is None or _number(generations) < 1
                                     or _number(generations) != int(_number(generations))):

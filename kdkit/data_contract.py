@@ -95,6 +95,37 @@ class ClassificationData(DistillationData, Protocol):
         """Number of classes (labels lie in ``[0, num_classes)``), never None; read as in
         ``DistillationData`` and checked against ``data.num_classes`` at setup."""
 
+    @property
+    def is_transfer(self) -> bool:
+        """Whether some training samples have no label (``kdkit.datamodules.transfer``): the
+        baseline and the student then train on different views; read by the pipeline."""
+
+    @property
+    def teacher_view(self) -> str:
+        """The training view of the teacher's own stage (``all`` or ``labeled``); read by
+        ``kdkit.stage_views``."""
+
+    @property
+    def student_view(self) -> str:
+        """The training view of the distilled student's stage (``transfer`` or ``labeled``);
+        read by ``kdkit.stage_views``."""
+
+    @property
+    def has_unlabeled(self) -> bool:
+        """Whether the current training view holds samples without a label
+        (``label = kdkit.labels.UNLABELED``); read by ``DistillationTask.build``, which refuses
+        distillers that read labels on such data."""
+
+    def use_train_view(self, view: str) -> None:
+        """Serve training view ``view`` (``all``, ``labeled`` or ``transfer``,
+        ``kdkit.datamodules.transfer``) from now on; called by the pipeline before each stage."""
+
+    @property
+    def plain_train_view(self) -> Any:
+        """The current training view without augmentation (a Dataset of dict samples indexed
+        like its batches); read by selection policies that score the whole pool
+        (``kdkit.selection``) and by the teacher-labels writer."""
+
 
 @runtime_checkable
 class ImageTextData(DistillationData, Protocol):

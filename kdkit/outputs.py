@@ -42,5 +42,10 @@ class Outputs:
         """Apply ``fn`` to every tensor (dtype casts, detaching, device moves)."""
         return Outputs.from_flat({k: fn(v) for k, v in self.flat().items()})
 
+    def rows(self, index: Tensor) -> Outputs:
+        """The outputs of the samples ``index`` (long row indices or a bool mask) of the batch;
+        scalars (e.g. a CLIP model's ``logit_scale``) belong to no sample and stay as they are."""
+        return self.map(lambda t: t[index] if t.dim() else t)
+
     def float(self) -> Outputs:
         return self.map(lambda t: t.float() if torch.is_floating_point(t) else t)

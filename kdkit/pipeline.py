@@ -33,6 +33,7 @@ from kdkit.divergence import check_finite
 from kdkit.errors import KdkitError, say
 from kdkit.report import markdown_table
 from kdkit.resume import check_resume_config
+from kdkit.stage_views import baseline_epochs, is_transfer, use_view, view_facts
 from kdkit.stage_fit import fit_and_test, load_stage, stage_done, write_on_rank_zero
 from kdkit.student_init import make_student
 from kdkit.teachers import SHORTHAND, make_distillers, results_key, stage_name, teacher_configs, weights_file
@@ -120,11 +121,13 @@ def teacher_stage(cfg, tcfg, name: str, datamodule, out: Path, model, trained: b
     """Train teacher ``name`` unless ``trained``, then test it; its results (None when
     ``stages.teacher`` is off)."""
     stage = stage_name(name)
+    use_view(datamodule, "teacher")
     if not trained:
         L.seed_everything(cfg.seed, workers=True)  # the teacher trains the same way every run
         task = make_task(cfg, student=model, role_of_student="teacher", student_cfg=tcfg)
         results = fit_and_test(cfg, task, datamodule, out, stage, train=True,
-                               evaluate=cfg.stages.teacher, max_epochs=tcfg.get("max_epochs"))
+                               evaluate=cfg.stages.teacher, max_epochs=tcfg.get("max_epochs"),
+                               facts=view_facts(datamodule))
         check_finite(model, f"the trained {stage}")
         if rank_zero_only.rank == 0:
             save_atomically(model.state_dict(), out / weights_file(name))
@@ -151,21 +154,31 @@ def check_before_training(cfg, datamodule, teachers: dict, teacher_cfgs: dict) -
     tasks = []
     for name, (model, trained) in teachers.items():
         if cfg.stages.teacher or not trained:
-            tasks.append(make_task(cfg, student=model, role_of_student="teacher",
-                                   student_cfg=teacher_cfgs[name], probe=True))
+            tasks.append(("teacher", make_task(cfg, student=model, role_of_student="teacher",
+                                               student_cfg=teacher_cfgs[name], probe=True)))
     if cfg.stages.baseline or cfg.stages.student:
         distillers = make_distillers(cfg) if cfg.stages.student else {}
-        tasks.append(make_task(cfg, student=make_student(cfg, models),
-                               teachers=models if distillers else None, distillers=distillers,
-                               teacher_cfgs=teacher_cfgs, probe=True))
+        tasks.append(("student" if distillers else "baseline",
+                      make_task(cfg, student=make_student(cfg, models),
+                                teachers=models if distillers else None, distillers=distillers,
+                                teacher_cfgs=teacher_cfgs, probe=True,
+                                selection=make_selection(cfg) if distillers else None)))
+    if cfg.stages.baseline and cfg.stages.student and is_transfer(datamodule):
+        tasks.append(("baseline", make_task(cfg, student=make_student(cfg, models), probe=True)))
     if cfg.stages.student and generations(cfg) > 1:
-        tasks.append(make_task(cfg, student=make_student(cfg, models),
-                               teachers={"gen1": make_student(cfg, models)},
-                               distillers=_unrouted(make_distillers(cfg)),
-                               teacher_cfgs={"gen1": cfg.student}, probe=True))
+        tasks.append(("student", make_task(cfg, student=make_student(cfg, models),
+                                           teachers={"gen1": make_student(cfg, models)},
+                                           distillers=_unrouted(make_distillers(cfg)),
+                                           teacher_cfgs={"gen1": cfg.student}, probe=True)))
     try:
-        for task in tasks:
+        for role, task in tasks:
+            use_view(datamodule, role)
             task.probe(datamodule)
+        if cfg.stages.student:
+            from kdkit.label_stage import check_label_files
+
+            use_view(datamodule, "student")
+            check_label_files(cfg, datamodule, teachers, teacher_cfgs)
     finally:  # the student stage's probe froze the teachers in place; their own stages may train them
         for param, flag in trainable:
             param.requires_grad_(flag)
@@ -207,6 +220,7 @@ def train_stage(cfg, datamodule, out: Path, stage: str, teachers: dict | None = 
     student is exported to ``export/gen<k>/`` (the first generation to ``export/``).
     """
     L.seed_everything(cfg.seed, workers=True)  # baseline and student start from the same init
+    use_view(datamodule, "baseline" if stage == "baseline" else "student")
     generation = stage.startswith("student-gen")
     export = out / "export" / stage.removeprefix("student-") if generation else out / "export"
     if stage_done(out, stage):
@@ -220,9 +234,18 @@ def train_stage(cfg, datamodule, out: Path, stage: str, teachers: dict | None = 
     distillers = {}
     if stage != "baseline":
         distillers = _unrouted(make_distillers(cfg)) if generation else make_distillers(cfg)
+    if stage == "student" and distillers and cfg.stages.get("teacher_labels"):
+        from kdkit.label_stage import write_stage_labels
+
+        writer = make_task(cfg, student=student, teachers=teachers, distillers=distillers, datamodule=datamodule,
+                           teacher_cfgs=teacher_cfgs, probe=True)
+        teacher_cfgs = write_stage_labels(cfg, datamodule, out, writer, teachers, teacher_cfgs)
     task = make_task(cfg, student=student, teachers=teachers if distillers else None,
-                     distillers=distillers, datamodule=datamodule, teacher_cfgs=teacher_cfgs)
-    results = fit_and_test(cfg, task, datamodule, out, stage, train=True)
+                     distillers=distillers, datamodule=datamodule, teacher_cfgs=teacher_cfgs,
+                     selection=make_selection(cfg) if distillers and not generation else None)
+    epochs = baseline_epochs(cfg, datamodule) if stage == "baseline" else None
+    results = fit_and_test(cfg, task, datamodule, out, stage, train=True, max_epochs=epochs,
+                           facts=view_facts(datamodule))
     if stage != "baseline":
         check_finite(task, f"the distilled {stage}")
         if rank_zero_only.rank == 0:
@@ -258,7 +281,7 @@ def _validation_score(stage_results: dict) -> tuple[str, float] | None:
 
 def make_task(cfg, student, teachers: dict | None = None, distillers=None,
               role_of_student: str = "student", datamodule=None, probe: bool = False,
-              student_cfg=None, teacher_cfgs: dict | None = None):
+              student_cfg=None, teacher_cfgs: dict | None = None, selection: dict | None = None):
     """Instantiate ``cfg.task`` (a partial) around the given models.
 
     ``student_cfg``: the config of the trained model (``cfg.student``, or a teacher's config in
@@ -277,14 +300,23 @@ def make_task(cfg, student, teachers: dict | None = None, distillers=None,
         inputs={"student": inputs_from_config(student_cfg),
                 **{name: inputs_from_config(teacher_cfgs[name]) for name in teachers}},
     )
+    if selection:
+        kwargs["selection"] = selection
     if probe:
         kwargs["compile"] = False
     caches = {name: teacher_cfgs[name] for name in teachers if teacher_cfgs[name].get("cache")}
+    labelled = {name: teacher_cfgs[name] for name in teachers if teacher_cfgs[name].get("labels")}
     if caches and not probe:
         from kdkit.cache import build_teacher_cache
 
         kwargs["teacher_cache"] = {name: build_teacher_cache(cfg, teachers[name], datamodule, tcfg)
-                                   for name, tcfg in caches.items()}
+                                   for name, tcfg in caches.items() if name not in labelled}
+    if labelled and not probe:  # a teacher-labels file answers like a complete cache
+        from kdkit.label_stage import open_labels
+
+        kwargs["teacher_cache"] = {**kwargs.get("teacher_cache", {}),
+                                   **{name: open_labels(cfg, tcfg, teachers[name], datamodule, name)
+                                      for name, tcfg in labelled.items()}}
     task_cfg = cfg.task
     own = student_cfg.get("optimizer")
     if own:  # <role>.optimizer: this model's own optimizer settings (e.g. a student's weight decay)
@@ -298,6 +330,11 @@ def make_task(cfg, student, teachers: dict | None = None, distillers=None,
     task.student_role = role_of_student
     task.export_programs = tuple(cfg.get("export", {}).get("programs", ("pt2", "onnx")))
     return task
+
+
+def make_selection(cfg) -> dict:
+    """``cfg.selection`` instantiated (``kdkit.selection``): name -> policy, in config order."""
+    return {name: instantiate(node) for name, node in (cfg.get("selection") or {}).items()}
 
 
 # keys of a model's config that make its own input pipeline (read by image tasks)

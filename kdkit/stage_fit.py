@@ -77,13 +77,15 @@ def _resume_kwargs(node, resume_at) -> dict:
 
 
 def fit_and_test(cfg, task, datamodule, out: Path, stage: str, train: bool,
-                 evaluate: bool = True, max_epochs=None, validate: bool = False) -> dict | None:
+                 evaluate: bool = True, max_epochs=None, validate: bool = False,
+                 facts: dict | None = None) -> dict | None:
     """Train (optionally) and test one stage with one Trainer, so its logs stay in one place.
 
     Returns the stage's results (test metrics as logged + ``task.inference_report``), also
     written to ``stages/<stage>.json``; None when ``evaluate`` is false. ``validate``: measure
     an untrained (evaluated-only) model on the validation data too, for comparisons that must
-    not look at the test set (``warn_weaker_teachers``).
+    not look at the test set (``warn_weaker_teachers``). ``facts``: more entries for the
+    stage's results (e.g. how many training samples had no label).
     """
     resume = _resume_point(cfg, out, stage) if train else None
     trainer = make_trainer(cfg, out, stage, max_epochs,
@@ -113,7 +115,7 @@ def fit_and_test(cfg, task, datamodule, out: Path, stage: str, train: bool,
     metrics = trainer.test(task, datamodule=datamodule, verbose=False)[0]
     results = {**{k: float(v) for k, v in metrics.items()},
                **task.fit_summary(), **task.inference_report(_latency_batch(cfg, datamodule)),
-               **results}
+               **results, **(facts or {})}
     write_on_rank_zero(out / "stages" / f"{stage}.json", json.dumps(results, indent=2))
     _finish_wandb(trainer)
     return results

@@ -24,6 +24,7 @@ UNTRAINED = " (a stage that never trains would save and report an untrained mode
     ("data.eval_batch_size=-4", "data.eval_batch_size=-4 must be a whole number >= 1"),
     ("task.task_loss_weight=-0.5", "task.task_loss_weight=-0.5 must be a finite number >= 0"),
     ("+student.optimizer.lr=nan", "student.optimizer.lr=nan must be a finite number > 0"),
+    ("teacher.labels_topk=0", "teacher.labels_topk=0 must be a whole number >= 1 or null"),
 ])
 def test_each_impossible_value_is_named(tmp_path, override, expected):
     cfg = compose([override], output_dir=str(tmp_path))
@@ -57,3 +58,11 @@ def test_defaults_and_every_experiment_pass(tmp_path):
 def test_max_epochs_minus_one_is_fine_with_max_steps(tmp_path):
     cfg = compose(["trainer.max_epochs=-1", "+trainer.max_steps=20"], output_dir=str(tmp_path))
     assert config_problems(cfg) == []
+
+
+@pytest.mark.parametrize("labels", ["teacher.labels=some.safetensors", "stages.teacher_labels=true"])
+def test_a_teacher_cache_with_teacher_labels_is_refused(tmp_path, labels):
+    cfg = compose(["teacher.cache=true", labels], output_dir=str(tmp_path))
+    assert config_problems(cfg) == ["teacher.cache=True with teacher labels (teacher.labels or "
+                                    "stages.teacher_labels): the labels file already holds every output; "
+                                    "set teacher.cache=false"]

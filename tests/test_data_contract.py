@@ -121,10 +121,18 @@ class _Complete(L.LightningDataModule, ClassificationData):
     static_for_teacher = True
     teacher_input_fingerprint = None
     fixed_shards = False
+    is_transfer = False
+    has_unlabeled = False
+    teacher_view = "all"
+    student_view = "transfer"
+    plain_train_view = ()
 
     @property
     def num_classes(self) -> int:
         return 3
+
+    def use_train_view(self, view: str) -> None:
+        pass
 
     def example_batch(self, n: int | None = None) -> dict:
         return {"index": torch.arange(4 if n is None else n)}

@@ -151,6 +151,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         facts[f"cache_{name}"] = {"forwards": len(calls), "hits": cache.hits, "path": str(cache.path),
                                   "rows": cache._rows.filled.nonzero()[0].tolist()}
     facts["two_teachers"] = two_teachers_under_ddp()
+    facts["batch_select"] = batch_select_under_ddp()
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(facts))
 
 
@@ -174,6 +175,34 @@ def two_teachers_under_ddp() -> dict:
             "ddp_parameters": probe.facts["ddp_parameters"],
             "unchanged": all(torch.equal(v, teachers[n].state_dict()[k]) for n, s in before.items()
                              for k, v in s.items()),
+            "students_equal_across_ranks": all(torch.equal(everyone[0], s) for s in everyone)}
+
+
+def batch_select_task(policy) -> ClassificationTask:
+    torch.manual_seed(3)
+    return ClassificationTask(TinyNet(width=4), BNNet(width=8), distillers={"kd": KD()}, num_classes=3,
+                              mean=(0.5,), std=(0.25,), selection={"batch_select": policy},
+                              optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+
+
+def batch_select_under_ddp() -> dict:
+    """Teacher-scored batch selection with global scores: the rows each rank trained on."""
+    from kdkit.selection.batch_select import BatchSelect
+
+    class Recorded(BatchSelect):
+        def plan(self, task, plan):
+            planned = super().plan(task, plan)
+            self.seen = [*getattr(self, "seen", []), plan.batch["index"].tolist()]
+            self.kept = [*getattr(self, "kept", []), planned.batch["index"].tolist()]
+            return planned
+
+    policy = Recorded(keep=0.5, score="learnability")
+    task = batch_select_task(policy)
+    shipped_ddp_trainer([], max_epochs=1, limit_val_batches=0).fit(task, datamodule=EvalShardedImages())
+    student = torch.cat([p.detach().flatten() for p in task.student.parameters()])
+    everyone = [torch.empty_like(student) for _ in range(WORLD)]
+    dist.all_gather(everyone, student)
+    return {"seen": policy.seen, "kept": policy.kept, "summary": policy.summary(),
             "students_equal_across_ranks": all(torch.equal(everyone[0], s) for s in everyone)}
 
 
@@ -308,3 +337,30 @@ def test_cli_ddp_test_accuracy_equals_one_process(tmp_path):
         accs.append(json.loads((where / "eval" / "results.json").read_text())["teacher"]["test/acc"])
     print(f"digits teacher test/acc: 1 process {accs[0]:.6f}, 2 processes {accs[1]:.6f}")
     assert accs[0] == accs[1]
+
+
+@pytest.mark.ddp
+def test_batch_selection_deals_the_global_top_rows_to_the_ranks(ranks):
+    from torch.utils.data import default_collate
+
+    from kdkit.selection.base import StepPlan
+    from kdkit.selection.batch_select import BatchSelect
+
+    facts, _ = ranks
+    mine = [rank["batch_select"] for rank in facts]
+    assert all(m["students_equal_across_ranks"] for m in mine)
+    assert mine[0]["summary"] == mine[1]["summary"] and mine[0]["summary"]["rows_scored"] > 0
+    for a, b in zip(mine[0]["kept"], mine[1]["kept"], strict=True):
+        assert len(a) == len(b) > 0 and not set(a) & set(b)
+    # step 0 (same weights everywhere): one process ranking the two ranks' batches together keeps
+    # exactly the rows the two ranks trained on, in rank order
+    data = EvalShardedImages()
+    data.setup()
+    union = mine[0]["seen"][0] + mine[1]["seen"][0]
+    batch = default_collate([data.train_set[i] for i in union])
+    task = batch_select_task(BatchSelect(keep=0.5, score="learnability"))
+    task.build(batch, N_TRAIN, 3)
+    single = task.selection["batch_select"].plan(task, StepPlan(batch))
+    assert single.batch["index"].tolist() == mine[0]["kept"][0] + mine[1]["kept"][0]
+    # and the two ranks did trade rows: some kept row came from the other rank's batch
+    assert any(set(k) - set(s) for k, s in zip((m["kept"][0] for m in mine), (m["seen"][0] for m in mine)))

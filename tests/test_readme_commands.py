@@ -95,6 +95,8 @@ def short_run(command: list[str]) -> list[str]:
             extra.append(("teacher" if name == "teacher" else f"teachers.{name}") + ".max_epochs=1")
     if "train_limit" in cfg.data:
         extra += ["data.train_limit=256", "data.val_size=64"]
+        if cfg.data.get("labeled_count"):  # a count of labels out of the full set: keep the share instead
+            extra += ["data.labeled_count=null", "data.labeled_fraction=0.25"]
     extra += [f"data.{key}={size}" for key, size in (("batch_size", 32), ("eval_batch_size", 64))
               if isinstance(cfg.data.get(key), int) and cfg.data[key] > size]
     return extra

@@ -62,6 +62,9 @@ class Distiller(nn.Module):
 
     reads_several_teachers = False
     teacher_name: str | None = None
+    # True when ``forward`` reads ``batch["label"]``: such a distiller cannot train on transfer
+    # data whose unlabelled rows carry ``kdkit.labels.UNLABELED`` (refused when the task is built)
+    reads_labels = False
 
     def __init__(self, weight: float = 1.0):
         super().__init__()

@@ -71,6 +71,8 @@ class DKD(Distiller):
         warmup_steps: training steps of the linear warm-up of the DKD loss (0: none).
     """
 
+    reads_labels = True  # the target class of each row
+
     def __init__(self, weight: float = 1.0, alpha: float = 1.0, beta: float = 8.0,
                  temperature: float = 4.0, warmup_steps: int = 0):
         super().__init__(weight)

@@ -98,6 +98,8 @@ class LELP(Distiller):
         directions: ``k`` principal directions per class; ``2k`` subclasses per class.
     """
 
+    reads_labels = True  # the target class of each row
+
     def __init__(self, weight: float = 1.0, directions: int = 2):
         super().__init__(weight)
         if directions < 1:

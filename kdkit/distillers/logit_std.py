@@ -60,6 +60,7 @@ class LogitStd(Distiller):
         if eps < 0:
             raise KdkitError(f"logit_std.eps must be >= 0, got {eps}")
         self.temperature, self.mode = float(temperature), mode
+        self.reads_labels = mode == "dkd"
         self.alpha, self.beta, self.eps = float(alpha), float(beta), float(eps)
 
     def forward(self, student: Outputs, teacher: Outputs, batch: dict) -> dict[str, Tensor]:

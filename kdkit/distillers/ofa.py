@@ -175,6 +175,8 @@ class OFA(Distiller):
         token_pool: how token branches pool: ``"mean"`` of the patch tokens or ``"cls"``.
     """
 
+    reads_labels = True  # the target class of each row
+
     def __init__(self, weight: float = 1.0, stages: Sequence[str] = ("layer1", "layer2", "layer3"),
                  student_prefix_tokens: int | None = None, gamma=1.0, temperature: float = 1.0,
                  final: bool = True, stage_weight=1.0, final_weight: float = 1.0, variant: str = "paper",

@@ -53,6 +53,8 @@ class PLD(Distiller):
         teacher_temperature: ``tau`` of the teacher softmax that gives the rank weights (> 0).
     """
 
+    reads_labels = True  # the target class of each row
+
     def __init__(self, weight: float = 1.0, teacher_temperature: float = 1.0):
         super().__init__(weight)
         if teacher_temperature <= 0:

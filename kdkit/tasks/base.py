@@ -14,6 +14,7 @@ from kdkit.divergence import LossWatch, check_finite
 from kdkit.errors import KdkitError
 from kdkit.features import FeatureTap
 from kdkit.outputs import Outputs
+from kdkit.selection.base import StepPlan
 from kdkit.tasks.wiring import (callback_list, input_options, label, per_teacher, resolve_task_loss_weight, route,
                                 teacher_models)
 from kdkit.teacher import FrozenTeacher
@@ -73,6 +74,8 @@ class DistillationTask(L.LightningModule):
             (``configure_callbacks``), as a list or ``{name: callback}`` (None entries are
             skipped), e.g. ``kdkit.callbacks.KeepBestWeights``. Their ``fit_summary(task)``, when
             they have one, joins ``fit_summary``.
+        selection: name -> ``kdkit.selection.base.SelectionPolicy``: what the student trains
+            on each step and which rows get teacher outputs (``StepPlan``), in order.
     """
 
     # the validation metric (without "val/") that ranks models of this task, e.g. "acc"
@@ -96,6 +99,7 @@ class DistillationTask(L.LightningModule):
         student_normalize: Mapping | None = None,
         teacher_normalize: Mapping | None = None,
         callbacks: Sequence[L.Callback] | Mapping[str, L.Callback | None] | None = None,
+        selection: Mapping | None = None,
     ):
         super().__init__()
         models = teacher_models(teacher, teachers)
@@ -117,6 +121,13 @@ class DistillationTask(L.LightningModule):
         self.teacher_caches = {name: c for name, c in caches.items() if c is not None}
         self.compile = compile
         self.task_callbacks = callback_list(callbacks)
+        self.selection = dict(selection or {})  # name -> kdkit.selection.base.SelectionPolicy
+        if self.selection and not models:
+            raise KdkitError(f"selection policies {list(self.selection)} need a teacher, but none given")
+        for name, policy in self.selection.items():
+            if policy.teacher is not None and policy.teacher not in models:
+                raise KdkitError(f"selection.{name}.teacher={policy.teacher!r} is not a teacher of this "
+                                 f"run ({', '.join(models)})")
         self._built = False
         self._loss_watch = LossWatch()
         self.student_role = "student"  # "teacher" while the runner trains a teacher itself
@@ -131,6 +142,10 @@ class DistillationTask(L.LightningModule):
     @property
     def teachers(self) -> dict[str, FrozenTeacher]:
         return self._teachers
+
+    @property
+    def teacher_names(self) -> list[str]:
+        return list(self._teachers)
 
     @property
     def teacher(self) -> FrozenTeacher | None:
@@ -212,6 +227,15 @@ class DistillationTask(L.LightningModule):
     def check_outputs(self, outputs: Outputs, role: str) -> None:
         """Raise KdkitError when one model's outputs do not fit the data (e.g. class count)."""
 
+    def check_data(self, datamodule) -> None:
+        """Raise KdkitError when this task's parts cannot train on ``datamodule``'s current
+        training view (e.g. a distiller that reads labels, on transfer data without them)."""
+
+    def _check_data(self, datamodule) -> None:
+        self.check_data(datamodule)
+        for policy in self.selection.values():
+            policy.check_data(datamodule)
+
     def check_compatible(self, student: Outputs, teacher: Outputs) -> None:
         """Raise KdkitError when teacher and student cannot be paired (e.g. class counts)."""
 
@@ -227,6 +251,8 @@ class DistillationTask(L.LightningModule):
             report = getattr(cb, "fit_summary", None)
             if callable(report):
                 summary.update(report(self))
+        for name, policy in self.selection.items():
+            summary.update({f"selection/{name}/{k}": v for k, v in policy.summary().items()})
         return summary
 
     def configure_callbacks(self) -> list[L.Callback]:
@@ -329,6 +355,7 @@ class DistillationTask(L.LightningModule):
         training. The probe's feature hooks are removed afterwards (its models live on).
         """
         try:
+            self._check_data(datamodule)
             self.build(datamodule.example_batch(), datamodule.num_train_samples, datamodule.num_classes)
         finally:
             self.remove_taps()
@@ -337,6 +364,7 @@ class DistillationTask(L.LightningModule):
         dm = self.trainer.datamodule
         if dm is None:
             raise KdkitError("the task needs a datamodule (kdkit.data_contract): trainer.fit(task, datamodule=...)")
+        self._check_data(dm)
         self.build(dm.example_batch(), dm.num_train_samples, dm.num_classes)
 
     # ---- loop -------------------------------------------------------------------------------
@@ -348,8 +376,16 @@ class DistillationTask(L.LightningModule):
         # (73k vs 11k page faults per ResNet-56 -> ResNet-20 step; benchmarks/results/scale.md).
         # Only the teachers some distiller reads this step run (a schedule reads one at a time).
         step_routes = {name: d.teachers_for_step(self.routes[name]) for name, d in self.distillers.items()}
+        plan = StepPlan(batch)
+        for policy in self.selection.values():
+            plan = policy.plan(self, plan)
+        batch = plan.batch
+        distill_batch = plan.distilled_batch()
+        if plan.distill_rows is not None and not len(plan.distill_rows):  # no row is distilled
+            step_routes = {name: [] for name in step_routes}
         needed = dict.fromkeys(n for names in step_routes.values() for n in names)
-        ts = {name: self.teacher_outputs(batch, name) for name in needed}
+        ts = {name: plan.teacher[name] if name in plan.teacher else self.teacher_outputs(distill_batch, name)
+              for name in needed}
         for distiller in self.distillers.values():  # e.g. masked images for the student only
             batch = distiller.student_batch(batch)
         s = self.student_outputs(batch)
@@ -358,13 +394,18 @@ class DistillationTask(L.LightningModule):
             task = self.task_loss(s, batch)
             if task is not None:
                 losses["task"] = self.task_loss_weight * task
+        s_distill = s if plan.distill_rows is None else s.rows(plan.distill_rows)
+        distill_batch = StepPlan(batch, distill_rows=plan.distill_rows).distilled_batch()  # as the student saw it
         for name, distiller in self.distillers.items():
             if not step_routes[name]:
                 continue
-            for term, value in distiller(s, self._routed(name, ts, step_routes[name]), batch).items():
+            for term, value in distiller(s_distill, self._routed(name, ts, step_routes[name]), distill_batch).items():
                 losses[name if term == "loss" else f"{name}/{term}"] = distiller.weight * value
         if not losses:
-            raise KdkitError("nothing to optimise: task_loss_weight is 0 and no distillers")
+            if self.selection:  # e.g. a batch of unlabelled rows none of which a budget paid for
+                losses["task"] = _zero_loss(s)
+            else:
+                raise KdkitError("nothing to optimise: task_loss_weight is 0 and no distillers")
         return losses, s
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -378,6 +419,9 @@ class DistillationTask(L.LightningModule):
             # Detached tensors only: Lightning reduces them lazily, so no host sync in the step.
             self.log_dict({f"train/loss/{k}": v.detach() for k, v in losses.items()},
                           on_step=True, on_epoch=False)
+            for name, policy in self.selection.items():
+                self.log_dict({f"train/selection/{name}/{k}": v for k, v in policy.step_stats().items()},
+                              on_step=True, on_epoch=False)
             self.log("train/loss", total.detach(), on_step=True, on_epoch=False, prog_bar=True)
         return total
 
@@ -392,11 +436,22 @@ class DistillationTask(L.LightningModule):
         connector = getattr(self._trainer, "_logger_connector", None) if self._trainer else None
         return bool(getattr(connector, "should_update_logs", True))
 
+    def on_train_epoch_start(self) -> None:
+        for policy in self.selection.values():
+            policy.on_epoch_start(self)
+
     def on_train_epoch_end(self) -> None:
         check_finite(self, f"the {self.student_role} after epoch {self.current_epoch}")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         check_finite(self, f"the {self.student_role} at step {self.global_step}")
+        if self.selection:
+            checkpoint["kdkit_selection"] = {name: p.state_dict() for name, p in self.selection.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        for name, state in checkpoint.get("kdkit_selection", {}).items():
+            if name in self.selection:
+                self.selection[name].load_state_dict(state)
 
     def eval_step(self, stage: str, batch: dict) -> None:
         """What one evaluation batch does, for ``stage`` "val" or "test" (``validation_step`` and
@@ -437,6 +492,14 @@ class DistillationTask(L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = self.scheduler_factory(optimizer, total_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _zero_loss(outputs: Outputs) -> Tensor:
+    """A zero that keeps the step's graph: Lightning skips nothing, no parameter moves."""
+    for value in outputs.flat().values():
+        if value.requires_grad:
+            return value.float().sum() * 0.0
+    raise KdkitError("nothing to optimise on this batch, and the student's outputs carry no gradient")
 
 
 def _save_safetensors(state: dict, path) -> "Path":

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from kdkit.errors import KdkitError
 from kdkit.features import INPUT_SUFFIX, last_linear
+from kdkit.labels import UNLABELED, labeled
 from kdkit.outputs import Outputs
 from kdkit.tasks.base import DistillationTask
 from kdkit.tasks.image_inputs import ImageInputs
@@ -88,6 +89,16 @@ class ClassificationTask(ImageInputs, DistillationTask):
             out.embedding = out.features.pop(name).flatten(1)
         return out
 
+    def check_data(self, datamodule) -> None:
+        if not getattr(datamodule, "has_unlabeled", False):  # a datamodule without transfer options
+            return
+        readers = [name for name, d in self.distillers.items() if d.reads_labels]
+        if readers:
+            raise KdkitError(
+                f"distillers {readers} read each sample's label, but this training view has samples "
+                "without one (data.labeled_fraction / labeled_count / unlabeled): use distillers that "
+                "read teacher outputs alone (e.g. kd), or drop the transfer options")
+
     def check_outputs(self, outputs: Outputs, role: str) -> None:
         if outputs.logits.shape[-1] != self.num_classes:
             raise KdkitError(
@@ -96,7 +107,15 @@ class ClassificationTask(ImageInputs, DistillationTask):
             )
 
     def task_loss(self, outputs: Outputs, batch: dict) -> Tensor:
-        return F.cross_entropy(outputs.logits.float(), batch["label"], label_smoothing=self.label_smoothing)
+        """Cross-entropy averaged over the labelled rows; transfer rows (``kdkit.labels``) carry
+        no label and add nothing (0 when no row has one). No host sync: the count stays on the
+        device."""
+        labels = batch["label"]
+        if labels.dim() != 1:  # soft labels [B, C] (mixup-style): every row has one
+            return F.cross_entropy(outputs.logits.float(), labels, label_smoothing=self.label_smoothing)
+        total = F.cross_entropy(outputs.logits.float(), labels, ignore_index=UNLABELED,
+                                label_smoothing=self.label_smoothing, reduction="sum")
+        return total / labeled(labels).sum().clamp(min=1)
 
     def update_metrics(self, stage: str, outputs: Outputs, batch: dict) -> None:
         self.metrics[stage].update(outputs.logits.float(), batch["label"])

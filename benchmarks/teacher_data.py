@@ -1,0 +1,219 @@
+"""Data chosen and shaped by the teacher on CIFAR-10 (issue #18): unlabelled transfer data,
+teacher budgets, teacher-scored batch selection, disagreement-driven augmentation.
+
+Every row trains the resnet8 student of ``cifar10_transfer`` with KD from one resnet20 teacher
+trained on every label (trained once here, or given by ``--teacher-ckpt``, e.g. the teacher of a
+default ``kdkit-train experiment=cifar10_transfer`` run). Resumable: every finished run is a line
+of ``<out>/results.jsonl``; rerun the same command to continue, ``--report-only`` to rewrite
+``benchmarks/results/teacher_data.md`` from what has finished.
+
+    python benchmarks/teacher_data.py transfer --teacher-ckpt <run>/teacher.pt --jobs 2
+    python benchmarks/teacher_data.py budget   --teacher-ckpt <run>/teacher.pt --jobs 2
+    python benchmarks/teacher_data.py select   --teacher-ckpt <run>/teacher.pt --jobs 2
+    python benchmarks/teacher_data.py augment  --teacher-ckpt <run>/teacher.pt --jobs 2
+
+Parts (rows; 3 seeds for ``transfer`` and for the best row of the other parts, 1 for the rest):
+
+- ``transfer`` (a): 2,000 labels + the other training images without labels, KD where there is
+  no label; vs the 2,000 labels alone (the student alone, and KD on them); vs every label (KD).
+- ``budget`` (b): the transfer setting where only 10% / 30% / 100% of the samples ever get a
+  teacher forward, spent at random or uncertainty-first (the student's margin) or on the
+  student's flip disagreement (``selection=[teacher_budget]``).
+- ``select`` (c): every label, KD; the top half of a 2x super-batch by learnability or by
+  teacher-student disagreement vs uniform batches, at equal student steps (the super-batch rows
+  run twice the epochs of the uniform row, which has twice the steps per epoch) and at equal
+  wall time (the uniform row given the epochs the selection row's time would buy).
+- ``augment`` (d): every label, KD; the crop+flip candidate (of 4) with the largest
+  teacher-student divergence vs the standard random crop+flip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import RunLog, command, header, mean_std, run_all_jobs, write  # noqa: E402
+
+ALL_LABELS = ["data.labeled_count=null"]
+TRANSFER = {
+    "labeled_alone": ["stages.student=false", "stages.baseline_max_epochs=equal_steps"],
+    "labeled_kd": ["data.student_view=labeled", "stages.baseline=false", "trainer.max_epochs={equal_steps}"],
+    "transfer_kd": ["stages.baseline=false"],
+    "all_labels_kd": [*ALL_LABELS, "stages.baseline=false"],
+}
+BUDGET = {f"budget_{int(f * 100)}_{order}": ["stages.baseline=false", "selection=[teacher_budget]",
+                                              f"selection.teacher_budget.fraction={f}",
+                                              f"selection.teacher_budget.order={order}"]
+          for f in (0.1, 0.3, 1.0) for order in ("random", "uncertainty", "view_disagreement")
+          if not (f == 1.0 and order != "random")}  # a full budget queries everything: order is moot
+SUPER = ["selection=[batch_select]", "data.batch_size=256", "trainer.max_epochs={double}"]
+SELECT = {
+    "uniform": [*ALL_LABELS, "stages.baseline=false"],
+    "select_learnability": [*ALL_LABELS, "stages.baseline=false", *SUPER, "selection.batch_select.score=learnability"],
+    "select_disagreement": [*ALL_LABELS, "stages.baseline=false", *SUPER, "selection.batch_select.score=disagreement"],
+    "select_random": [*ALL_LABELS, "stages.baseline=false", *SUPER, "selection.batch_select.score=random"],
+    "uniform_equal_time": [*ALL_LABELS, "stages.baseline=false", "trainer.max_epochs={equal_time}"],
+}
+AUGMENT = {
+    "crop_flip": [*ALL_LABELS, "stages.baseline=false"],
+    "disagreement_aug": [*ALL_LABELS, "stages.baseline=false", "data.augment=false", "selection=[augment_select]"],
+}
+PARTS = {"transfer": TRANSFER, "budget": BUDGET, "select": SELECT, "augment": AUGMENT}
+SEEDS_ALL = {"transfer"}  # every row of these parts gets every seed
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("part", choices=list(PARTS))
+    p.add_argument("--epochs", type=int, default=30, help="student epochs of a uniform row")
+    p.add_argument("--teacher-epochs", type=int, default=30)
+    p.add_argument("--teacher-ckpt", default=None, help="a trained teacher.pt (else trained once here)")
+    p.add_argument("--methods", default=None, help="comma-separated rows (default: all of the part)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one torch thread each")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of a run when --jobs 1")
+    p.add_argument("--out", default="benchmarks/runs/teacher_data")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
+    args = p.parse_args()
+    table = PARTS[args.part]
+    methods = [m for m in (args.methods.split(",") if args.methods else table) if m]
+    unknown = sorted(set(methods) - set(table))
+    if unknown:
+        p.error(f"unknown rows {unknown}; rows of {args.part}: {', '.join(table)}")
+    out = Path(args.out)
+    common = ["experiment=cifar10_transfer", "trainer.enable_progress_bar=false", "logger=csv",
+              "export.programs=[]", f"trainer.max_epochs={args.epochs}", *args.extra]
+    log = RunLog(out / "results.jsonl", key=lambda row: (row["part"], row["method"], row["seed"]))
+    if not args.report_only:
+        teacher = args.teacher_ckpt or train_teacher(args, common, out, log)
+        for todo in (lambda: [(m, 0) for m in methods],
+                     lambda: [(m, s) for s in range(1, args.seeds) for m in more_seeds(log, args.part, methods)]):
+            jobs = []
+            for m, s in todo():
+                if (args.part, m, s) in log.done:
+                    continue
+                over = [*common, f"teacher.ckpt_path={teacher}", "stages.teacher=false",
+                        *fill(table[m], args, log, s), f"seed={s}"]
+                jobs.append((m if m != "labeled_alone" else "baseline", s, over, str(out / args.part / f"{m}_s{s}")))
+            for row in run_all_jobs(jobs, args.jobs, args.threads):
+                row["method"] = "labeled_alone" if row["method"] == "baseline" else row["method"]
+                log.record({"part": args.part, **row, "command": command()})
+                print(f"[teacher_data {args.part}] {row['method']} seed {row['seed']}: test/acc "
+                      f"{row['test/acc']:.4f} ({row['wall_s']:.0f} s)", flush=True)
+    report(log)
+
+
+def fill(overrides: list[str], args, log: RunLog, seed: int) -> list[str]:
+    """Overrides with their epoch placeholders resolved: ``{double}`` (twice the uniform epochs:
+    equal steps with half-size batches), ``{equal_steps}`` (KD on the labels alone given the
+    transfer student's steps), ``{equal_time}`` (the uniform row given the epochs the learnability
+    selection row's training time would buy)."""
+    values = {"double": 2 * args.epochs, "equal_steps": equal_steps_epochs(args.epochs)}
+    if any("{equal_time}" in o for o in overrides):
+        uniform, chosen = log.done.get(("select", "uniform", 0)), log.done.get(("select", "select_learnability", 0))
+        if not (uniform and chosen):
+            raise SystemExit("uniform_equal_time needs the uniform and select_learnability rows first: "
+                             "run them (--methods uniform,select_learnability), then this row")
+        values["equal_time"] = max(1, round(args.epochs * chosen["fit_seconds"] / uniform["fit_seconds"]))
+    return [o.format(**values) for o in overrides]
+
+
+def equal_steps_epochs(epochs: int) -> int:
+    """Epochs on the labelled view that give the transfer view's steps (from the data itself)."""
+    from hydra.utils import instantiate
+
+    from kdkit.compose import compose
+
+    dm = instantiate(compose(["experiment=cifar10_transfer"]).data)
+    dm.setup("fit")
+    steps = {}
+    for view in ("transfer", "labeled"):
+        dm.use_train_view(view)
+        steps[view] = max(1, dm.num_train_samples // dm.batch_size)
+    return -(-epochs * steps["transfer"] // steps["labeled"])
+
+
+def more_seeds(log: RunLog, part: str, methods: list[str]) -> list[str]:
+    """Rows that get every seed: all of ``transfer``; elsewhere the control and the best row."""
+    if part in SEEDS_ALL:
+        return methods
+    ran = [m for m in methods if (part, m, 0) in log.done]
+    control = {"budget": "budget_100_random", "select": "uniform", "augment": "crop_flip"}[part]
+    best = sorted((m for m in ran if m != control), key=lambda m: -log.done[(part, m, 0)]["test/acc"])[:1]
+    return [m for m in (control, *best) if m in ran]
+
+
+def train_teacher(args, common: list[str], out: Path, log: RunLog) -> str:
+    """The teacher, trained once on every label into ``<out>/teacher/teacher.pt``."""
+    import torch
+
+    from kdkit.compose import compose
+    from kdkit.pipeline import run
+
+    path = out / "teacher" / "teacher.pt"
+    if ("teacher", "teacher", 0) not in log.done or not path.exists():
+        torch.set_num_threads(args.threads)
+        over = [*common, "stages.baseline=false", "stages.student=false", f"teacher.max_epochs={args.teacher_epochs}"]
+        res = run(compose(over, output_dir=str(path.parent)))["teacher"]
+        log.record({"part": "teacher", "method": "teacher", "seed": 0, **res, "command": command()})
+    return str(path)
+
+
+def report(log: RunLog) -> None:
+    """``teacher_data.md``: one table per part from the runs so far."""
+    lines = [header("Data chosen and shaped by the teacher (CIFAR-10, resnet20 -> resnet8, KD)"), ""]
+    teacher = log.done.get(("teacher", "teacher", 0))
+    lines.append(f"Teacher: resnet20 trained on every label ({teacher.get('train_samples', '?')} images), "
+                 f"{teacher['test/acc'] * 100:.2f}% test accuracy.\n"
+                 if teacher else "Teacher: the checkpoint given by `--teacher-ckpt`.\n")
+    commands = sorted({r["command"] for r in log.done.values() if r.get("command")})
+    lines += ["Runs came from these commands (the script resumes: each records what it finished):", "",
+              *[f"- `{c}`" for c in commands], ""]
+    lines.append("Train times are wall seconds of one-thread runs on a shared 2-core machine, two runs "
+                 "side by side.\n")
+    for part, table in PARTS.items():
+        rows = [r for (p, _, _), r in log.done.items() if p == part]
+        if not rows:
+            lines += [f"## {part}", "", "No run of this part has finished yet.", ""]
+            continue
+        lines += [f"## {part}", "", "| row | overrides | seeds | test acc (%) | teacher forwards | train time (s) |",
+                  "|---|---|---|---|---|---|"]
+        for method in table:
+            runs = [r for r in rows if r["method"] == method]
+            if not runs:
+                continue
+            accs = [r["test/acc"] for r in runs]
+            forwards = next((runs[0][k] for k in ("selection/teacher_budget/teacher_forwards",
+                                                  "selection/augment_select/teacher_forwards") if k in runs[0]), "-")
+            over = ", ".join(f"`{o}`" for o in table[method]) or "(the experiment)"
+            lines.append(f"| {method} | {over} | {len(accs)} | {mean_std(accs)} | {forwards} | "
+                         f"{statistics.mean(r.get('fit_seconds', 0) for r in runs):.0f} |")
+        lines.append("")
+        if part == "transfer":
+            lines += gap_recovered(rows)
+    write("teacher_data.md", "\n".join(lines) + "\n")
+
+
+def gap_recovered(rows: list[dict]) -> list[str]:
+    """How much of the gap between the labelled part alone and every label the unlabelled rest
+    with teacher outputs closes (mean accuracies of the rows present)."""
+    acc = {m: statistics.mean(r["test/acc"] for r in rows if r["method"] == m)
+           for m in {r["method"] for r in rows}}
+    if not {"transfer_kd", "all_labels_kd"} <= set(acc):
+        return []
+    out = []
+    for low in ("labeled_alone", "labeled_kd"):
+        if low in acc and acc["all_labels_kd"] > acc[low]:
+            share = (acc["transfer_kd"] - acc[low]) / (acc["all_labels_kd"] - acc[low])
+            out.append(f"- From {low} to all_labels_kd: transfer_kd closes {share * 100:.0f}% of the "
+                       f"{(acc['all_labels_kd'] - acc[low]) * 100:.2f}-point gap.")
+    return [*out, ""] if out else []
+
+
+if __name__ == "__main__":
+    main()
