@@ -174,8 +174,9 @@ def report(log: RunLog) -> None:
     commands = sorted({r["command"] for r in log.done.values() if r.get("command")})
     lines += ["Runs came from these commands (the script resumes: each records what it finished):", "",
               *[f"- `{c}`" for c in commands], ""]
-    lines.append("Train times are wall seconds of one-thread runs on a shared 2-core machine, two runs "
-                 "side by side.\n")
+    lines.append("Train times are the wall seconds of each fit, one torch thread, on a shared 2-core machine "
+                 "with other runs (and tests) beside it; a run may have been paused meanwhile. They are "
+                 "no speed measure: compare cost by student steps and teacher forwards.\n")
     for part, table in PARTS.items():
         rows = [r for (p, _, _), r in log.done.items() if p == part]
         if not rows:
