@@ -59,7 +59,7 @@ class TeacherBudget(SelectionPolicy):
         self.bought: Tensor | None = None  # bool [N]: samples the budget paid for
         self.rounds_done = 0
         self.teacher_forwards = 0
-        self._step_rows: Tensor | None = None
+        self._step_rows: float | None = None
 
     # ---- buying --------------------------------------------------------------------------------
     def on_epoch_start(self, task) -> None:
@@ -111,7 +111,7 @@ class TeacherBudget(SelectionPolicy):
             keep = paid
         teacher = {n: out.rows(keep) for n, out in plan.teacher.items()}
         self.teacher_forwards += len(rows) if name not in plan.teacher else 0
-        self._step_rows = torch.as_tensor(len(rows), dtype=torch.float)
+        self._step_rows = float(len(rows))  # a host number: logging it needs no device sync
         return StepPlan(plan.batch, teacher, rows)
 
     # ---- reports ---------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ class TeacherBudget(SelectionPolicy):
                 "samples_bought": int(self.bought.sum()) if self.bought is not None else 0,
                 "teacher_forwards": self.teacher_forwards}
 
-    def step_stats(self) -> dict[str, Tensor]:
+    def step_stats(self) -> dict[str, float]:
         return {} if self._step_rows is None else {"distilled_rows": self._step_rows}
 
     def state_dict(self) -> dict:
