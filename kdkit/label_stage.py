@@ -30,7 +30,7 @@ def write_stage_labels(cfg, datamodule, out: Path, task, teachers: dict, teacher
     tap). Under DDP every rank labels the data itself (no process group exists yet); the atomic
     write makes the identical files safe.
     """
-    _check_supported(datamodule)
+    _require_pool(datamodule)
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.get("accelerator") != "cpu" else "cpu"
     updated = dict(teacher_cfgs)
     try:
@@ -56,48 +56,45 @@ def _label_with(cfg, datamodule, out: Path, task, name: str, model, tcfg, device
 
 
 def open_labels(cfg, tcfg, model, datamodule, name: str) -> TeacherLabels:
-    """The ``teacher.labels`` file of teacher ``name``, checked against this run."""
-    if tcfg.get("cache"):
-        raise KdkitError(f"teacher '{name}': teacher.labels and teacher.cache both set; the labels file "
-                         "already holds every output, switch the cache off")
-    _check_supported(datamodule)
-    from kdkit.cache import weights_fingerprint
-
-    labels = TeacherLabels.load(tcfg.labels)
-    labels.check_fits(weights_fingerprint(model), data_description(cfg, datamodule), f"teacher.labels={tcfg.labels}")
-    return labels
+    """The ``teacher.labels`` file of teacher ``name``, checked against this run (its teacher's
+    weights and the current training view)."""
+    return load_checked(tcfg.labels, model, cfg, datamodule)
 
 
 def check_label_files(cfg, datamodule, teachers: dict, teacher_cfgs: dict) -> None:
     """Before any stage trains: every ``teacher.labels`` file exists, is a teacher-labels file
     and was written for the student's training data (and by the teacher, when its weights are
-    already known; a teacher this run trains is checked when the student stage opens the file)."""
+    already known; a teacher this run trains is checked when the student stage opens the file).
+    ``teacher.cache`` together with labels is refused by ``kdkit.config_checks``."""
+    for name, (model, trained) in teachers.items():
+        if teacher_cfgs[name].get("labels"):
+            load_checked(teacher_cfgs[name].labels, model if trained else None, cfg, datamodule)
+
+
+def load_checked(path, model, cfg, datamodule) -> TeacherLabels:
+    """Load the labels file at ``path`` and refuse it unless it was written for the current
+    training view and (``model`` not None) by ``model``."""
     from kdkit.cache import weights_fingerprint
 
-    for name, (model, trained) in teachers.items():
-        tcfg = teacher_cfgs[name]
-        if not tcfg.get("labels"):
-            continue
-        if tcfg.get("cache"):
-            raise KdkitError(f"teacher '{name}': teacher.labels and teacher.cache both set; switch the cache off")
-        _check_supported(datamodule)
-        TeacherLabels.load(tcfg.labels).check_fits(weights_fingerprint(model) if trained else None,
-                                                   data_description(cfg, datamodule), f"teacher.labels={tcfg.labels}")
+    _require_pool(datamodule)
+    labels = TeacherLabels.load(path)
+    labels.check_fits(None if model is None else weights_fingerprint(model), data_description(cfg, datamodule),
+                      f"teacher.labels={path}")
+    return labels
 
 
 def _still_fits(path: Path, model, cfg, datamodule) -> bool:
+    """Whether this run already wrote a labels file at ``path`` that still fits (a resumed run)."""
     if not path.is_file():
         return False
-    from kdkit.cache import weights_fingerprint
-
     try:
-        TeacherLabels.load(path).check_fits(weights_fingerprint(model), data_description(cfg, datamodule), str(path))
+        load_checked(path, model, cfg, datamodule)
     except KdkitError:
         return False
     return True
 
 
-def _check_supported(datamodule) -> None:
+def _require_pool(datamodule) -> None:
     if not hasattr(datamodule, "plain_train_view"):
         raise KdkitError(f"teacher labels need an image-classification datamodule (plain_train_view); "
                          f"{type(datamodule).__name__} has none")

@@ -310,8 +310,8 @@ def make_task(cfg, student, teachers: dict | None = None, distillers=None,
         from kdkit.cache import build_teacher_cache
 
         kwargs["teacher_cache"] = {name: build_teacher_cache(cfg, teachers[name], datamodule, tcfg)
-                                   for name, tcfg in caches.items() if name not in labelled}
-    if labelled and not probe:  # a teacher-labels file answers like a complete cache
+                                   for name, tcfg in caches.items()}
+    if labelled and not probe:  # a teacher-labels file answers like a complete cache (never both: config_checks)
         from kdkit.label_stage import open_labels
 
         kwargs["teacher_cache"] = {**kwargs.get("teacher_cache", {}),

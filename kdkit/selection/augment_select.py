@@ -26,7 +26,8 @@ from torch import Tensor
 
 from kdkit.distributed import world
 from kdkit.errors import KdkitError
-from kdkit.selection.base import SelectionPolicy, StepPlan, per_sample_js, per_sample_kl, policy_teacher, score_student
+from kdkit.selection.base import (SelectionPolicy, StepPlan, _is_batched, per_sample_js, per_sample_kl, policy_teacher,
+                                  score_student)
 
 PER = ("sample", "batch")
 DIVERGENCES = ("kl", "js")
@@ -48,6 +49,8 @@ class AugmentSelect(SelectionPolicy):
         seed: seed of the candidates (per step: seed, global step and DDP rank).
     """
 
+    state_keys = ("teacher_forwards",)
+
     def __init__(self, candidates: int = 4, per: str = "sample", divergence: str = "kl",
                  temperature: float = 1.0, padding: int = 4, flip: bool = True, teacher: str | None = None,
                  seed: int = 0):
@@ -64,7 +67,6 @@ class AugmentSelect(SelectionPolicy):
         self.temperature, self.padding, self.flip = temperature, padding, flip
         self.teacher, self.seed = teacher, seed
         self.teacher_forwards = 0
-        self._stats: dict[str, Tensor] = {}
 
     def check_data(self, datamodule) -> None:
         if getattr(datamodule, "augment", False):
@@ -80,8 +82,8 @@ class AugmentSelect(SelectionPolicy):
         k, b = self.candidates, images.shape[0]
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(task.global_step) * 997 + world()[0])
         flat = draw_candidates(images, k, self.padding, self.flip, g).flatten(0, 1)  # [K*B, C, H, W]
-        expanded = {key: (v.repeat(k, *[1] * (v.dim() - 1)) if isinstance(v, Tensor) and v.dim() and v.shape[0] == b
-                          else v) for key, v in plan.batch.items()}
+        expanded = {key: v.repeat(k, *[1] * (v.dim() - 1)) if _is_batched(v, plan.batch) else v
+                    for key, v in plan.batch.items()}
         expanded["image"] = flat
         teacher = task.run_teacher(name, expanded)  # live: a cache knows the plain images only
         student = score_student(task, expanded)
@@ -98,14 +100,6 @@ class AugmentSelect(SelectionPolicy):
         return {"candidates": self.candidates, "per": self.per, "divergence": self.divergence,
                 "teacher_forwards": self.teacher_forwards}
 
-    def step_stats(self) -> dict[str, Tensor]:
-        return dict(self._stats)
-
-    def state_dict(self) -> dict:
-        return {"teacher_forwards": self.teacher_forwards}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.teacher_forwards = state["teacher_forwards"]
 
 
 def draw_candidates(images: Tensor, k: int, padding: int, flip: bool, generator: torch.Generator) -> Tensor:

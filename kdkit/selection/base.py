@@ -68,6 +68,8 @@ class SelectionPolicy:
     """
 
     teacher: str | None = None
+    state_keys: tuple[str, ...] = ()  # attributes a resumed run needs (saved in checkpoints)
+    _stats: dict = {}  # this step's values for the logs (``step_stats``), set by ``plan``
 
     def plan(self, task, plan: StepPlan) -> StepPlan:
         return plan
@@ -85,14 +87,15 @@ class SelectionPolicy:
 
     def step_stats(self) -> dict[str, Tensor | float]:
         """Values logged as ``train/selection/<policy>/<key>`` on logging steps."""
-        return {}
+        return dict(self._stats)
 
     def state_dict(self) -> dict:
         """What a resumed run needs to continue the policy (saved in Lightning checkpoints)."""
-        return {}
+        return {key: getattr(self, key) for key in self.state_keys}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        for key in self.state_keys:
+            setattr(self, key, state[key])
 
 
 def policy_teacher(task, name: str | None, policy: str) -> str:

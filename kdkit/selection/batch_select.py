@@ -60,6 +60,8 @@ class BatchSelect(SelectionPolicy):
             same on every rank and after a resume).
     """
 
+    state_keys = ("rows_scored", "rows_kept")
+
     def __init__(self, keep: float = 0.5, score: str = "learnability", temperature: float = 1.0,
                  teacher: str | None = None, scope: str = "global", seed: int = 0):
         if not 0.0 < keep <= 1.0:
@@ -73,7 +75,6 @@ class BatchSelect(SelectionPolicy):
         self.keep, self.score, self.temperature = keep, score, temperature
         self.teacher, self.scope, self.seed = teacher, scope, seed
         self.rows_scored = self.rows_kept = 0
-        self._stats: dict[str, Tensor] = {}
 
     def plan(self, task, plan: StepPlan) -> StepPlan:
         if plan.distill_rows is not None:
@@ -96,7 +97,7 @@ class BatchSelect(SelectionPolicy):
         """Scores of the global super-batch (this rank's rows alone when not gathered), ``[N]``."""
         if self.score == "random":
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(task.global_step))
-            return torch.rand(global_size, generator=g).to(teacher_device(teacher))
+            return torch.rand(global_size, generator=g).to(batch["index"].device)
         student = score_student(task, batch)
         if teacher.logits is None:
             local = self.pair_scores(teacher, student)
@@ -125,14 +126,6 @@ class BatchSelect(SelectionPolicy):
         return {"score": self.score, "keep": self.keep, "rows_scored": self.rows_scored,
                 "rows_kept": self.rows_kept}
 
-    def step_stats(self) -> dict[str, Tensor]:
-        return dict(self._stats)
-
-    def state_dict(self) -> dict:
-        return {"rows_scored": self.rows_scored, "rows_kept": self.rows_kept}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rows_scored, self.rows_kept = state["rows_scored"], state["rows_kept"]
 
 
 def similarities(out: Outputs) -> Tensor:
@@ -156,9 +149,9 @@ def select_rows(scores: Tensor, rank: int, local_size: int, keep: float) -> Tens
     trains on equally many rows. Ties go to the lower index; identical on every rank."""
     per_rank = max(1, round(keep * local_size))
     ranks = scores.shape[0] // local_size
-    order = torch.sort(scores.detach().float().cpu(), descending=True, stable=True).indices
+    order = torch.sort(scores.detach().float(), descending=True, stable=True).indices  # on device: no sync
     chosen = order[: per_rank * ranks].sort().values
-    return chosen[rank * per_rank : (rank + 1) * per_rank].to(scores.device)
+    return chosen[rank * per_rank : (rank + 1) * per_rank]
 
 
 def gathered_plan(batch: dict, name: str, teacher: Outputs, rows: Tensor) -> StepPlan:
@@ -167,9 +160,3 @@ def gathered_plan(batch: dict, name: str, teacher: Outputs, rows: Tensor) -> Ste
     new = {k: gather_nograd(v)[rows] if _is_batched(v, batch) else v for k, v in batch.items()}
     outputs = Outputs.from_flat({k: gather_nograd(v)[rows] if v.dim() else v for k, v in teacher.flat().items()})
     return StepPlan(new, {name: outputs})
-
-
-def teacher_device(teacher: Outputs) -> torch.device:
-    for value in teacher.flat().values():
-        return value.device
-    return torch.device("cpu")

@@ -45,6 +45,8 @@ class TeacherBudget(SelectionPolicy):
         seed: seed of the random choices (identical on every DDP rank).
     """
 
+    state_keys = ("bought", "rounds_done", "teacher_forwards")
+
     def __init__(self, fraction: float = 0.3, order: str = "random", rounds: int = 3,
                  scoring_batch_size: int = 512, teacher: str | None = None, seed: int = 0):
         if not 0.0 < fraction <= 1.0:
@@ -59,7 +61,6 @@ class TeacherBudget(SelectionPolicy):
         self.bought: Tensor | None = None  # bool [N]: samples the budget paid for
         self.rounds_done = 0
         self.teacher_forwards = 0
-        self._step_rows: float | None = None
 
     # ---- buying --------------------------------------------------------------------------------
     def on_epoch_start(self, task) -> None:
@@ -111,7 +112,7 @@ class TeacherBudget(SelectionPolicy):
             keep = paid
         teacher = {n: out.rows(keep) for n, out in plan.teacher.items()}
         self.teacher_forwards += len(rows) if name not in plan.teacher else 0
-        self._step_rows = float(len(rows))  # a host number: logging it needs no device sync
+        self._stats = {"distilled_rows": float(len(rows))}  # a host number: logging it needs no device sync
         return StepPlan(plan.batch, teacher, rows)
 
     # ---- reports ---------------------------------------------------------------------------------
@@ -120,15 +121,6 @@ class TeacherBudget(SelectionPolicy):
                 "samples_bought": int(self.bought.sum()) if self.bought is not None else 0,
                 "teacher_forwards": self.teacher_forwards}
 
-    def step_stats(self) -> dict[str, float]:
-        return {} if self._step_rows is None else {"distilled_rows": self._step_rows}
-
-    def state_dict(self) -> dict:
-        return {"bought": self.bought, "rounds_done": self.rounds_done, "teacher_forwards": self.teacher_forwards}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.bought, self.rounds_done = state["bought"], state["rounds_done"]
-        self.teacher_forwards = state["teacher_forwards"]
 
 
 def round_epoch(r: int, rounds: int, epochs: int) -> int:
