@@ -34,6 +34,7 @@ by the same function.
 
     python benchmarks/peers.py --quick
     python benchmarks/peers.py --full --epochs 30 --teacher-epochs 30
+    python benchmarks/peers.py st --quick    # sentence-transformers instead: benchmarks/peers_st.py
 
 Last line: ``torchdistill_step_ratio=X`` = kdkit step / torchdistill step (> 1: kdkit slower).
 """
@@ -261,15 +262,21 @@ def profile_sides(teacher, student, dataset, batch_size: int, steps: int, warm: 
             for _ in range(steps):
                 loop.step()
             prof.disable()
-        text = io.StringIO()
-        stats = pstats.Stats(prof, stream=text)
-        stats.sort_stats("tottime").print_stats(14)
-        stats.sort_stats("cumulative").print_stats(r"kdkit|lightning|torchdistill", 14)
-        total = sum(v[2] for v in stats.stats.values())  # tottime summed = profiled wall time
-        body = "\n".join(line for line in text.getvalue().splitlines() if line.strip()
-                         and not line.startswith(("   Ordered by", "   List reduced")))
-        out.append(f"### {side}: {steps} steps, {total:.2f} s under cProfile (top by own time)\n\n```\n{body}\n```\n")
+        out.append(profile_report(prof, side, steps, r"kdkit|lightning|torchdistill"))
     return "\n".join(out)
+
+
+def profile_report(prof: cProfile.Profile, side: str, steps: int, pattern: str) -> str:
+    """A markdown block: the top functions by own time, then by cumulative time among those
+    whose path matches ``pattern`` (the toolkits' own code)."""
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(14)
+    stats.sort_stats("cumulative").print_stats(pattern, 14)
+    total = sum(v[2] for v in stats.stats.values())  # tottime summed = profiled wall time
+    body = "\n".join(line for line in text.getvalue().splitlines() if line.strip()
+                     and not line.startswith(("   Ordered by", "   List reduced")))
+    return f"### {side}: {steps} steps, {total:.2f} s under cProfile (top by own time)\n\n```\n{body}\n```\n"
 
 
 def versions() -> str:
@@ -315,7 +322,9 @@ def step_time(args) -> float:
                   profile_sides(teacher, student, dataset, args.batch_size, args.profile_steps)]
     text = header("kdkit vs torchdistill: step time") + "\n".join(lines) + "\n\n" + full_command_note()
     print("\n".join(lines))
-    write(args.out, text)
+    from benchmarks.peers_st import kept_sections
+
+    write(args.out, text + kept_sections(args.out))  # the sentence-transformers sections stay
     return ratio
 
 
@@ -388,6 +397,10 @@ def full(args) -> float:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["st"]:  # the sentence-transformers side by side (benchmarks/peers_st.py)
+        from benchmarks.peers_st import main as st_main
+
+        return st_main(sys.argv[2:])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="step time only (the default mode)")
     p.add_argument("--full", action="store_true", help="accuracy at equal epochs instead")

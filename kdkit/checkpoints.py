@@ -13,7 +13,6 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from kdkit.checkpoint_io import safe_load

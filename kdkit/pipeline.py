@@ -121,6 +121,9 @@ def teacher_stage(cfg, tcfg, name: str, datamodule, out: Path, model, trained: b
     """Train teacher ``name`` unless ``trained``, then test it; its results (None when
     ``stages.teacher`` is off)."""
     stage = stage_name(name)
+    if getattr(model, "scores_pairs", False):  # a pair scorer (kdkit.models.scorers) cannot retrieve alone
+        say(f"{stage}: a pair scorer, not evaluated on its own (it teaches from its score table)")
+        return None
     use_view(datamodule, "teacher")
     if not trained:
         L.seed_everything(cfg.seed, workers=True)  # the teacher trains the same way every run
@@ -153,7 +156,7 @@ def check_before_training(cfg, datamodule, teachers: dict, teacher_cfgs: dict) -
     modes = [(m, m.training) for model in models.values() for m in model.modules()]
     tasks = []
     for name, (model, trained) in teachers.items():
-        if cfg.stages.teacher or not trained:
+        if (cfg.stages.teacher or not trained) and not getattr(model, "scores_pairs", False):
             tasks.append(("teacher", make_task(cfg, student=model, role_of_student="teacher",
                                                student_cfg=teacher_cfgs[name], probe=True)))
     if cfg.stages.baseline or cfg.stages.student:

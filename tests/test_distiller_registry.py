@@ -17,7 +17,9 @@ CONFIGS = sorted(p.stem for p in (ROOT / "conf" / "distiller").glob("*.yaml"))
 # runs in its own setting's tests; every other config is an image-classification distiller.
 OTHER_SETTINGS = {
     "ffg2m", "hidden",                               # GNN-to-MLP (node tasks)
-    "embed", "margin_mse", "listwise",               # dense retrieval
+    "embed", "margin_mse", "listwise", "matryoshka",  # dense retrieval
+    "distilcse", "pairdistill",                      # dense retrieval
+    "multi_exit", "lead",                            # dense retrieval, per-layer embeddings
     "clip_fd", "clip_icl", "clip_crd", "affinity",   # CLIP image-text
     "ensemble_kd", "ca_mkd", "unic", "teacher_schedule",  # several teachers (test_multi_teacher.py)
 }

@@ -1,7 +1,6 @@
 """kdkit.errors: one line for the user, wherever the error was raised."""
 
 import pytest
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kdkit.errors import KdkitError, unreadable

@@ -10,6 +10,9 @@ ON_TOY_DATA = {
     # encoding the 5,183-document corpus with the real teacher takes ~10 CPU minutes
     "scifact_minilm": "tests/tasks/test_retrieval.py::test_pipeline_smoke_run",
     "scifact_minilm_sentences": "tests/tasks/test_retrieval.py::test_pipeline_smoke_run",
+    "scifact_minilm_scorer": "tests/tasks/test_retrieval_scorers.py::test_pipeline_smoke_run",
+    "scifact_minilm_exits": "tests/tasks/test_retrieval_exits.py::test_pipeline_smoke_run",
+    "scifact_minilm_matryoshka": "tests/tasks/test_retrieval_compact.py::test_matryoshka_pipeline_smoke_run",
 }
 ALL = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("*.yaml"))
 EXPERIMENTS = [name for name in ALL if name not in ON_TOY_DATA]

@@ -22,6 +22,7 @@ import kdkit.distillers.crd as crd_module
 from kdkit.distillers.base import DistillContext
 from kdkit.distillers.clip_common import contrastive_loss
 from kdkit.distillers.crd import CRD
+from kdkit.distillers.distilcse import DistilCSE
 from kdkit.distillers.listwise import Listwise
 from kdkit.outputs import Outputs
 
@@ -92,7 +93,21 @@ def make_clip():
     return model, loss
 
 
-CASES = {"crd": make_crd, "listwise": make_listwise, "clip_infonce": make_clip}
+def make_distilcse():
+    torch.manual_seed(0)
+    student = nn.Linear(D, 8)
+    cse = DistilCSE(queue_size=16, fields=["text"])  # projection 8 -> 10, learned temperature
+    cse.build(Outputs(features={"text": torch.zeros(2, 8)}), Outputs(features={"text": torch.zeros(2, 10)}), None)
+    model = nn.ModuleDict({"student": student, "cse": cse})
+
+    def loss(m, batch):  # buffers checked: the queue holds every rank's teacher rows, in order
+        s = Outputs(features={"text": m["student"](batch["x"])})
+        return m["cse"](s, Outputs(features={"text": batch["t"]}), {"text_pool": batch["index"]})["loss"]
+
+    return model, loss
+
+
+CASES = {"crd": make_crd, "listwise": make_listwise, "clip_infonce": make_clip, "distilcse": make_distilcse}
 
 
 class _Call(nn.Module):

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdkit.distillers.base import Distiller, feature
+from kdkit.distillers.group_scores import group_scores
 from kdkit.distributed import gather, gather_nograd
 from kdkit.errors import KdkitError
 from kdkit.outputs import Outputs
@@ -24,6 +25,16 @@ def listwise_kl(s_query: Tensor, s_passages: Tensor, t_query: Tensor, t_passages
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
 
 
+def group_listwise_kl(s: Tensor, t: Tensor, temperature: float, teacher_temperature: float | None = None) -> Tensor:
+    """``mean_i KL(softmax(t_i / tau_t) || softmax(s_i / tau))`` over each query's own group:
+    student ``s`` and teacher ``t`` scores ``[B, G]``."""
+    if s.shape != t.shape:
+        raise KdkitError(f"listwise: passage groups {tuple(s.shape)} (student) != {tuple(t.shape)} (teacher scores)")
+    log_p_s = F.log_softmax(s.float() / temperature, dim=1)
+    log_p_t = F.log_softmax(t.float() / (teacher_temperature or temperature), dim=1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+
+
 class Listwise(Distiller):
     """Listwise score distillation over in-batch and hard negatives (RocketQAv2, Ren et al. 2021,
     "dynamic listwise distillation"; also the listwise KL of PairDistill, Huang et al. 2024).
@@ -34,6 +45,11 @@ class Listwise(Distiller):
     the local slice, ``kdkit.distributed.gather``), so 2 processes x B give the loss of one
     process x 2B. Reads ``features["query"]`` ``[B, D]`` and ``features["passage"]``
     ``[B, 1 + k, D]`` (``data.stream=tuples`` or ``both``). Returns ``"loss"``.
+
+    With a scorer teacher (``features["scores"]`` ``[B, 1 + k]``: a cross-encoder or MaxSim,
+    scored before training for each query's own group only) j runs over the query's own group
+    instead: both softmaxes are over its positive and its k hard negatives (RocketQAv2's
+    listwise setting), with no in-batch negatives.
 
     Args:
         weight: multiplier of the loss.
@@ -50,6 +66,9 @@ class Listwise(Distiller):
 
     def forward(self, student: Outputs, teacher: Outputs, batch: dict) -> dict[str, Tensor]:
         sq, sp = feature(student, "query", "listwise"), feature(student, "passage", "listwise")
+        if "scores" in teacher.features:  # a scorer knows each query's own group only
+            return {"loss": group_listwise_kl(group_scores(sq, sp), teacher.features["scores"],
+                                              self.temperature, self.teacher_temperature)}
         tq, tp = feature(teacher, "query", "listwise"), feature(teacher, "passage", "listwise")
         if sp.shape[:2] != tp.shape[:2]:
             raise KdkitError(f"listwise: passage groups {tuple(sp.shape[:2])} (student) != "

@@ -32,6 +32,8 @@ Dense retrieval (``RetrievalTask``; ``sentence_transformers_dir.py``)::
 
     export/                SentenceTransformer.save: modules.json, config.json + model.safetensors
                            (transformer), tokenizer, 1_Pooling/, [2_Dense/], [N_Normalize/]
+    export/exit<k>/        the same for the student cut after block k (task.export_exits:
+                           multi-exit students, ``kdkit.tasks.retrieval_exits``)
 
     model = sentence_transformers.SentenceTransformer("export")
     embeddings = model.encode(["a query"])    # = kdkit's TextEncoder.encode

@@ -78,10 +78,34 @@ class TextEncoder(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """``[B, L]`` token ids and mask -> ``[B, D]`` embeddings."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.embed_states(hidden, attention_mask)
+
+    def embed_states(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        """Token states ``[B, L, H]`` -> embeddings: pooling, projection, normalisation."""
         pooled = pool(hidden, attention_mask, self.pooling)
         if self.projection is not None:
             pooled = self.projection(pooled)
         return F.normalize(pooled, p=2, dim=-1) if self.normalize else pooled
+
+    def forward_exits(self, input_ids: Tensor, attention_mask: Tensor,
+                      exits: Sequence[int]) -> tuple[Tensor, dict[int, Tensor]]:
+        """The embedding and, per exit ``k`` in ``exits``, the embedding after block ``k``
+        (0-based): the same pooling, projection and normalisation applied to that block's token
+        states, i.e. what this encoder cut to its first ``k + 1`` blocks (``cut_at_exit``)
+        computes. One forward: the backbone returns every block's states
+        (``output_hidden_states``), which costs nothing extra beyond keeping them.
+
+        Exact for encoders whose block outputs feed the next block unchanged (BERT, MiniLM,
+        DistilBERT, RoBERTa: post-norm); a pre-norm model's final norm would be missing.
+        """
+        n = self.num_layers
+        bad = [k for k in exits if not 0 <= int(k) < n]
+        if bad:
+            raise KdkitError(f"exits {bad}: this encoder has blocks 0..{n - 1}")
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        states = out.hidden_states  # [embeddings, block 0, ..., block n-1]
+        per_exit = {int(k): self.embed_states(states[int(k) + 1], attention_mask) for k in exits}
+        return self.embed_states(out.last_hidden_state, attention_mask), per_exit
 
     def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> dict[str, Tensor]:
         """Padded ``input_ids`` / ``attention_mask`` for ``texts`` (truncated to ``max_length``)."""
@@ -395,6 +419,19 @@ def keep_layers(backbone: nn.Module, layers: Sequence[int]) -> nn.Module:
     blocks.extend(kept)
     backbone.config.num_hidden_layers = len(layers)
     return backbone
+
+
+def cut_at_exit(encoder: TextEncoder, exit: int) -> TextEncoder:
+    """A copy of ``encoder`` keeping only blocks ``0..exit``: its embeddings are
+    ``encoder.forward_exits(..., [exit])``'s (a multi-exit student cut for deployment)."""
+    import copy
+
+    n = encoder.num_layers
+    if not 0 <= int(exit) < n:
+        raise KdkitError(f"exit {exit}: this encoder has blocks 0..{n - 1}")
+    cut = copy.deepcopy(encoder)
+    keep_layers(cut.backbone, range(int(exit) + 1))
+    return cut
 
 
 def from_teacher_layers(name_or_path: str | None = None, layers: Sequence[int] = (0, 5),

@@ -18,8 +18,11 @@ from kdkit.errors import KdkitError
 from kdkit.outputs import Outputs
 from kdkit.retrieval_metrics import DEFAULT_METRICS, retrieval_metrics
 from kdkit.tasks.base import DistillationTask
-from kdkit.tasks.retrieval_table import (FIELDS, EmbeddingCache, build_teacher_table, teacher_source,
-                                         embedding_outputs as _outputs)
+from kdkit.tasks.retrieval_dims import check_eval_dims, truncated_metrics
+from kdkit.tasks.retrieval_exits import ExitEvaluation, check_exits, save_exits
+from kdkit.tasks.retrieval_layers import layer_outputs, requests, split
+from kdkit.tasks.retrieval_table import FIELDS, EmbeddingCache, embedding_outputs as _outputs
+from kdkit.tasks.retrieval_teachers import check_options, prepare_teachers, split_teachers
 from kdkit.teacher_source import TeacherSource
 
 
@@ -38,6 +41,12 @@ class RetrievalTask(DistillationTask):
     fingerprint), read through a ``PrecomputedTeacher``: training never runs the teacher. The
     datamodule runs no model: it gets the student's tokenizer and the mined hard negatives.
 
+    Several teachers (``teachers: {bi: minilm, maxsim: minilm_maxsim}``; each distiller reads
+    the one it names) may mix bi-encoders and pair scorers (``kdkit.models.scorers``): a scorer
+    gives ``features["scores"]`` ``[B, G]`` from a table of its scores of every (train query,
+    positive or candidate) pair, computed before training; who mines the negatives, RocketQA
+    denoising and the asymmetric index: ``kdkit.tasks.retrieval_teachers``.
+
     Task loss (stages without distillers: the baseline): InfoNCE over in-batch and hard
     negatives (Karpukhin et al. 2020, DPR), gathered across ranks:
     ``L = -log exp(s(q_i, p_i^+)/tau) / sum_j exp(s(q_i, p_j)/tau)``.
@@ -48,7 +57,7 @@ class RetrievalTask(DistillationTask):
     queries / the teacher's corpus index, LEAF's asymmetric mode).
 
     Args:
-        student, teacher: ``kdkit.models.text.TextEncoder`` s.
+        student, teacher: ``kdkit.models.text.TextEncoder`` s (a teacher may be a scorer).
         temperature: tau of the InfoNCE task loss.
         asymmetric: also evaluate student queries against the teacher's corpus embeddings.
         metrics: ranx metric names.
@@ -56,6 +65,18 @@ class RetrievalTask(DistillationTask):
         throughput_passages: corpus passages encoded per throughput measurement.
         throughput_batch_size: batch size of that measurement.
         throughput_repeats: timed rounds (teacher and student alternate; medians reported).
+        eval_dims: also evaluate with query and corpus embeddings cut to their first d
+            coordinates and re-normalised, as ``<metric>@d<d>`` for each d narrower than the
+            model (``kdkit.tasks.retrieval_dims``; Matryoshka students, truncated teachers).
+        eval_exits: also evaluate the student cut after each of these blocks (0-based), as
+            ``<metric>@exit<k>`` (``kdkit.tasks.retrieval_exits``; multi-exit students).
+        export_exits: also export the student cut after each of these blocks, as
+            ``export/exit<k>/`` sentence-transformers folders.
+        negatives_from: the bi-encoder teacher whose ranking gives the hard negatives (None: the
+            first bi-encoder teacher; with scorer teachers only, the student's initial ranking).
+        denoise_threshold: RocketQA denoising: drop a mined negative n when s(q, n) -
+            max s(q, p+) > threshold, s the first scorer teacher's score (else the mining
+            bi-encoder's); None: off (``kdkit.tasks.retrieval_teachers``).
         **kwargs: see ``DistillationTask`` (``task_loss_weight`` defaults to 0 here: the
             InfoNCE term joins the distillers only when asked; stages without distillers use 1).
     """
@@ -66,25 +87,28 @@ class RetrievalTask(DistillationTask):
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, temperature: float = 0.05,
                  asymmetric: bool = True, metrics=DEFAULT_METRICS, search_backend: str = "torch",
                  throughput_passages: int = 64, throughput_batch_size: int = 32, throughput_repeats: int = 3,
-                 **kwargs):
+                 eval_exits=None, export_exits=None, eval_dims=None, negatives_from: str | None = None,
+                 denoise_threshold: float | None = None, **kwargs):
         for key in ("student_normalize", "teacher_normalize"):
             if kwargs.get(key):
                 raise KdkitError(f"{key} is an image option; text encoders normalise nothing")
-        if len(kwargs.get("teachers") or {}) + (teacher is not None) > 1:
-            raise KdkitError("the retrieval task reads one teacher (its embedding table is built "
-                             "per run); several retrieval teachers are not supported yet")
         super().__init__(student, teacher, **kwargs)
+        check_options(self._teacher_models(), negatives_from)
+        self.negatives_from, self.denoise_threshold = negatives_from, denoise_threshold
+        self.denoised: int | None = None  # candidates dropped by denoising (setup)
         self.temperature = float(temperature)
         self.asymmetric = asymmetric
         self.metric_names = list(metrics)
         self.search_backend = search_backend
         self.throughput = (int(throughput_passages), int(throughput_batch_size), int(throughput_repeats))
+        self.eval_dims = check_eval_dims(eval_dims)
         self._table: Tensor | None = None  # [N_pool, D] the teacher's embeddings of the pool texts
         self._teacher_index: Tensor | None = None  # [N_docs, D] its corpus index (own length)
         self._embeddings: EmbeddingCache | None = None  # the data's embedding cache (setup)
         self._eval: dict[str, list] = {"val": [], "test": []}
         self._known_corpus: dict[str, Tensor | None] = {"val": None, "test": None}
         self._fitted = False
+        self._exit_eval, self.export_exits = exit_options(self, eval_exits, export_exits)
 
     # ---- binding to the data --------------------------------------------------------------------
     def _datamodule(self) -> RetrievalData:
@@ -103,33 +127,65 @@ class RetrievalTask(DistillationTask):
         self._embeddings = EmbeddingCache(pool.cache_dir, pool.batch_size)
         self._table = self._teacher_index = None
         negatives = None
-        if self.teacher is not None:
-            table = build_teacher_table(self.teacher.model, pool)
-            self._table, self._teacher_index, negatives = table.rows, table.index, table.negatives
-            name = self._only_teacher()
-            live = super().make_teacher_source(name, None)
-            self.teacher_sources[name] = teacher_source(name, self._table, fallback=_SameTokens(self, live))
+        if self.teachers:  # bi-encoders: embedding tables; scorers: pair-score tables
+            plan = prepare_teachers(self._teacher_models(), self.student, pool, self._live_source,
+                                    self.negatives_from, self.denoise_threshold, getattr(dm, "num_negatives", 0))
+            self._teacher_index, negatives, self.denoised = plan.index, plan.negatives, plan.dropped
+            self.teacher_sources.update(plan.sources)
+            bi = split_teachers(self._teacher_models())[0]
+            self._table = plan.sources[bi[0]].table if len(self.teachers) == 1 and bi else None
+            for name in bi:
+                if self._layer_names(name):  # per-layer features: the table holds final embeddings only
+                    self.teacher_sources[name] = self._live_source(name)
         dm.use_negatives(negatives)
         super().setup(stage)
 
     def probe(self, datamodule) -> None:
-        """As the base class, with batches tokenised for this student (the teacher forwards live:
-        its embedding table is computed when its stage sets up)."""
+        """As the base class, with batches tokenised for this student (bi-encoder teachers
+        forward live, scorer teachers score the batch's texts: their tables are computed when
+        their stage sets up)."""
+        from kdkit.models.scorers import is_scorer
         from kdkit.models.text import tokenizer_identity
+        from kdkit.tasks.retrieval_scores import ScorerOnTexts
 
         datamodule.use_tokenizer(self.student.tokenizer, self.student.max_length)
         datamodule.use_negatives(None)
-        teacher = self.teacher
-        if teacher is not None and (tokenizer_identity(self.student.tokenizer)
-                                    != tokenizer_identity(teacher.model.tokenizer)):
-            return  # the teacher reads its own tokens only through the table its stage computes
+        for name, model in self._teacher_models().items():
+            if is_scorer(model):
+                texts = lambda: [t for kind in datamodule.static_pool().texts.values() for t in kind]  # noqa: E731
+                self.teacher_sources[name] = ScorerOnTexts(name, model, texts)
+            elif tokenizer_identity(self.student.tokenizer) != tokenizer_identity(model.tokenizer):
+                return  # the teacher reads its own tokens only through the table its stage computes
         super().probe(datamodule)
+
+    def _teacher_models(self) -> dict[str, nn.Module]:
+        return {name: t.model for name, t in self.teachers.items()}
+
+    def _live_source(self, name: str) -> TeacherSource:
+        """Bi-encoder teacher ``name`` run live, where it reads the student's tokens."""
+        return _SameTokens(self, super().make_teacher_source(name, None))
+
+    def _bi_teacher(self) -> nn.Module | None:
+        """The bi-encoder teacher the student is compared with (the mining one, else the first)."""
+        bi = split_teachers(self._teacher_models())[0]
+        name = self.negatives_from if self.negatives_from in bi else (bi[0] if bi else None)
+        return self.teachers[name].model if name else None
 
     def on_train_start(self) -> None:
         self._fitted = True  # trained weights: not worth caching the corpus encoding
 
     # ---- outputs ------------------------------------------------------------------------------
+    def _feature_names(self, role: str) -> list[str]:
+        return split(super()._feature_names(role))[0]  # per-layer features are no modules to tap
+
+    def _layer_names(self, role: str) -> list[str]:
+        """The per-layer features (``kdkit.tasks.retrieval_layers``) the distillers read from ``role``."""
+        return split(super()._feature_names(role))[1]
+
     def forward_outputs(self, model, batch: dict, role: str) -> Outputs:
+        wanted = self._layer_names(role)
+        if wanted:
+            return layer_outputs(model, batch, requests(wanted, model.num_layers, role))
         feats = {f: model(batch[f"{f}_input_ids"], batch[f"{f}_attention_mask"])
                  for f in FIELDS if f"{f}_input_ids" in batch}
         return _outputs(feats)
@@ -145,6 +201,9 @@ class RetrievalTask(DistillationTask):
         self._eval[stage] = []
         dm = self._datamodule()
         self._known_corpus[stage] = self._embedding_cache().load(self.student, "corpus", dm.eval_max_length)
+        if self._exit_eval is not None:  # every exit needs the corpus encoded
+            self._known_corpus[stage] = None
+            self._exit_eval.start(stage)
 
     def _embedding_cache(self) -> EmbeddingCache:
         if self._embeddings is None:
@@ -161,7 +220,11 @@ class RetrievalTask(DistillationTask):
         keep = batch["is_query"] if self._known_corpus[stage] is not None else torch.ones_like(batch["is_query"])
         if not keep.any():
             return  # corpus rows already known for these exact weights (embedding cache)
-        emb = self._student_forward(batch["text_input_ids"][keep], batch["text_attention_mask"][keep])
+        if self._exit_eval is not None:
+            emb = self._exit_eval.encode(stage, self._student_forward, batch["index"][keep],
+                                         batch["text_input_ids"][keep], batch["text_attention_mask"][keep])
+        else:
+            emb = self._student_forward(batch["text_input_ids"][keep], batch["text_attention_mask"][keep])
         self._eval[stage].append((batch["index"][keep].cpu(), emb.float().cpu()))
 
     def compute_metrics(self, stage: str) -> dict[str, Tensor]:
@@ -191,12 +254,16 @@ class RetrievalTask(DistillationTask):
         q_qrels = {q: qrels[q] for q in q_ids}
         q_emb = rows[n_docs + queries]
         out = retrieval_metrics(q_emb, rows[docs], q_ids, d_ids, q_qrels, self.metric_names, self.search_backend)
+        out.update(truncated_metrics(q_emb, rows[docs], q_ids, d_ids, q_qrels, self.eval_dims, self.metric_names,
+                                     self.search_backend))
         if self.asymmetric and self._teacher_index is not None:
             teacher_docs = self._teacher_index.float().cpu()[docs]
             if teacher_docs.shape[1] == q_emb.shape[1]:
                 asym = retrieval_metrics(q_emb, teacher_docs, q_ids, d_ids, q_qrels, self.metric_names,
                                          self.search_backend)
                 out.update({f"asym/{k}": v for k, v in asym.items()})
+        if self._exit_eval is not None:
+            out.update(self._exit_eval.metrics(stage, doc_ids, query_ids, qrels))
         return {k: torch.tensor(v) for k, v in out.items()}
 
     # ---- report and export --------------------------------------------------------------------
@@ -211,8 +278,9 @@ class RetrievalTask(DistillationTask):
         dm = self._datamodule()
         texts = dm.passage_texts(n)
         models = {"student": self.student}
-        if self.teacher is not None:
-            models["teacher"] = self.teacher.model
+        teacher = self._bi_teacher()
+        if teacher is not None:
+            models["teacher"] = teacher
         inputs = {name: [m.tokenize(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
                   for name, m in models.items()}
         timings: dict[str, list[float]] = {name: [] for name in models}
@@ -229,8 +297,10 @@ class RetrievalTask(DistillationTask):
         report = {"params": sum(p.numel() for p in self.student.parameters()),
                   "layers": self.student.num_layers, "dim": self.student.dim,
                   "max_length": self.student.max_length, "passages_per_s": rate["student"]}
+        if self.denoised is not None:
+            report["denoised_negatives"] = self.denoised
         if "teacher" in rate:
-            report.update({"teacher_params": sum(p.numel() for p in self.teacher.model.parameters()),
+            report.update({"teacher_params": sum(p.numel() for p in teacher.parameters()),
                            "teacher_passages_per_s": rate["teacher"],
                            "speedup": rate["student"] / rate["teacher"]})
         return report
@@ -241,6 +311,8 @@ class RetrievalTask(DistillationTask):
         ``adapters.pt`` only if asked."""
         directory = Path(self.student.save_pretrained(directory))
         paths = [directory]
+        if self.export_exits:
+            paths += save_exits(self.student, directory, self.export_exits)
         if with_adapters and len(self.distillers):
             paths.append(directory / "adapters.pt")
             torch.save(self.distillers.state_dict(), paths[-1])
@@ -256,10 +328,36 @@ class _SameTokens(TeacherSource):
     def outputs(self, batch: dict) -> Outputs:
         from kdkit.models.text import tokenizer_identity
 
-        if tokenizer_identity(self.task.student.tokenizer) != tokenizer_identity(self.task.teacher.model.tokenizer):
+        teacher = self.task.teachers[self.name].model
+        if tokenizer_identity(self.task.student.tokenizer) != tokenizer_identity(teacher.tokenizer):
             raise KdkitError("teacher and student tokenizers differ and the batch has no teacher-table "
                              "rows (*_pool indices): the teacher cannot read the student's tokens")
         return self.live.outputs(batch)
+
+
+def exit_options(task: RetrievalTask, eval_exits, export_exits):
+    """The task's ``ExitEvaluation`` (None without ``eval_exits``) and export exits, checked
+    against the student; and, when a distiller reads a teacher's per-layer embeddings, the
+    check that the teacher can run live on the student's tokens (its table has final
+    embeddings only)."""
+    from kdkit.models.text import tokenizer_identity
+
+    evaluation = None
+    if eval_exits:
+        evaluation = ExitEvaluation(check_exits(eval_exits, task.student.num_layers, "eval_exits"),
+                                    task.metric_names, task.search_backend)
+    for name, teacher in task.teachers.items():
+        wanted = task._layer_names(name)
+        if not wanted:
+            continue
+        tokenizer = getattr(teacher.model, "tokenizer", None)
+        if tokenizer is None or tokenizer_identity(tokenizer) != tokenizer_identity(task.student.tokenizer):
+            raise KdkitError(f"distillers read the teacher's per-layer embeddings ({', '.join(wanted)}): the "
+                             "teacher must run live on the student's tokens, but their tokenizers differ "
+                             "(use a student with the teacher's tokenizer, e.g. student=minilm_layers)")
+    if export_exits:
+        export_exits = check_exits(export_exits, task.student.num_layers, "export_exits")
+    return evaluation, list(export_exits or []) or None
 
 
 def info_nce(query: Tensor, passages: Tensor, temperature: float) -> Tensor:

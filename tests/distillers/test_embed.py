@@ -95,7 +95,7 @@ def test_gradients_reach_only_the_student():
 
 def test_yaml_and_errors():
     d = from_yaml("embed")
-    assert isinstance(d, Embed) and d.loss == "cosine" and d.fields is None and d.weight == 1.0
+    assert isinstance(d, Embed) and d.loss == "cosine" and d.fields is None and d.weight == 1.0 and not d.project
     pair = TextPair(student_width=16, teacher_width=24)
     with pytest.raises(KdkitError, match=r"\(16,\).*\(24,\).*projection_dim"):
         d.build(pair.student_outputs(), pair.teacher_outputs(), None)
@@ -106,3 +106,32 @@ def test_yaml_and_errors():
     with pytest.raises(KdkitError, match="lacks"):
         Embed(fields=["query"])(Outputs(features={"text": torch.ones(1, 2)}),
                                 Outputs(features={"text": torch.ones(1, 2)}), {})
+
+
+def test_projection_for_a_compact_student_value_and_gradients():
+    """project=true: a narrower student is compared through a learned Linear(D_s, D_t) (LEALLA)."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 2, generator=g), torch.randn(3, 4, generator=g)
+    d = Embed(project=True, fields=["text"])
+    d.build(Outputs(features={"text": s}), Outputs(features={"text": t}), None)
+    assert (d.projection.in_features, d.projection.out_features) == (2, 4)
+    w, b = d.projection.weight.detach(), d.projection.bias.detach()
+    z = [[w[o, 0].item() * x[0] + w[o, 1].item() * x[1] + b[o].item() for o in range(4)] for x in s.tolist()]
+    by_hand = sum(1 - sum(p * q for p, q in zip(a, c)) / math.sqrt(sum(p * p for p in a) * sum(q * q for q in c))
+                  for a, c in zip(z, t.tolist())) / 3
+    got = d(Outputs(features={"text": s}), Outputs(features={"text": t}), {})["loss"]
+    assert got.item() == pytest.approx(by_hand, rel=1e-5)
+
+    pair = TextPair(student_width=16, teacher_width=24)
+    d = Embed(project=True)
+    d.build(pair.student_outputs(), pair.teacher_outputs(), None)
+    d(pair.student_outputs(), pair.teacher_outputs(), {})["loss"].backward()
+    pair.assert_only_student_learns()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in d.projection.parameters())
+    # equal widths: nothing to learn, the plain LEAF loss
+    same = TextPair()
+    d = Embed(project=True)
+    d.build(same.student_outputs(), same.teacher_outputs(), None)
+    assert d.projection is None and not list(d.parameters())
+    with pytest.raises(KdkitError, match=r"projection_dim.*embed.project=true"):
+        Embed().build(pair.student_outputs(), pair.teacher_outputs(), None)

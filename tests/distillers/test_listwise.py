@@ -52,6 +52,23 @@ def test_every_passage_of_the_batch_is_a_candidate():
     assert Listwise()(same, same, {})["loss"].item() == pytest.approx(0, abs=1e-6)
 
 
+def test_a_scorer_teacher_gives_a_kl_over_each_querys_own_group():
+    """features["scores"] [B, G]: the softmaxes run over the query's group, not the whole batch."""
+    sq, sp, _, _ = data(b=3, g=4)
+    t = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    got = Listwise(temperature=0.1, teacher_temperature=0.5)(
+        Outputs(features={"query": sq, "passage": sp}), Outputs(features={"scores": t}), {})["loss"].item()
+    expected = 0.0
+    for i in range(3):
+        s = [float(sq[i] @ sp[i, j]) / 0.1 for j in range(4)]
+        u = [float(t[i, j]) / 0.5 for j in range(4)]
+        zs, zt = sum(math.exp(x) for x in s), sum(math.exp(x) for x in u)
+        expected += sum(math.exp(b) / zt * (b - math.log(zt) - a + math.log(zs)) for a, b in zip(s, u)) / 3
+    assert got == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(KdkitError, match="teacher scores"):
+        Listwise()(Outputs(features={"query": sq, "passage": sp}), Outputs(features={"scores": t[:, :3]}), {})
+
+
 def test_gradients_reach_only_the_student():
     pair = TextPair(student_width=16, teacher_width=24)
     Listwise()(pair.student_outputs(), pair.teacher_outputs(), {})["loss"].backward()

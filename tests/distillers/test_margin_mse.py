@@ -59,3 +59,13 @@ def test_yaml_and_errors():
         d(one, one, {})
     with pytest.raises(KdkitError, match="feature 'passage'"):
         d(Outputs(features={"query": torch.ones(2, 3)}), one, {})
+
+
+def test_a_scorer_teachers_pair_scores_replace_its_embeddings():
+    g = torch.Generator().manual_seed(1)
+    sq, sp = torch.randn(2, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    scores = torch.tensor([[3.0, 1.0, 2.5], [0.0, -1.0, 0.5]])  # a cross-encoder's (q, p) scores
+    got = MarginMSE()(Outputs(features={"query": sq, "passage": sp}), Outputs(features={"scores": scores}), {})
+    s = group_scores(sq, sp)
+    want = sum(((s[i, 0] - s[i, j]) - (scores[i, 0] - scores[i, j])) ** 2 for i in range(2) for j in (1, 2)) / 4
+    assert got["loss"].item() == pytest.approx(want.item(), rel=1e-5)

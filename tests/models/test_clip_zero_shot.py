@@ -1,6 +1,5 @@
 """An open_clip model as an image classifier through its zero-shot head (kdkit.models.clip_zero_shot)."""
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
