@@ -156,12 +156,20 @@ def main() -> None:
     if stale and (args.teacher_only or names):  # none yet, or at another --teacher-length
         print("== teacher: truncated evaluation", flush=True)
         log.record(teacher_truncated(out, args.extra, args.teacher_length))
-    for name in names:
+    train_missing(log, {n: CONFIGS[n][1] for n in names}, args, out)
+    write("retrieval_compact.md", report(log, args.out, args.steps))
+
+
+def train_missing(log, configs: dict[str, list[str]], args, out: Path, after=None) -> None:
+    """Train every ``configs`` entry (name -> overrides) not yet in ``log`` for ``args.steps``
+    steps, recording each row as it finishes (``after()`` then, e.g. rewrite the table)."""
+    for name, overrides in configs.items():
         if name in log.done:
             continue
         print(f"== {name}: {args.steps} steps", flush=True)
-        log.record(train(name, CONFIGS[name][1], args.steps, out, args.precision, args.extra))
-    write("retrieval_compact.md", report(log, args.out, args.steps))
+        log.record(train(name, overrides, args.steps, out, args.precision, args.extra))
+        if after is not None:
+            after()
 
 
 if __name__ == "__main__":

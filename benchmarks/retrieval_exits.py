@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import RunLog, header, write  # noqa: E402
-from benchmarks.retrieval_compact import train  # noqa: E402
+from benchmarks.retrieval_compact import train_missing  # noqa: E402
 
 EXPERIMENT = "experiment=scifact_minilm_exits"
 CONFIGS = {
@@ -84,13 +84,11 @@ def main() -> None:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         p.error(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
-    for name in names:
-        if name in log.done:
-            continue
-        print(f"== {name}: {args.steps} steps", flush=True)
-        log.record(train(name, CONFIGS[name][1], args.steps, out, args.precision, args.extra))
+    def table():
         write("retrieval_exits.md", report(log, args.out, args.steps, args.precision))
-    write("retrieval_exits.md", report(log, args.out, args.steps, args.precision))
+
+    train_missing(log, {n: CONFIGS[n][1] for n in names}, args, out, after=table)
+    table()
 
 
 if __name__ == "__main__":

@@ -324,12 +324,15 @@ class _SameTokens(TeacherSource):
 
     def __init__(self, task: RetrievalTask, live: TeacherSource):
         self.name, self.task, self.live = live.name, task, live
+        self._same: bool | None = None  # tokenizers never change: hash them once, not every step
 
     def outputs(self, batch: dict) -> Outputs:
         from kdkit.models.text import tokenizer_identity
 
-        teacher = self.task.teachers[self.name].model
-        if tokenizer_identity(self.task.student.tokenizer) != tokenizer_identity(teacher.tokenizer):
+        if self._same is None:
+            teacher = self.task.teachers[self.name].model
+            self._same = tokenizer_identity(self.task.student.tokenizer) == tokenizer_identity(teacher.tokenizer)
+        if not self._same:
             raise KdkitError("teacher and student tokenizers differ and the batch has no teacher-table "
                              "rows (*_pool indices): the teacher cannot read the student's tokens")
         return self.live.outputs(batch)
