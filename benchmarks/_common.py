@@ -51,23 +51,69 @@ def mean_std(values: list[float], scale: float = 100.0) -> str:
     return f"{m:.2f} ± {statistics.stdev(values) * scale:.2f}"
 
 
+RUNS = Path(__file__).resolve().parent / "runs"
+RAW = RESULTS / "raw"
+
+
+def archive_of(path: Path) -> Path | None:
+    """Where a run log under ``benchmarks/runs/`` keeps its committed copy:
+    ``benchmarks/results/raw/<its folder, "/" as "__">.jsonl``; None for a log elsewhere (a test's
+    temporary folder, a reproduction that wants its own runs: ``--out`` outside ``benchmarks/runs``)."""
+    try:
+        rel = Path(path).resolve().parent.relative_to(RUNS)
+    except ValueError:
+        return None
+    return RAW / f"{'__'.join(rel.parts) or 'runs'}.jsonl"
+
+
 class RunLog:
     """Finished benchmark runs, one JSON line each in ``path``, so an interrupted benchmark
-    resumes where it stopped. ``done`` maps ``key(row)`` to the row (a later line wins)."""
+    resumes where it stopped. ``done`` maps ``key(row)`` to the row (a later line wins).
 
-    def __init__(self, path: Path, key):
+    ``benchmarks/runs/`` is not committed and goes with its machine, and a results file is
+    rewritten from its log: a partial rerun on a fresh machine would drop every row measured
+    before. So a log under ``benchmarks/runs/`` also appends each row to a committed copy
+    (``archive_of``), and reads that copy first: its rows count as done (delete a row there, or
+    pass an ``--out`` elsewhere, to run it again)."""
+
+    def __init__(self, path: Path, key, archive: Path | None | bool = True):
         self.path, self.key = Path(path), key
-        self.done: dict = {}
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                row = json.loads(line)
-                self.done[key(row)] = row
+        self.archive = archive_of(self.path) if archive is True else (archive or None)
+        archived = self._read(self.archive)
+        local = self._read(self.path)
+        self.done = {**archived, **local}
+        missing = [row for k, row in local.items() if k not in archived]
+        if self.archive is not None and missing:  # a log from before the copy existed
+            self._append(self.archive, missing)
+
+    def _read(self, path: Path | None) -> dict:
+        rows = {}
+        if path is not None and path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    rows[self.key(row)] = row
+        return rows
+
+    @staticmethod
+    def _append(path: Path, rows: list[dict]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
 
     def record(self, row: dict) -> dict:
         self.done[self.key(row)] = row
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        for target in (self.path, self.archive):
+            if target is not None:
+                self._append(target, [row])
         return row
+
+
+def restored_note(rows) -> list[str]:
+    """Report lines naming where rows marked ``restored_from`` came from (rows re-entered from a
+    committed results file after their raw log was lost), with a blank line after; none if none."""
+    sources = sorted({r["restored_from"] for r in rows if r.get("restored_from")})
+    return [f"Rows {s}." for s in sources] + ([""] if sources else [])
 
 
 def write(name: str, text: str) -> Path:

@@ -31,7 +31,7 @@ sentence-transformers step). When kdkit is slower, ``cProfile`` runs each side a
 training, each student is scored on SciFact test (300 queries, the whole corpus at 256 tokens)
 with its own tool's ``encode`` and an exact search (``kdkit.retrieval_metrics``).
 
-``--equal-time`` (written for the record; ~40 min on 2 cores): kdkit's recipe
+``--equal-time`` (~45 min on 2 cores in fp32; ``peers.md``, section "equal training time"): kdkit's recipe
 ``experiment=scifact_minilm_sentences`` through ``kdkit.pipeline.run``, then the best
 sentence-transformers recipe built here for the same texts (passages, queries and 2 sentences per
 passage), targets, loss (1 - cos: ``EmbedDistillLoss(distance_metric="cosine")``), dropout 0,
@@ -342,8 +342,9 @@ def step_time(args) -> float:
 
 
 EQUAL_TIME_NOTE = ("Equal training time, kdkit's best recipe against the best sentence-transformers recipe built "
-                   "for the same work (not run here; ~40 min on 2 cores):\n"
-                   "`python benchmarks/peers.py st --equal-time --threads 2 --precision bf16-mixed`\n")
+                   "for the same work: the section \"equal training time\" "
+                   "(`python benchmarks/peers.py st --equal-time --threads 2`, ~50 min on 2 cores; "
+                   "add `--precision bf16-mixed` on AMX CPUs).\n")
 
 
 # -------------------------------------------------------------- equal time
@@ -406,7 +407,7 @@ def equal_time(args) -> float:
         "",
         "| side | steps | train time (min) | SciFact test nDCG@10 | R@100 |",
         "|---|---|---|---|---|",
-        f"| kdkit `experiment=scifact_minilm_sentences` | {kd.get('steps', '-')} | {budget / 60:.1f} | "
+        f"| kdkit `experiment=scifact_minilm_sentences` | {kd.get('fit_steps', '-')} | {budget / 60:.1f} | "
         f"{kd['test/ndcg@10']:.4f} | {kd['test/recall@100']:.4f} |",
         f"| sentence-transformers, same recipe | {steps} | {st_fit / 60:.1f} | {st_scores['ndcg@10']:.4f} | "
         f"{st_scores['recall@100']:.4f} |",

@@ -41,11 +41,20 @@ def cell(row: dict, part: str | None, metric: str = "ndcg@10") -> str:
     return f"{row[key]:.3f}" if key in row else "-"
 
 
+def speeds(row: dict) -> str:
+    """Encode rate of the whole student and of each cut, with its ratio to the teacher's."""
+    cells = []
+    for part, _ in PARTS:
+        rate, ratio = (row.get(f"{key}@{part}" if part else key) for key in ("passages_per_s", "speedup"))
+        cells.append(f"{rate:.1f} ({ratio:.2f}x)" if rate and ratio else "-")
+    return " / ".join(cells)
+
+
 def report(log: RunLog, out_arg: str, steps: int, precision: str) -> str:
     lines = [header("Multi-exit students: SciFact nDCG@10 per exit"), ""]
     lines += ["| student | " + " | ".join(f"nDCG@10 {label}" for _, label in PARTS)
-              + " | R@100 whole / exit1 / exit0 | train min |",
-              "|---|" + "---|" * len(PARTS) + "---|---|"]
+              + " | R@100 whole / exit1 / exit0 | passages/s whole / exit1 / exit0 (x teacher) | train min |",
+              "|---|" + "---|" * len(PARTS) + "---|---|---|"]
     for name, (desc, _) in CONFIGS.items():
         row = log.done.get(name)
         if row is None:
@@ -53,14 +62,16 @@ def report(log: RunLog, out_arg: str, steps: int, precision: str) -> str:
         recall = " / ".join(cell(row, part, "recall@100") for part, _ in PARTS)
         minutes = f"{row['fit_seconds'] / 60:.1f}" if "fit_seconds" in row else "-"
         lines.append(f"| {name}: {desc} | " + " | ".join(cell(row, part) for part, _ in PARTS)
-                     + f" | {recall} | {minutes} |")
+                     + f" | {recall} | {speeds(row)} | {minutes} |")
     missing = [n for n in CONFIGS if n not in log.done]
     if missing:
         lines += ["", f"Not run: {', '.join(missing)}."]
     lines += ["", f"Protocol: {steps} optimizer steps per student (batch 32 of corpus passages and train queries "
               f"at 128 tokens, AdamW 5e-4, warm-up + cosine over the steps), trainer.precision={precision}, "
               "one seed; evaluation at the student's 256 tokens, the 300 SciFact test queries against the "
-              f"5,183 passages, exact search (ranx). Raw rows: `{out_arg}/log.jsonl`."]
+              f"5,183 passages, exact search (ranx); passages/s: each model's encode rate on 64 passages, the cuts "
+              f"(`cut_at_exit`, what `export_exits` ships) timed in turns with the whole student and the teacher. "
+              f"Raw rows: `{out_arg}/log.jsonl`."]
     return "\n".join(lines) + "\n"
 
 

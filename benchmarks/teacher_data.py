@@ -36,7 +36,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RunLog, command, header, mean_std, run_all_jobs, write  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    RunLog,
+    command,
+    header,
+    mean_std,
+    restored_note,
+    run_all_jobs,
+    write,
+)
 
 ALL_LABELS = ["data.labeled_count=null"]
 TRANSFER = {
@@ -171,9 +179,11 @@ def report(log: RunLog) -> None:
     lines.append(f"Teacher: resnet20 trained on every label ({teacher.get('train_samples', '?')} images), "
                  f"{teacher['test/acc'] * 100:.2f}% test accuracy.\n"
                  if teacher else "Teacher: the checkpoint given by `--teacher-ckpt`.\n")
-    commands = sorted({r["command"] for r in log.done.values() if r.get("command")})
+    commands = sorted({c for r in log.done.values() for c in ([r["command"]] if r.get("command")
+                                                             else r.get("source_commands", []))})
     lines += ["Runs came from these commands (the script resumes: each records what it finished):", "",
               *[f"- `{c}`" for c in commands], ""]
+    lines += restored_note(log.done.values())
     lines.append("Train times are the wall seconds of each fit, one torch thread, on a shared 2-core machine "
                  "with other runs (and tests) beside it; a run may have been paused meanwhile. They are "
                  "no speed measure: compare cost by student steps and teacher forwards.\n")

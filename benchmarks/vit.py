@@ -19,6 +19,7 @@ token <-> map adapter, OFA-KD's branch heads, masked feature distillation. Seeds
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import statistics
 import sys
 import time
@@ -26,7 +27,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RunLog, header, mean_std, run_all_jobs, write  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    RAW,
+    RunLog,
+    header,
+    machine,
+    mean_std,
+    restored_note,
+    run_all_jobs,
+    write,
+)
+
+STEPS = RAW / "vit_steps.md"  # the step-time table (``steps``), embedded in vit.md by report()
 
 PLAIN = ["student=vit_tiny"]  # no distillation token: it would average an untrained head in
 CNN_METHODS = {
@@ -103,10 +115,10 @@ def main() -> None:
 
 def train_teacher(args, common: list[str], out: Path, log: RunLog) -> str:
     """The part's teacher, trained once into ``<out>/teacher/teacher.pt`` (its row recorded)."""
+    import torch
+
     from kdkit.compose import compose
     from kdkit.pipeline import run
-
-    import torch
 
     path = out / "teacher" / "teacher.pt"
     if (args.part, "teacher", 0) not in log.done or not path.exists():
@@ -141,6 +153,7 @@ def report(logs: dict[str, RunLog]) -> None:
                          f"parameters, {teacher['fit_seconds']:.0f} s of training.\n")
         else:
             lines.append("Teacher: the checkpoint given by `--teacher-ckpt` (not trained by this benchmark).\n")
+        lines += restored_note(rows)
         lines.append("Train times are wall seconds of one-thread runs on a shared 2-core machine (other runs "
                      "alongside, and any time a run was paused or resumed), not a speed comparison: see the "
                      "step times below for that.\n")
@@ -156,7 +169,7 @@ def report(logs: dict[str, RunLog]) -> None:
     if not any(log.done for log in logs.values()):
         lines += ["No full-data row has finished yet: the rows run in pieces (each run resumes from its "
                   "last epoch's checkpoint), and this file lists them as they finish.", ""]
-    steps = Path("benchmarks/runs/vit_steps.md")
+    steps = STEPS
     if steps.exists():
         lines += [steps.read_text()]
     write("vit.md", "\n".join(lines) + "\n")
@@ -203,12 +216,12 @@ def step_times(args) -> None:
     kd = statistics.median(times["kd"])
     lines = ["## Time per training step relative to KD (`cnn` rows)", "",
              f"`python benchmarks/vit.py steps --threads {args.threads} --rounds {args.rounds}`: batch 128, resnet20 teacher -> "
-             f"vit_tiny(_distilled), {len(times['kd'])} timed steps per row taken in turns of 3.", "",
+             f"vit_tiny(_distilled), {len(times['kd'])} timed steps per row taken in turns of 3; "
+             f"{machine()}, {dt.date.today()}.", "",
              "| row | median step (ms) | vs KD |", "|---|---|---|"]
     lines += [f"| {m} | {statistics.median(t) * 1000:.0f} | {statistics.median(t) / kd:.2f}x |" for m, t in times.items()]
-    path = Path("benchmarks/runs/vit_steps.md")  # report() embeds it in vit.md
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    STEPS.parent.mkdir(parents=True, exist_ok=True)
+    STEPS.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

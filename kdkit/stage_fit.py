@@ -101,6 +101,7 @@ def fit_and_test(cfg, task, datamodule, out: Path, stage: str, train: bool,
             say(f"stage '{stage}' stopped by SIGTERM; resume with the same command and ckpt_path=last")
             raise SystemExit(143) from None
         results["fit_seconds"] = round(time.perf_counter() - start, 1)
+        results["fit_steps"] = int(trainer.global_step)  # optimizer steps in all, a resumed fit's included
         # the last validation metrics: for choosing settings without looking at the test set
         results.update({k: float(v) for k, v in trainer.callback_metrics.items()
                         if k.startswith("val/") and v.numel() == 1})

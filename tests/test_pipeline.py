@@ -19,6 +19,9 @@ def test_default_run_writes_results_for_every_stage(compose_run):
         assert metrics["params"] > 0 and metrics["latency_ms"] > 0
         assert 0.0 <= metrics["val/acc"] <= 1.0  # the last validation, recorded for tuning
     assert results["teacher"]["params"] > results["student"]["params"]
+    # conftest: trainer.max_epochs=1 and 2 train batches per epoch
+    assert results["baseline"]["fit_steps"] == results["student"]["fit_steps"] == 2
+    assert results["teacher"]["fit_steps"] % 2 == 0 and results["teacher"]["fit_steps"] >= 2
     assert json.loads(open(f"{out}/results.json").read()) == results
     assert "distiller" in open(f"{out}/config.yaml").read()
 
@@ -53,7 +56,7 @@ def test_teacher_checkpoint_is_loaded_not_trained(compose_run, tmp_path):
                                "stages.student=false")
     # evaluated on the full test set both times with the same weights: identical accuracy
     assert second["teacher"]["test/acc"] == pytest.approx(first["teacher"]["test/acc"])
-    assert "fit_seconds" not in second["teacher"]
+    assert "fit_seconds" not in second["teacher"] and "fit_steps" not in second["teacher"]
 
 
 def test_timm_student_export_loads_with_timm_checkpoint_path(compose_run):

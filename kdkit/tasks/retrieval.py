@@ -272,12 +272,18 @@ class RetrievalTask(DistillationTask):
         """Sizes, and encode throughput (passages/s) of student and teacher side by side.
 
         Both encode the same corpus passages at their own max length with the same batch size;
-        rounds alternate between the two models so load changes hit both alike.
+        rounds alternate between the models so load changes hit all alike. With ``eval_exits``,
+        the student cut at each exit (the model ``export_exits`` would ship) runs in the same
+        rounds: ``passages_per_s@exit<k>`` and ``speedup@exit<k>``.
         """
+        from kdkit.models.text import cut_at_exit
+
         n, batch_size, repeats = self.throughput
         dm = self._datamodule()
         texts = dm.passage_texts(n)
         models = {"student": self.student}
+        if self._exit_eval is not None:
+            models.update({f"exit{k}": cut_at_exit(self.student, k).eval() for k in self._exit_eval.exits})
         teacher = self._bi_teacher()
         if teacher is not None:
             models["teacher"] = teacher
@@ -299,10 +305,13 @@ class RetrievalTask(DistillationTask):
                   "max_length": self.student.max_length, "passages_per_s": rate["student"]}
         if self.denoised is not None:
             report["denoised_negatives"] = self.denoised
+        cuts = [name for name in models if name.startswith("exit")]
+        report.update({f"passages_per_s@{name}": rate[name] for name in cuts})
         if "teacher" in rate:
             report.update({"teacher_params": sum(p.numel() for p in teacher.parameters()),
                            "teacher_passages_per_s": rate["teacher"],
                            "speedup": rate["student"] / rate["teacher"]})
+            report.update({f"speedup@{name}": rate[name] / rate["teacher"] for name in cuts})
         return report
 
     def export(self, directory, with_adapters: bool = False) -> list[Path]:

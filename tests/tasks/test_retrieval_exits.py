@@ -53,6 +53,35 @@ def test_each_exit_scores_like_a_direct_search_with_the_cut_model(toy, tmp_path)
         make_task(student, teacher, eval_exits=[3])
 
 
+def test_inference_report_times_each_exit_as_its_cut_model(toy):
+    student, teacher = three_layer(toy)
+    task = make_task(student, teacher, {"embed": Embed()}, eval_exits=[0, 1])
+    dm = datamodule(toy)
+    trainer().test(task, datamodule=dm, verbose=False)
+    timed = []  # the depth of every encoder the report runs
+    for module in (student, teacher):
+        module.register_forward_pre_hook(lambda m, args: timed.append(m.num_layers))
+    original = TextEncoder.forward
+
+    def spy(self, *args):
+        if self is not student and self is not teacher:
+            timed.append(self.num_layers)
+        return original(self, *args)
+
+    TextEncoder.forward = spy
+    try:
+        report = task.inference_report(dm.example_batch())
+    finally:
+        TextEncoder.forward = original
+    assert set(timed) == {1, 2, 3, 4}  # cut after block 0, after block 1, the whole student, the teacher
+    assert student.num_layers == 3  # the cuts are copies
+    for k in (0, 1):
+        assert report[f"passages_per_s@exit{k}"] > 0
+        assert report[f"speedup@exit{k}"] == pytest.approx(report[f"passages_per_s@exit{k}"]
+                                                           / report["teacher_passages_per_s"])
+    assert "passages_per_s@exit2" not in report
+
+
 def test_multi_exit_trains_through_the_task_and_plain_runs_pay_nothing(toy, monkeypatch):
     student, teacher = three_layer(toy)
     plain = make_task(student, teacher, {"embed": Embed()})

@@ -1,0 +1,61 @@
+"""benchmarks._common.RunLog keeps a committed copy of a run log under benchmarks/runs/, so a
+fresh machine (an empty benchmarks/runs/) resumes instead of rewriting results without rows."""
+
+import json
+import shutil
+
+import pytest
+
+from benchmarks import _common
+from benchmarks._common import RunLog, archive_of
+
+
+@pytest.fixture
+def dirs(tmp_path, monkeypatch):
+    runs, raw = tmp_path / "runs", tmp_path / "results" / "raw"
+    monkeypatch.setattr(_common, "RUNS", runs)
+    monkeypatch.setattr(_common, "RAW", raw)
+    return runs, raw
+
+
+def key(row):
+    return row["name"]
+
+
+def test_archive_names_follow_the_run_folder(dirs, tmp_path):
+    runs, raw = dirs
+    assert archive_of(runs / "teacher_data" / "results.jsonl") == raw / "teacher_data.jsonl"
+    assert archive_of(runs / "vit" / "part" / "log.jsonl") == raw / "vit__part.jsonl"
+    assert archive_of(tmp_path / "elsewhere" / "log.jsonl") is None
+
+
+def test_rows_survive_the_loss_of_the_runs_folder(dirs):
+    runs, raw = dirs
+    log = RunLog(runs / "bench" / "log.jsonl", key)
+    log.record({"name": "a", "acc": 0.5})
+    log.record({"name": "b", "acc": 0.6})
+    log.record({"name": "a", "acc": 0.7})  # a rerun: the later line wins
+    shutil.rmtree(runs)  # the machine is gone, the committed copy stays
+
+    fresh = RunLog(runs / "bench" / "log.jsonl", key)
+    assert fresh.done == {"a": {"name": "a", "acc": 0.7}, "b": {"name": "b", "acc": 0.6}}
+    fresh.record({"name": "c", "acc": 0.8})
+    assert [json.loads(line)["name"] for line in (runs / "bench" / "log.jsonl").read_text().splitlines()] == ["c"]
+    assert [json.loads(line)["name"] for line in (raw / "bench.jsonl").read_text().splitlines()] == ["a", "b", "a", "c"]
+
+
+def test_a_log_from_before_the_copy_is_copied_once(dirs):
+    runs, raw = dirs
+    path = runs / "old" / "log.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"name": "x", "v": 1}) + "\n")
+    RunLog(path, key)
+    RunLog(path, key)
+    assert (raw / "old.jsonl").read_text().splitlines() == [json.dumps({"name": "x", "v": 1})]
+
+
+def test_logs_outside_the_runs_folder_are_not_copied(dirs, tmp_path):
+    runs, raw = dirs
+    log = RunLog(tmp_path / "mine" / "log.jsonl", key)
+    log.record({"name": "a"})
+    assert log.archive is None and not raw.exists()
