@@ -109,11 +109,27 @@ class RunLog:
         return row
 
 
-def restored_note(rows) -> list[str]:
+def raw_rows(out: str | Path) -> str:
+    """The report sentence naming a run folder's raw log and, for one under ``benchmarks/runs/``,
+    its committed copy (the local log goes with its machine)."""
+    log = Path(out) / "log.jsonl"
+    copy = archive_of(log)
+    root = RESULTS.parent.parent
+    shown = copy.relative_to(root) if copy and copy.is_relative_to(root) else copy
+    kept = f" (committed copy: `{shown}`)" if copy else ""
+    return f"Raw rows: `{log}`{kept}."
+
+
+def restored_note(rows, commands: bool = False) -> list[str]:
     """Report lines naming where rows marked ``restored_from`` came from (rows re-entered from a
-    committed results file after their raw log was lost), with a blank line after; none if none."""
-    sources = sorted({r["restored_from"] for r in rows if r.get("restored_from")})
-    return [f"Rows {s}." for s in sources] + ([""] if sources else [])
+    committed results file after their raw log was lost), and with ``commands`` the commands that
+    measured them (``source_commands``), with a blank line after; none if none."""
+    rows = [r for r in rows if r.get("restored_from")]
+    lines = [f"Rows {s}." for s in sorted({r["restored_from"] for r in rows})]
+    if commands:
+        ran = dict.fromkeys(c for r in rows for c in r.get("source_commands", []))
+        lines += ["Their commands: " + "; ".join(f"`{c}`" for c in ran) + "."] if ran else []
+    return lines + ([""] if lines else [])
 
 
 def write(name: str, text: str) -> Path:

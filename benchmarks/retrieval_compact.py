@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RunLog, header, write  # noqa: E402
+from benchmarks._common import RunLog, header, raw_rows, restored_note, write  # noqa: E402
 
 DIMS = (384, 256, 128, 64)
 EVAL_DIMS = "task.eval_dims=[256,128,64]"
@@ -100,8 +100,15 @@ def cell(row: dict, d: int, metric: str = "ndcg@10") -> str:
     return f"{row[key]:.3f}" if key in row else "-"
 
 
+def steps_of(log: RunLog, default: int) -> str:
+    """The training steps of the student rows present ("800", "800/2600"), else ``default``."""
+    steps = sorted({r["steps"] for r in log.done.values() if r.get("steps")})
+    return "/".join(map(str, steps)) or str(default)
+
+
 def report(log: RunLog, out_arg: str, steps: int) -> str:
     lines = [header("Compact and Matryoshka students: SciFact nDCG@10 at truncated widths"), ""]
+    lines += restored_note(log.done.values(), commands=True)
     lines += ["| model | dim | " + " | ".join(f"nDCG@10 @{d}" for d in DIMS) + " | asym nDCG@10 | train min |",
               "|---|---|" + "---|" * len(DIMS) + "---|---|"]
     t = log.done.get("teacher")
@@ -120,12 +127,15 @@ def report(log: RunLog, out_arg: str, steps: int) -> str:
         lines += ["", f"Not run: {', '.join(missing)}."]
     lines += ["", f"Protocol. A width d keeps the first d coordinates of query and corpus embeddings and "
               f"re-normalises them; exact search over the 5,183 passages, the 300 test queries, ranx. "
-              f"Students: {steps} steps each of the scifact_minilm_sentences recipe (see "
+              f"Students: {steps_of(log, steps)} steps each of the scifact_minilm_sentences recipe (see "
               f"benchmarks/retrieval.py), evaluated at 256 tokens; `asym` = student queries against the "
               f"teacher's full 384-d corpus index (none for the 128-d student: another space). "
               f"The teacher row reads texts at the token count in its label (`--teacher-length`; its "
-              f"published nDCG@10, 0.645, is at its own 256 tokens). "
-              f"Raw rows: `{out_arg}/log.jsonl`."]
+              f"published nDCG@10, 0.645, is at its own 256 tokens). Encode rate: every student here is "
+              f"the 2-layer [0, 5] encoder (compact128 adds one 384x128 linear layer), so it encodes at the "
+              f"2-layer student's rate (retrieval.md, retrieval_methods.md); a narrower student's gain is "
+              f"its index: 128 dims store and search 3x fewer numbers than 384.",
+              raw_rows(out_arg)]
     return "\n".join(lines) + "\n"
 
 

@@ -40,7 +40,7 @@ import lightning as L
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RunLog, command, header, write  # noqa: E402
+from benchmarks._common import RunLog, command, header, raw_rows, write  # noqa: E402
 
 RECIPE = ["experiment=scifact_minilm_sentences"]
 TUPLES = ["data.stream=tuples", "data.batch_size=16", "data.group_by_length=false"]  # grouping: text only
@@ -205,7 +205,7 @@ def report(log: RunLog, args) -> str:
         lines += ["", "The log's rows come from these runs, in order: " + "; ".join(f"`{c}`" for c in commands) + "."]
     probes = sorted({json.loads(f.read_text())["steps"] for f in (Path(args.out) / "clock").glob("*.json")})
     probe = "/".join(map(str, probes)) or str(args.probe_steps)
-    lines += ["", PROTOCOL.format(minutes=args.minutes, precision=args.precision, out=args.out, probe=probe)]
+    lines += ["", PROTOCOL.format(minutes=args.minutes, precision=args.precision, raw=raw_rows(args.out), probe=probe)]
     return "\n".join(lines) + "\n"
 
 
@@ -218,7 +218,7 @@ same pipeline ({probe} steps after 3 warm-up); "train min" is the measured fit t
 qrels pairs with 4 teacher-mined negatives (ranks 3-30 of the bi-encoder's ranking; scorer rows drop
 those MaxSim scores above the positive, RocketQA-style). Evaluation: 300 test queries, the whole
 corpus at 256 tokens, exact search. passages/s: the student's encode rate on 64 passages beside the
-teacher's (queries per second scale the same way: one encoder, shorter texts). Raw rows: `{out}/log.jsonl`.
+teacher's (queries per second scale the same way: one encoder, shorter texts). {raw}
 
 What equal time means here. A text step encodes 32 texts; a tuple step 96 (16 queries, positives and 4
 negatives each), so tuple rows take ~4.5x fewer steps, and `lead` runs the teacher's 6 layers live on

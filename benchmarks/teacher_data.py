@@ -192,8 +192,10 @@ def report(log: RunLog) -> None:
         if not rows:
             lines += [f"## {part}", "", "No run of this part has finished yet.", ""]
             continue
-        lines += [f"## {part}", "", "| row | overrides | seeds | test acc (%) | teacher forwards | train time (s) |",
-                  "|---|---|---|---|---|---|"]
+        epochs = sorted({epochs_of(r) for r in rows})
+        lines += [f"## {part}", "", f"Student epochs (`--epochs`; a row's `{{...}}` epochs derive from it): {', '.join(map(str, epochs))}.", "",
+                  "| row | overrides | seeds | test acc (%) | student steps | teacher forwards | train time (s) |",
+                  "|---|---|---|---|---|---|---|"]
         for method in table:
             runs = [r for r in rows if r["method"] == method]
             if not runs:
@@ -202,12 +204,23 @@ def report(log: RunLog) -> None:
             forwards = next((runs[0][k] for k in ("selection/teacher_budget/teacher_forwards",
                                                   "selection/augment_select/teacher_forwards") if k in runs[0]), "-")
             over = ", ".join(f"`{o}`" for o in table[method]) or "(the experiment)"
-            lines.append(f"| {method} | {over} | {len(accs)} | {mean_std(accs)} | {forwards} | "
+            steps = runs[0].get("fit_steps", "-")
+            lines.append(f"| {method} | {over} | {len(accs)} | {mean_std(accs)} | {steps} | {forwards} | "
                          f"{statistics.mean(r.get('fit_seconds', 0) for r in runs):.0f} |")
         lines.append("")
         if part == "transfer":
             lines += gap_recovered(rows)
     write("teacher_data.md", "\n".join(lines) + "\n")
+
+
+def epochs_of(row: dict) -> int:
+    """The ``--epochs`` a row ran with: from its command (or, for a restored row, the commands it
+    came from), else the default 30."""
+    for cmd in [row.get("command", ""), *row.get("source_commands", [])]:
+        words = cmd.replace("--epochs=", "--epochs ").split()
+        if "--epochs" in words:
+            return int(words[words.index("--epochs") + 1])
+    return 30
 
 
 def gap_recovered(rows: list[dict]) -> list[str]:

@@ -59,3 +59,20 @@ def test_logs_outside_the_runs_folder_are_not_copied(dirs, tmp_path):
     log = RunLog(tmp_path / "mine" / "log.jsonl", key)
     log.record({"name": "a"})
     assert log.archive is None and not raw.exists()
+
+
+def test_reports_name_the_committed_copy_of_a_runs_log(dirs, tmp_path):
+    runs, raw = dirs
+    assert _common.raw_rows(runs / "retrieval_exits") == (
+        f"Raw rows: `{runs / 'retrieval_exits' / 'log.jsonl'}` (committed copy: `{raw / 'retrieval_exits.jsonl'}`).")
+    assert _common.raw_rows(tmp_path / "mine") == f"Raw rows: `{tmp_path / 'mine' / 'log.jsonl'}`."
+
+
+def test_restored_rows_name_their_source_and_commands():
+    rows = [{"name": "a", "restored_from": "restored from X", "source_commands": ["cmd 1", "cmd 2"]},
+            {"name": "b", "restored_from": "restored from X", "source_commands": ["cmd 2"]},
+            {"name": "c", "command": "cmd 3"}]
+    assert _common.restored_note(rows) == ["Rows restored from X.", ""]
+    assert _common.restored_note(rows, commands=True) == [
+        "Rows restored from X.", "Their commands: `cmd 1`; `cmd 2`.", ""]
+    assert _common.restored_note(rows[2:], commands=True) == []
