@@ -110,7 +110,7 @@ def main() -> None:
                 jobs.append((m if m != "labeled_alone" else "baseline", s, over, str(out / args.part / f"{m}_s{s}")))
             for row in run_all_jobs(jobs, args.jobs, args.threads):
                 row["method"] = "labeled_alone" if row["method"] == "baseline" else row["method"]
-                log.record({"part": args.part, **row, "command": command()})
+                log.record({"part": args.part, **row, "teacher_ckpt": teacher, "command": command()})
                 print(f"[teacher_data {args.part}] {row['method']} seed {row['seed']}: test/acc "
                       f"{row['test/acc']:.4f} ({row['wall_s']:.0f} s)", flush=True)
     report(log)
@@ -157,28 +157,26 @@ def more_seeds(log: RunLog, part: str, methods: list[str]) -> list[str]:
 
 
 def train_teacher(args, common: list[str], out: Path, log: RunLog) -> str:
-    """The teacher, trained once on every label into ``<out>/teacher/teacher.pt``."""
+    """The teacher, trained once on every label into ``<out>/teacher/teacher.pt``; its row is
+    keyed by that checkpoint, which the student rows it teaches name as ``teacher_ckpt``."""
     import torch
 
     from kdkit.compose import compose
     from kdkit.pipeline import run
 
     path = out / "teacher" / "teacher.pt"
-    if ("teacher", "teacher", 0) not in log.done or not path.exists():
+    if ("teacher", str(path), 0) not in log.done or not path.exists():
         torch.set_num_threads(args.threads)
         over = [*common, "stages.baseline=false", "stages.student=false", f"teacher.max_epochs={args.teacher_epochs}"]
         res = run(compose(over, output_dir=str(path.parent)))["teacher"]
-        log.record({"part": "teacher", "method": "teacher", "seed": 0, **res, "command": command()})
+        log.record({"part": "teacher", "method": str(path), "seed": 0, **res, "command": command()})
     return str(path)
 
 
 def report(log: RunLog) -> None:
     """``teacher_data.md``: one table per part from the runs so far."""
     lines = [header("Data chosen and shaped by the teacher (CIFAR-10, resnet20 -> resnet8, KD)"), ""]
-    teacher = log.done.get(("teacher", "teacher", 0))
-    lines.append(f"Teacher: resnet20 trained on every label ({teacher.get('train_samples', '?')} images), "
-                 f"{teacher['test/acc'] * 100:.2f}% test accuracy.\n"
-                 if teacher else "Teacher: the checkpoint given by `--teacher-ckpt`.\n")
+    lines += teachers_note(log)
     commands = sorted({c for r in log.done.values() for c in ([r["command"]] if r.get("command")
                                                              else r.get("source_commands", []))})
     lines += ["Runs came from these commands (the script resumes: each records what it finished):", "",
@@ -210,7 +208,45 @@ def report(log: RunLog) -> None:
         lines.append("")
         if part == "transfer":
             lines += gap_recovered(rows)
+        if part == "augment":
+            lines += augment_cost(rows)
     write("teacher_data.md", "\n".join(lines) + "\n")
+
+
+def teachers_note(log: RunLog) -> list[str]:
+    """Which teacher checkpoint taught which parts, with its test accuracy where this benchmark
+    trained it (a checkpoint lost with its machine is trained again, so parts may differ)."""
+    trained = {r["method"]: r for (p, _, _), r in log.done.items() if p == "teacher"}
+    parts: dict[str, list[str]] = {ckpt: [] for ckpt in trained}
+    for (p, _, _), r in log.done.items():
+        if p != "teacher" and p not in parts.setdefault(r.get("teacher_ckpt", "?"), []):
+            parts[r.get("teacher_ckpt", "?")].append(p)
+    lines = ["Teachers (resnet20, trained on every label by the commands below):", ""]
+    for ckpt, used in parts.items():
+        t = trained.get(ckpt)
+        what = (f"{t['test/acc'] * 100:.2f}% test accuracy, {t.get('train_samples', '?')} training images"
+                if t else "given by `--teacher-ckpt`, not trained by this benchmark")
+        lines.append(f"- `{ckpt}`: {what}; parts: {', '.join(sorted(used, key=list(PARTS).index)) or 'none yet'}.")
+    if len(trained) > 1:
+        lines += ["", "A checkpoint went with its machine before a later part ran, so that part's teacher was "
+                  "trained again with the same recipe and seed, on another CPU kind (other kernels) and a later "
+                  "kdkit commit: it is not the same teacher. Compare rows within a part: each part has one teacher."]
+    return [*lines, ""]
+
+
+def augment_cost(rows: list[dict]) -> list[str]:
+    """What disagreement-driven augmentation gained over crop+flip and what it cost (mean of the
+    seeds each row has)."""
+    by = {m: [r for r in rows if r["method"] == m] for m in ("crop_flip", "disagreement_aug")}
+    if not all(by.values()):
+        return []
+    acc = {m: statistics.mean(r["test/acc"] for r in rs) for m, rs in by.items()}
+    secs = {m: statistics.mean(r["fit_seconds"] for r in rs) for m, rs in by.items()}
+    k = by["disagreement_aug"][0].get("selection/augment_select/candidates", "K")
+    return [f"- disagreement_aug - crop_flip: {(acc['disagreement_aug'] - acc['crop_flip']) * 100:+.2f} points "
+            f"({len(by['crop_flip'])} / {len(by['disagreement_aug'])} seeds), at the same student steps, "
+            f"{secs['disagreement_aug'] / secs['crop_flip']:.1f}x the training time and {k}x the teacher "
+            f"forwards ({k} live teacher and {k} no-grad student forwards per image to pick its candidate).", ""]
 
 
 def epochs_of(row: dict) -> int:

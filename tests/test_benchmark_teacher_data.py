@@ -12,3 +12,37 @@ def test_epochs_come_from_the_rows_command():
                                     "python benchmarks/teacher_data.py budget --epochs 10"]}
     assert epochs_of(restored) == 10
     assert epochs_of({}) == 30
+
+
+def test_each_teacher_names_the_parts_it_taught(tmp_path):
+    from benchmarks._common import RunLog
+    from benchmarks.teacher_data import teachers_note
+
+    log = RunLog(tmp_path / "results.jsonl", key=lambda r: (r["part"], r["method"], r["seed"]), archive=False)
+    rows = [{"part": "teacher", "method": "old/teacher.pt", "seed": 0, "test/acc": 0.806, "train_samples": 19000},
+            {"part": "teacher", "method": "new/teacher.pt", "seed": 0, "test/acc": 0.8012, "train_samples": 19000},
+            {"part": "budget", "method": "b", "seed": 0, "teacher_ckpt": "old/teacher.pt"},
+            {"part": "transfer", "method": "t", "seed": 0, "teacher_ckpt": "old/teacher.pt"},
+            {"part": "augment", "method": "a", "seed": 0, "teacher_ckpt": "new/teacher.pt"},
+            {"part": "select", "method": "s", "seed": 0, "teacher_ckpt": "mine.pt"}]
+    for row in rows:
+        log.record(row)
+    note = teachers_note(log)
+    assert note[2:5] == [
+        "- `old/teacher.pt`: 80.60% test accuracy, 19000 training images; parts: transfer, budget.",
+        "- `new/teacher.pt`: 80.12% test accuracy, 19000 training images; parts: augment.",
+        "- `mine.pt`: given by `--teacher-ckpt`, not trained by this benchmark; parts: select."]
+    assert "not the same teacher" in note[6]  # two trained teachers: the note says they differ
+
+
+def test_augment_reading_states_gain_and_cost():
+    from benchmarks.teacher_data import augment_cost
+
+    rows = [{"method": "crop_flip", "test/acc": 0.675, "fit_seconds": 300.0},
+            {"method": "crop_flip", "test/acc": 0.685, "fit_seconds": 340.0},
+            {"method": "disagreement_aug", "test/acc": 0.6794, "fit_seconds": 1600.0,
+             "selection/augment_select/candidates": 4}]
+    line = augment_cost(rows)[0]
+    assert line.startswith("- disagreement_aug - crop_flip: -0.06 points (2 / 1 seeds)")
+    assert "5.0x the training time and 4x the teacher forwards" in line
+    assert augment_cost(rows[:2]) == []
