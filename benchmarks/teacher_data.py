@@ -30,6 +30,7 @@ Parts (rows; 3 seeds for ``transfer`` and for the best row of the other parts, 1
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 from pathlib import Path
@@ -40,6 +41,7 @@ from benchmarks._common import (  # noqa: E402
     RunLog,
     command,
     header,
+    machine,
     mean_std,
     restored_note,
     run_all_jobs,
@@ -158,18 +160,26 @@ def more_seeds(log: RunLog, part: str, methods: list[str]) -> list[str]:
 
 def train_teacher(args, common: list[str], out: Path, log: RunLog) -> str:
     """The teacher, trained once on every label into ``<out>/teacher/teacher.pt``; its row is
-    keyed by that checkpoint, which the student rows it teaches name as ``teacher_ckpt``."""
+    keyed by that checkpoint, which the student rows it teaches name as ``teacher_ckpt``.
+
+    A checkpoint whose row is recorded but whose file went with its machine is trained again
+    under a fresh name (``teacher_2``, ...): the rows it taught keep naming their own teacher."""
     import torch
 
     from kdkit.compose import compose
     from kdkit.pipeline import run
 
-    path = out / "teacher" / "teacher.pt"
-    if ("teacher", str(path), 0) not in log.done or not path.exists():
-        torch.set_num_threads(args.threads)
-        over = [*common, "stages.baseline=false", "stages.student=false", f"teacher.max_epochs={args.teacher_epochs}"]
-        res = run(compose(over, output_dir=str(path.parent)))["teacher"]
-        log.record({"part": "teacher", "method": str(path), "seed": 0, **res, "command": command()})
+    for n in itertools.count(1):
+        path = out / ("teacher" if n == 1 else f"teacher_{n}") / "teacher.pt"
+        recorded = ("teacher", str(path), 0) in log.done
+        if recorded and path.exists():
+            return str(path)
+        if not recorded:
+            break
+    torch.set_num_threads(args.threads)
+    over = [*common, "stages.baseline=false", "stages.student=false", f"teacher.max_epochs={args.teacher_epochs}"]
+    res = run(compose(over, output_dir=str(path.parent)))["teacher"]
+    log.record({"part": "teacher", "method": str(path), "seed": 0, **res, "machine": machine(), "command": command()})
     return str(path)
 
 
@@ -225,13 +235,20 @@ def teachers_note(log: RunLog) -> list[str]:
     for ckpt, used in parts.items():
         t = trained.get(ckpt)
         what = (f"{t['test/acc'] * 100:.2f}% test accuracy, {t.get('train_samples', '?')} training images"
-                if t else "given by `--teacher-ckpt`, not trained by this benchmark")
+                f"{cpu_of(t)}" if t else "given by `--teacher-ckpt`, not trained by this benchmark")
         lines.append(f"- `{ckpt}`: {what}; parts: {', '.join(sorted(used, key=list(PARTS).index)) or 'none yet'}.")
     if len(trained) > 1:
-        lines += ["", "A checkpoint went with its machine before a later part ran, so that part's teacher was "
-                  "trained again with the same recipe and seed, on another CPU kind (other kernels) and a later "
-                  "kdkit commit: it is not the same teacher. Compare rows within a part: each part has one teacher."]
+        lines += ["", ("A checkpoint went with its machine before a later part ran, so that part's teacher was "
+                       "trained again by the same command and seed. On another CPU kind (other kernels) or at "
+                       "a later kdkit commit that is not the same teacher: compare rows within a part (each "
+                       "part names its teacher).")]
     return [*lines, ""]
+
+
+def cpu_of(row: dict) -> str:
+    """``", on <CPU model>"`` from a row's recorded machine (restored rows name it in their note)."""
+    m = row.get("machine", "")
+    return f", on {m.split('(', 1)[1].split(')', 1)[0]}" if "(" in m else ""
 
 
 def augment_cost(rows: list[dict]) -> list[str]:

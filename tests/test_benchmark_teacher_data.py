@@ -1,6 +1,8 @@
 """``benchmarks/teacher_data.py`` states each part's student epochs, read from the commands that
 ran its rows (a part may run shorter than the default 30 epochs)."""
 
+from pathlib import Path
+
 from benchmarks.teacher_data import epochs_of
 
 
@@ -20,7 +22,8 @@ def test_each_teacher_names_the_parts_it_taught(tmp_path):
 
     log = RunLog(tmp_path / "results.jsonl", key=lambda r: (r["part"], r["method"], r["seed"]), archive=False)
     rows = [{"part": "teacher", "method": "old/teacher.pt", "seed": 0, "test/acc": 0.806, "train_samples": 19000},
-            {"part": "teacher", "method": "new/teacher.pt", "seed": 0, "test/acc": 0.8012, "train_samples": 19000},
+            {"part": "teacher", "method": "new/teacher.pt", "seed": 0, "test/acc": 0.8012, "train_samples": 19000,
+             "machine": "vm: 2 cores (AMD EPYC), no GPU; torch 2.14.1"},
             {"part": "budget", "method": "b", "seed": 0, "teacher_ckpt": "old/teacher.pt"},
             {"part": "transfer", "method": "t", "seed": 0, "teacher_ckpt": "old/teacher.pt"},
             {"part": "augment", "method": "a", "seed": 0, "teacher_ckpt": "new/teacher.pt"},
@@ -30,9 +33,38 @@ def test_each_teacher_names_the_parts_it_taught(tmp_path):
     note = teachers_note(log)
     assert note[2:5] == [
         "- `old/teacher.pt`: 80.60% test accuracy, 19000 training images; parts: transfer, budget.",
-        "- `new/teacher.pt`: 80.12% test accuracy, 19000 training images; parts: augment.",
+        "- `new/teacher.pt`: 80.12% test accuracy, 19000 training images, on AMD EPYC; parts: augment.",
         "- `mine.pt`: given by `--teacher-ckpt`, not trained by this benchmark; parts: select."]
     assert "not the same teacher" in note[6]  # two trained teachers: the note says they differ
+
+
+def test_a_teacher_lost_with_its_machine_is_trained_again_under_a_fresh_name(tmp_path, monkeypatch):
+    """The rows a lost teacher taught keep naming it; the retrained one gets its own key."""
+    import argparse
+
+    import kdkit.pipeline
+    from benchmarks._common import RunLog
+    from benchmarks.teacher_data import train_teacher
+
+    trained = []
+
+    def fake_run(cfg):  # the naming is under test, not training: record where the teacher goes
+        out = Path(cfg.paths.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "teacher.pt").write_bytes(b"weights")
+        trained.append(out)
+        return {"teacher": {"test/acc": 0.81}}
+
+    monkeypatch.setattr(kdkit.pipeline, "run", fake_run)
+    log = RunLog(tmp_path / "results.jsonl", key=lambda r: (r["part"], r["method"], r["seed"]), archive=False)
+    args = argparse.Namespace(threads=1, teacher_epochs=1)
+    first = train_teacher(args, [], tmp_path, log)
+    assert first == str(tmp_path / "teacher" / "teacher.pt") and len(trained) == 1
+    assert train_teacher(args, [], tmp_path, log) == first and len(trained) == 1  # present: reused
+    Path(first).unlink()  # the checkpoint went with its machine; its row stays in the log
+    second = train_teacher(args, [], tmp_path, log)
+    assert second == str(tmp_path / "teacher_2" / "teacher.pt") and len(trained) == 2
+    assert {k[1] for k in log.done} == {first, second}
 
 
 def test_augment_reading_states_gain_and_cost():
