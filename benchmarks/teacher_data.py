@@ -1,9 +1,12 @@
 """Data chosen and shaped by the teacher on CIFAR-10 (issue #18): unlabelled transfer data,
-teacher budgets, teacher-scored batch selection, disagreement-driven augmentation.
+teacher budgets, teacher-scored batch selection, disagreement-driven augmentation; the same
+transfer data and batch selection on CIFAR-10 image-caption pairs (CLIP).
 
-Every row trains the resnet8 student of ``cifar10_transfer`` with KD from one resnet20 teacher
-trained on every label (trained once here, or given by ``--teacher-ckpt``, e.g. the teacher of a
-default ``kdkit-train experiment=cifar10_transfer`` run). Resumable: every finished run is a line
+Every vision row trains the resnet8 student of ``cifar10_transfer`` with KD from one resnet20
+teacher trained on every label (trained once here, or given by ``--teacher-ckpt``, e.g. the
+teacher of a default ``kdkit-train experiment=cifar10_transfer`` run); every CLIP row the student
+of ``cifar10_clip`` with its CRD + ICL from that experiment's teacher, trained once on every
+caption (``SETTINGS``). Resumable: every finished run is a line
 of ``<out>/results.jsonl``; rerun the same command to continue, ``--report-only`` to rewrite
 ``benchmarks/results/teacher_data.md`` from what has finished.
 
@@ -11,6 +14,8 @@ of ``<out>/results.jsonl``; rerun the same command to continue, ``--report-only`
     python benchmarks/teacher_data.py budget   --teacher-ckpt <run>/teacher.pt --jobs 2
     python benchmarks/teacher_data.py select   --teacher-ckpt <run>/teacher.pt --jobs 2
     python benchmarks/teacher_data.py augment  --teacher-ckpt <run>/teacher.pt --jobs 2
+    python benchmarks/teacher_data.py clip_transfer --jobs 2
+    python benchmarks/teacher_data.py clip_select   --jobs 2
 
 Parts (rows; 3 seeds for ``transfer`` and for the best row of the other parts, 1 for the rest):
 
@@ -25,6 +30,11 @@ Parts (rows; 3 seeds for ``transfer`` and for the best row of the other parts, 1
   wall time (the uniform row given the epochs the selection row's time would buy).
 - ``augment`` (d): every label, KD; the crop+flip candidate (of 4) with the largest
   teacher-student divergence vs the standard random crop+flip.
+- ``clip_transfer`` (a, CLIP): 2,000 captioned images + the other training images without
+  captions vs the 2,000 captioned alone (the student alone, and distilled on them) vs every
+  caption; and with CLIP-KD's FD added (an image embedding target for every image).
+- ``clip_select`` (c, CLIP): ``select`` on the pairs, learnability = each pair's in-batch
+  contrastive loss, student minus teacher (JEST).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import argparse
 import itertools
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -72,15 +83,47 @@ AUGMENT = {
     "crop_flip": [*ALL_LABELS, "stages.baseline=false"],
     "disagreement_aug": [*ALL_LABELS, "stages.baseline=false", "data.augment=false", "selection=[augment_select]"],
 }
-PARTS = {"transfer": TRANSFER, "budget": BUDGET, "select": SELECT, "augment": AUGMENT}
-SEEDS_ALL = {"transfer"}  # every row of these parts gets every seed
+CAPTIONS_2000 = ["data.labeled_count=2000"]
+CLIP_TRANSFER = {
+    "labeled_alone": [*CAPTIONS_2000, "stages.student=false", "stages.baseline_max_epochs=equal_steps"],
+    "labeled_kd": [*CAPTIONS_2000, "data.student_view=labeled", "stages.baseline=false",
+                   "trainer.max_epochs={equal_steps}"],
+    "transfer_kd": [*CAPTIONS_2000, "stages.baseline=false"],
+    "transfer_kd_fd": [*CAPTIONS_2000, "stages.baseline=false", "distiller=[clip_crd,clip_icl,clip_fd]"],
+    "all_labels_kd": ["stages.baseline=false"],
+}
+CLIP_SELECT = {m: [o for o in over if o not in ALL_LABELS] for m, over in SELECT.items()}
+PARTS = {"transfer": TRANSFER, "budget": BUDGET, "select": SELECT, "augment": AUGMENT,
+         "clip_transfer": CLIP_TRANSFER, "clip_select": CLIP_SELECT}
+SEEDS_ALL = {"transfer", "clip_transfer"}  # every row of these parts gets every seed
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a part trains: its experiment, the metric a row is judged by, the default student
+    and teacher epochs, and where its teacher goes under ``--out``."""
+
+    experiment: str
+    metric: str
+    metric_name: str
+    epochs: int
+    teacher_epochs: int
+    teacher_dir: str
+    pair: str
+
+
+VISION = Setting("cifar10_transfer", "test/acc", "test acc", 30, 30, "teacher", "resnet20 -> resnet8, KD")
+CLIP = Setting("cifar10_clip", "test/zeroshot_acc", "zero-shot acc", 5, 15, "clip_teacher",
+               "CLIP ViT d128 -> d64, CRD + ICL")
+SETTINGS = {part: CLIP if part.startswith("clip_") else VISION for part in PARTS}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("part", choices=list(PARTS))
-    p.add_argument("--epochs", type=int, default=30, help="student epochs of a uniform row")
-    p.add_argument("--teacher-epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="student epochs of a uniform row (default: 30 vision, 5 CLIP)")
+    p.add_argument("--teacher-epochs", type=int, default=None, help="default: 30 vision, 15 CLIP")
     p.add_argument("--teacher-ckpt", default=None, help="a trained teacher.pt (else trained once here)")
     p.add_argument("--methods", default=None, help="comma-separated rows (default: all of the part)")
     p.add_argument("--seeds", type=int, default=3)
@@ -90,17 +133,19 @@ def main() -> None:
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
     args = p.parse_args()
-    table = PARTS[args.part]
+    table, setting = PARTS[args.part], SETTINGS[args.part]
+    args.epochs = args.epochs or setting.epochs
+    args.teacher_epochs = args.teacher_epochs or setting.teacher_epochs
     methods = [m for m in (args.methods.split(",") if args.methods else table) if m]
     unknown = sorted(set(methods) - set(table))
     if unknown:
         p.error(f"unknown rows {unknown}; rows of {args.part}: {', '.join(table)}")
     out = Path(args.out)
-    common = ["experiment=cifar10_transfer", "trainer.enable_progress_bar=false", "logger=csv",
+    common = [f"experiment={setting.experiment}", "trainer.enable_progress_bar=false", "logger=csv",
               "export.programs=[]", f"trainer.max_epochs={args.epochs}", *args.extra]
     log = RunLog(out / "results.jsonl", key=lambda row: (row["part"], row["method"], row["seed"]))
     if not args.report_only:
-        teacher = args.teacher_ckpt or train_teacher(args, common, out, log)
+        teacher = args.teacher_ckpt or train_teacher(args, common, out / setting.teacher_dir, log)
         for todo in (lambda: [(m, 0) for m in methods],
                      lambda: [(m, s) for s in range(1, args.seeds) for m in more_seeds(log, args.part, methods)]):
             jobs = []
@@ -113,8 +158,8 @@ def main() -> None:
             for row in run_all_jobs(jobs, args.jobs, args.threads):
                 row["method"] = "labeled_alone" if row["method"] == "baseline" else row["method"]
                 log.record({"part": args.part, **row, "teacher_ckpt": teacher, "command": command()})
-                print(f"[teacher_data {args.part}] {row['method']} seed {row['seed']}: test/acc "
-                      f"{row['test/acc']:.4f} ({row['wall_s']:.0f} s)", flush=True)
+                print(f"[teacher_data {args.part}] {row['method']} seed {row['seed']}: {setting.metric} "
+                      f"{row[setting.metric]:.4f} ({row['wall_s']:.0f} s)", flush=True)
     report(log)
 
 
@@ -123,9 +168,11 @@ def fill(overrides: list[str], args, log: RunLog, seed: int) -> list[str]:
     equal steps with half-size batches), ``{equal_steps}`` (KD on the labels alone given the
     transfer student's steps), ``{equal_time}`` (the uniform row given the epochs the learnability
     selection row's training time would buy)."""
-    values = {"double": 2 * args.epochs, "equal_steps": equal_steps_epochs(args.epochs)}
+    values = {"double": 2 * args.epochs}
+    if any("{equal_steps}" in o for o in overrides):
+        values["equal_steps"] = equal_steps_epochs(args.epochs, SETTINGS[args.part].experiment, overrides)
     if any("{equal_time}" in o for o in overrides):
-        uniform, chosen = log.done.get(("select", "uniform", 0)), log.done.get(("select", "select_learnability", 0))
+        uniform, chosen = (log.done.get((args.part, m, 0)) for m in ("uniform", "select_learnability"))
         if not (uniform and chosen):
             raise SystemExit("uniform_equal_time needs the uniform and select_learnability rows first: "
                              "run them (--methods uniform,select_learnability), then this row")
@@ -133,13 +180,14 @@ def fill(overrides: list[str], args, log: RunLog, seed: int) -> list[str]:
     return [o.format(**values) for o in overrides]
 
 
-def equal_steps_epochs(epochs: int) -> int:
+def equal_steps_epochs(epochs: int, experiment: str = "cifar10_transfer", overrides: list[str] = ()) -> int:
     """Epochs on the labelled view that give the transfer view's steps (from the data itself)."""
     from hydra.utils import instantiate
 
     from kdkit.compose import compose
 
-    dm = instantiate(compose(["experiment=cifar10_transfer"]).data)
+    data = [o for o in overrides if o.startswith("data.labeled_")]
+    dm = instantiate(compose([f"experiment={experiment}", *data]).data)
     dm.setup("fit")
     steps = {}
     for view in ("transfer", "labeled"):
@@ -153,24 +201,26 @@ def more_seeds(log: RunLog, part: str, methods: list[str]) -> list[str]:
     if part in SEEDS_ALL:
         return methods
     ran = [m for m in methods if (part, m, 0) in log.done]
-    control = {"budget": "budget_100_random", "select": "uniform", "augment": "crop_flip"}[part]
-    best = sorted((m for m in ran if m != control), key=lambda m: -log.done[(part, m, 0)]["test/acc"])[:1]
+    control = {"budget": "budget_100_random", "select": "uniform", "augment": "crop_flip",
+               "clip_select": "uniform"}[part]
+    metric = SETTINGS[part].metric
+    best = sorted((m for m in ran if m != control), key=lambda m: -log.done[(part, m, 0)][metric])[:1]
     return [m for m in (control, *best) if m in ran]
 
 
 def train_teacher(args, common: list[str], out: Path, log: RunLog) -> str:
-    """The teacher, trained once on every label into ``<out>/teacher/teacher.pt``; its row is
+    """The teacher, trained once on every label into ``<out>/teacher.pt``; its row is
     keyed by that checkpoint, which the student rows it teaches name as ``teacher_ckpt``.
 
     A checkpoint whose row is recorded but whose file went with its machine is trained again
-    under a fresh name (``teacher_2``, ...): the rows it taught keep naming their own teacher."""
+    under a fresh name (``<out>_2``, ...): the rows it taught keep naming their own teacher."""
     import torch
 
     from kdkit.compose import compose
     from kdkit.pipeline import run
 
     for n in itertools.count(1):
-        path = out / ("teacher" if n == 1 else f"teacher_{n}") / "teacher.pt"
+        path = (out if n == 1 else out.with_name(f"{out.name}_{n}")) / "teacher.pt"
         recorded = ("teacher", str(path), 0) in log.done
         if recorded and path.exists():
             return str(path)
@@ -185,7 +235,8 @@ def train_teacher(args, common: list[str], out: Path, log: RunLog) -> str:
 
 def report(log: RunLog) -> None:
     """``teacher_data.md``: one table per part from the runs so far."""
-    lines = [header("Data chosen and shaped by the teacher (CIFAR-10, resnet20 -> resnet8, KD)"), ""]
+    lines = [header("Data chosen and shaped by the teacher (CIFAR-10: resnet20 -> resnet8, KD; CLIP on its "
+                    "captions: ViT d128 -> d64, CRD + ICL)"), ""]
     lines += teachers_note(log)
     commands = sorted({c for r in log.done.values() for c in ([r["command"]] if r.get("command")
                                                              else r.get("source_commands", []))})
@@ -200,24 +251,29 @@ def report(log: RunLog) -> None:
         if not rows:
             lines += [f"## {part}", "", "No run of this part has finished yet.", ""]
             continue
-        epochs = sorted({epochs_of(r) for r in rows})
-        lines += [f"## {part}", "", f"Student epochs (`--epochs`; a row's `{{...}}` epochs derive from it): {', '.join(map(str, epochs))}.", "",
-                  "| row | overrides | seeds | test acc (%) | student steps | teacher forwards | train time (s) |",
+        setting = SETTINGS[part]
+        epochs = sorted({epochs_of(r, setting.epochs) for r in rows})
+        lines += [f"## {part}", "", f"`experiment={setting.experiment}` ({setting.pair}). Student epochs (`--epochs`; "
+                  f"a row's `{{...}}` epochs derive from it): {', '.join(map(str, epochs))}.", "",
+                  f"| row | overrides | seeds | {setting.metric_name} (%) | student steps | teacher forwards | train time (s) |",
                   "|---|---|---|---|---|---|---|"]
         for method in table:
             runs = [r for r in rows if r["method"] == method]
             if not runs:
                 continue
-            accs = [r["test/acc"] for r in runs]
+            accs = [r[setting.metric] for r in runs]
             forwards = next((runs[0][k] for k in ("selection/teacher_budget/teacher_forwards",
-                                                  "selection/augment_select/teacher_forwards") if k in runs[0]), "-")
+                                                  "selection/augment_select/teacher_forwards",
+                                                  "selection/batch_select/rows_scored") if k in runs[0]), "-")
             over = ", ".join(f"`{o}`" for o in table[method]) or "(the experiment)"
             steps = runs[0].get("fit_steps", "-")
             lines.append(f"| {method} | {over} | {len(accs)} | {mean_std(accs)} | {steps} | {forwards} | "
                          f"{statistics.mean(r.get('fit_seconds', 0) for r in runs):.0f} |")
         lines.append("")
-        if part == "transfer":
-            lines += gap_recovered(rows)
+        if part in ("transfer", "clip_transfer"):
+            lines += gap_recovered(rows, setting.metric)
+        if part in ("select", "clip_select"):
+            lines += select_reading(rows, setting.metric)
         if part == "augment":
             lines += augment_cost(rows)
     write("teacher_data.md", "\n".join(lines) + "\n")
@@ -231,11 +287,12 @@ def teachers_note(log: RunLog) -> list[str]:
     for (p, _, _), r in log.done.items():
         if p != "teacher" and p not in parts.setdefault(r.get("teacher_ckpt", "?"), []):
             parts[r.get("teacher_ckpt", "?")].append(p)
-    lines = ["Teachers (resnet20, trained on every label by the commands below):", ""]
+    lines = ["Teachers (resnet20, or the CLIP teacher of `cifar10_clip`, trained on every label by the "
+             "commands below):", ""]
     for ckpt, used in parts.items():
         t = trained.get(ckpt)
-        what = (f"{t['test/acc'] * 100:.2f}% test accuracy, {t.get('train_samples', '?')} training images"
-                f"{cpu_of(t)}" if t else "given by `--teacher-ckpt`, not trained by this benchmark")
+        what = (f"{score_of(t)}, {t.get('train_samples', '?')} training images{cpu_of(t)}"
+                if t else "given by `--teacher-ckpt`, not trained by this benchmark")
         lines.append(f"- `{ckpt}`: {what}; parts: {', '.join(sorted(used, key=list(PARTS).index)) or 'none yet'}.")
     if len(trained) > 1:
         lines += ["", ("A checkpoint went with its machine before a later part ran, so that part's teacher was "
@@ -243,6 +300,13 @@ def teachers_note(log: RunLog) -> list[str]:
                        "a later kdkit commit that is not the same teacher: compare rows within a part (each "
                        "part names its teacher).")]
     return [*lines, ""]
+
+
+def score_of(row: dict) -> str:
+    """A teacher row's headline: test accuracy (vision) or zero-shot accuracy (CLIP)."""
+    if "test/acc" in row:
+        return f"{row['test/acc'] * 100:.2f}% test accuracy"
+    return f"{row['test/zeroshot_acc'] * 100:.2f}% zero-shot accuracy"
 
 
 def cpu_of(row: dict) -> str:
@@ -266,20 +330,20 @@ def augment_cost(rows: list[dict]) -> list[str]:
             f"forwards ({k} live teacher and {k} no-grad student forwards per image to pick its candidate).", ""]
 
 
-def epochs_of(row: dict) -> int:
+def epochs_of(row: dict, default: int = 30) -> int:
     """The ``--epochs`` a row ran with: from its command (or, for a restored row, the commands it
-    came from), else the default 30."""
+    came from), else its setting's ``default``."""
     for cmd in [row.get("command", ""), *row.get("source_commands", [])]:
         words = cmd.replace("--epochs=", "--epochs ").split()
         if "--epochs" in words:
             return int(words[words.index("--epochs") + 1])
-    return 30
+    return default
 
 
-def gap_recovered(rows: list[dict]) -> list[str]:
+def gap_recovered(rows: list[dict], metric: str = "test/acc") -> list[str]:
     """How much of the gap between the labelled part alone and every label the unlabelled rest
-    with teacher outputs closes (mean accuracies of the rows present)."""
-    acc = {m: statistics.mean(r["test/acc"] for r in rows if r["method"] == m)
+    with teacher outputs closes (mean ``metric`` of the rows present)."""
+    acc = {m: statistics.mean(r[metric] for r in rows if r["method"] == m)
            for m in {r["method"] for r in rows}}
     if not {"transfer_kd", "all_labels_kd"} <= set(acc):
         return []
@@ -289,6 +353,23 @@ def gap_recovered(rows: list[dict]) -> list[str]:
             share = (acc["transfer_kd"] - acc[low]) / (acc["all_labels_kd"] - acc[low])
             out.append(f"- From {low} to all_labels_kd: transfer_kd closes {share * 100:.0f}% of the "
                        f"{(acc['all_labels_kd'] - acc[low]) * 100:.2f}-point gap.")
+    return [*out, ""] if out else []
+
+
+
+def select_reading(rows: list[dict], metric: str) -> list[str]:
+    """Each selection row against uniform batches at equal student steps, with its training
+    time; the uniform row given the selection row's time (equal compute), where it ran."""
+    mean = {m: statistics.mean(r[metric] for r in rows if r["method"] == m) for m in {r["method"] for r in rows}}
+    secs = {m: statistics.mean(r.get("fit_seconds", 0) for r in rows if r["method"] == m) for m in mean}
+    if "uniform" not in mean:
+        return []
+    out = [f"- {m} - uniform: {(mean[m] - mean['uniform']) * 100:+.2f} points at equal student steps, "
+           f"{secs[m] / secs['uniform']:.1f}x the training time." for m in sorted(mean) if m.startswith("select_")]
+    if "uniform_equal_time" in mean and "select_learnability" in mean:
+        out.append(f"- At equal training time: select_learnability {mean['select_learnability'] * 100:.2f} vs "
+                   f"uniform_equal_time {mean['uniform_equal_time'] * 100:.2f} "
+                   f"({(mean['select_learnability'] - mean['uniform_equal_time']) * 100:+.2f} points).")
     return [*out, ""] if out else []
 
 

@@ -199,10 +199,12 @@ class ImageDataModule(L.LightningDataModule, ClassificationData):
             if getattr(self, "_unlabeled_images", None) is None:
                 image = self.plain_train_set[0]["image"]
                 self._unlabeled_images = load_unlabeled_images(self.unlabeled, image.shape[-1], image.shape[0])
-            extra = UnlabeledImages(self._unlabeled_images, getattr(self.train_set, "transform", None))
+            labelled = getattr(self.train_set, "images", self.train_set)  # under image-text captions
+            extra = UnlabeledImages(self._unlabeled_images, getattr(labelled, "transform", None))
             extra_plain = UnlabeledImages(self._unlabeled_images)
-        return (build_view(view, self.train_set, keep, extra),
-                build_view(view, self.plain_train_set, keep, extra_plain))
+        blank = getattr(self, "blank_text", None)  # image-text pairs (CIFAR10PairsDataModule)
+        return (build_view(view, self.train_set, keep, extra, blank),
+                build_view(view, self.plain_train_set, keep, extra_plain, blank))
 
     @property
     def static_for_teacher(self) -> bool:

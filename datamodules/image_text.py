@@ -78,6 +78,10 @@ class CIFAR10PairsDataModule(CIFAR10DataModule, ImageTextData):
     image->text query is a hit when a retrieved caption names the image's class. Zero-shot
     classification uses ``class_names`` with every template (prompt ensemble).
 
+    Transfer options (``data.labeled_count`` / ``labeled_fraction`` / ``unlabeled``, see
+    ``kdkit.datamodules.transfer``) hide the captions of the other images: the student learns
+    those images from teacher outputs alone (``batch["captioned"]`` is False there).
+
     Args:
         tokenizer: callable list[str] -> [N, L] token ids (``kdkit.models.clip.clip_tokenizer``).
         templates: caption templates with one ``{}``, also the zero-shot prompt ensemble
@@ -109,6 +113,7 @@ class CIFAR10PairsDataModule(CIFAR10DataModule, ImageTextData):
         super().setup(stage)
         captions = [t.format(name) for name in self.classes for t in self.templates]
         tokens = self.tokenizer(captions).view(len(self.classes), len(self.templates), -1)
+        self.blank_text = torch.zeros_like(tokens[0, 0])  # the caption of a transfer image: none
         self.train_set = ClassCaptions(self.train_set, tokens, random_template=True)
         self.plain_train_set = ClassCaptions(self.plain_train_set, tokens, random_template=False)
         test = ClassCaptions(self.test_set, tokens, random_template=False)

@@ -12,6 +12,10 @@ teacher's outputs wherever it has no label. A datamodule with transfer options s
 - ``transfer``: the labelled part with labels, plus every other sample (and any extra unlabelled
   pool) with ``label = kdkit.labels.UNLABELED`` (the distilled student).
 
+Image-text pairs (CLIP) carry their supervision in the caption: there a hidden sample also loses
+its caption (``text`` all padding, ``captioned = False``, ``pair_id = UNLABELED``), and every
+sample of the view says ``captioned``. The image-text task and the CLIP distillers read that mask.
+
 Which samples keep their labels is drawn once, stratified by class and seeded by the split seed,
 so every stage and every run of the same config sees the same split.
 """
@@ -62,15 +66,18 @@ class TrainView(Dataset):
         parts: datasets of dict samples (``image``, ``label``, ...); a row is ``(part, position)``.
         rows: ``[(part, position), ...]`` in the order served.
         hidden: bool per row: serve its label as ``UNLABELED``.
+        blank_text: for image-text pairs, the padding caption ``[L]`` of a hidden row (and of an
+            extra pool's images, which have none); every row then says ``captioned``.
 
     ``index`` of every sample is its position in this view, as the task and the teacher cache
     expect (``num_train_samples`` = the view's length).
     """
 
-    def __init__(self, parts: list[Dataset], rows: list[tuple[int, int]], hidden: list[bool]):
+    def __init__(self, parts: list[Dataset], rows: list[tuple[int, int]], hidden: list[bool],
+                 blank_text: Tensor | None = None):
         if len(rows) != len(hidden):
             raise ValueError(f"{len(rows)} rows but {len(hidden)} hidden flags")
-        self.parts, self.rows, self.hidden = parts, rows, hidden
+        self.parts, self.rows, self.hidden, self.blank_text = parts, rows, hidden, blank_text
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -78,8 +85,14 @@ class TrainView(Dataset):
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         part, position = self.rows[index]
         sample = dict(self.parts[part][position])
-        if self.hidden[index]:
+        hidden = self.hidden[index]
+        if hidden:
             sample["label"] = torch.tensor(UNLABELED)
+        if self.blank_text is not None:  # image-text pairs: the caption is the label
+            sample["captioned"] = torch.tensor(not hidden)
+            if hidden:
+                sample["text"] = self.blank_text
+                sample["pair_id"] = torch.tensor(UNLABELED)
         sample["index"] = torch.tensor(index)
         return sample
 
@@ -88,18 +101,20 @@ class TrainView(Dataset):
         return int(sum(self.hidden))
 
 
-def build_view(view: str, train: Dataset, keep: np.ndarray, extra: Dataset | None) -> TrainView:
+def build_view(view: str, train: Dataset, keep: np.ndarray, extra: Dataset | None,
+               blank_text: Tensor | None = None) -> TrainView:
     """The training set of ``view`` (``VIEWS``) over the train set ``train``, whose rows ``keep``
-    keep their labels, and an optional unlabelled pool ``extra``."""
+    keep their labels, and an optional unlabelled pool ``extra``; ``blank_text``: see
+    ``TrainView`` (image-text pairs)."""
     if view not in VIEWS:
         raise KdkitError(f"unknown training view {view!r}; one of {VIEWS}")
     parts = [train] + ([extra] if extra is not None else [])
     if view == "all":
         rows = [(0, i) for i in range(len(train))]
-        return TrainView(parts, rows, [False] * len(rows))
+        return TrainView(parts, rows, [False] * len(rows), blank_text)
     if view == "labeled":
         rows = [(0, int(i)) for i in keep]
-        return TrainView(parts, rows, [False] * len(rows))
+        return TrainView(parts, rows, [False] * len(rows), blank_text)
     kept = np.zeros(len(train), dtype=bool)
     kept[keep] = True
     rows = [(0, i) for i in range(len(train))]
@@ -107,7 +122,7 @@ def build_view(view: str, train: Dataset, keep: np.ndarray, extra: Dataset | Non
     if extra is not None:
         rows += [(1, i) for i in range(len(extra))]
         hidden += [True] * len(extra)
-    return TrainView(parts, rows, hidden)
+    return TrainView(parts, rows, hidden, blank_text)
 
 
 class UnlabeledImages(Dataset):

@@ -58,11 +58,11 @@ def test_a_teacher_lost_with_its_machine_is_trained_again_under_a_fresh_name(tmp
     monkeypatch.setattr(kdkit.pipeline, "run", fake_run)
     log = RunLog(tmp_path / "results.jsonl", key=lambda r: (r["part"], r["method"], r["seed"]), archive=False)
     args = argparse.Namespace(threads=1, teacher_epochs=1)
-    first = train_teacher(args, [], tmp_path, log)
+    first = train_teacher(args, [], tmp_path / "teacher", log)
     assert first == str(tmp_path / "teacher" / "teacher.pt") and len(trained) == 1
-    assert train_teacher(args, [], tmp_path, log) == first and len(trained) == 1  # present: reused
+    assert train_teacher(args, [], tmp_path / "teacher", log) == first and len(trained) == 1  # present: reused
     Path(first).unlink()  # the checkpoint went with its machine; its row stays in the log
-    second = train_teacher(args, [], tmp_path, log)
+    second = train_teacher(args, [], tmp_path / "teacher", log)
     assert second == str(tmp_path / "teacher_2" / "teacher.pt") and len(trained) == 2
     assert {k[1] for k in log.done} == {first, second}
 
@@ -78,3 +78,19 @@ def test_augment_reading_states_gain_and_cost():
     assert line.startswith("- disagreement_aug - crop_flip: -0.06 points (2 / 1 seeds)")
     assert "5.0x the training time and 4x the teacher forwards" in line
     assert augment_cost(rows[:2]) == []
+
+
+def test_select_reading_at_equal_steps_and_equal_time():
+    from benchmarks.teacher_data import select_reading
+
+    rows = [{"method": "uniform", "test/zeroshot_acc": 0.60, "fit_seconds": 90.0},
+            {"method": "uniform", "test/zeroshot_acc": 0.62, "fit_seconds": 110.0},
+            {"method": "select_learnability", "test/zeroshot_acc": 0.635, "fit_seconds": 250.0},
+            {"method": "select_random", "test/zeroshot_acc": 0.60, "fit_seconds": 200.0},
+            {"method": "uniform_equal_time", "test/zeroshot_acc": 0.64, "fit_seconds": 240.0}]
+    lines = select_reading(rows, "test/zeroshot_acc")
+    assert lines[:3] == [
+        "- select_learnability - uniform: +2.50 points at equal student steps, 2.5x the training time.",
+        "- select_random - uniform: -1.00 points at equal student steps, 2.0x the training time.",
+        "- At equal training time: select_learnability 63.50 vs uniform_equal_time 64.00 (-0.50 points)."]
+    assert select_reading(rows[2:4], "test/zeroshot_acc") == []  # no uniform row: nothing to read

@@ -65,6 +65,9 @@ class Distiller(nn.Module):
     # True when ``forward`` reads ``batch["label"]``: such a distiller cannot train on transfer
     # data whose unlabelled rows carry ``kdkit.labels.UNLABELED`` (refused when the task is built)
     reads_labels = False
+    # True when ``forward`` honours ``batch["captioned"]`` (image-text transfer data, where an
+    # image without caption carries padding as its text): others are refused on such data
+    handles_uncaptioned = False
 
     def __init__(self, weight: float = 1.0):
         super().__init__()

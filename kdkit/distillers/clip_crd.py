@@ -22,7 +22,12 @@ class ClipCRD(Distiller):
 
     Args:
         weight: multiplier of both terms.
+
+    On transfer data an image without a caption still learns the teacher's distribution over
+    the batch's captions (its i2t row; ``affinity.relational_terms``).
     """
 
+    handles_uncaptioned = True
+
     def forward(self, student: Outputs, teacher: Outputs, batch: dict) -> dict[str, Tensor]:
-        return relational_terms(student, teacher, "clip_crd", kl_divergence)
+        return relational_terms(student, teacher, "clip_crd", kl_divergence, batch.get("captioned"))

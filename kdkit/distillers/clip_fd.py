@@ -7,12 +7,13 @@ from torch import Tensor
 
 from kdkit.distillers.base import DistillContext, Distiller
 from kdkit.distillers.clip_common import EmbeddingProjection, clip_parts
+from kdkit.losses.contrastive import masked_mean
 from kdkit.outputs import Outputs
 
 
-def feature_mimicry(student: Tensor, teacher: Tensor) -> Tensor:
-    """Mean over samples of the squared L2 distance ``||s_k - t_k||^2``."""
-    return (student - teacher).pow(2).sum(-1).mean()
+def feature_mimicry(student: Tensor, teacher: Tensor, keep: Tensor | None = None) -> Tensor:
+    """Mean over samples (the ``keep`` rows, ``masked_mean``) of ``||s_k - t_k||^2``."""
+    return masked_mean((student - teacher).pow(2).sum(-1), keep)
 
 
 class ClipFD(Distiller):
@@ -27,9 +28,14 @@ class ClipFD(Distiller):
     cross-rank gather is needed. CLIP-KD's weight 2000 multiplies an element-wise mean, i.e.
     about 2000 / D on this per-sample sum (about 4 for D = 512).
 
+    On transfer data an image without a caption learns the teacher's image embedding; the text
+    term averages over the captioned rows alone.
+
     Args:
         weight: multiplier of both terms ("image", "text").
     """
+
+    handles_uncaptioned = True
 
     def build(self, student: Outputs, teacher: Outputs, context: DistillContext) -> None:
         s_img, s_txt, _ = clip_parts(student, "clip_fd")
@@ -42,5 +48,5 @@ class ClipFD(Distiller):
         t_img, t_txt, _ = clip_parts(teacher, "clip_fd")
         return {
             "image": feature_mimicry(self.image_proj(s_img), F.normalize(t_img, dim=-1)),
-            "text": feature_mimicry(self.text_proj(s_txt), F.normalize(t_txt, dim=-1)),
+            "text": feature_mimicry(self.text_proj(s_txt), F.normalize(t_txt, dim=-1), batch.get("captioned")),
         }

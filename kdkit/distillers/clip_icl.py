@@ -23,12 +23,16 @@ class ClipICL(Distiller):
     image embeddings; rows are the local student samples, columns the gathered teacher
     embeddings. ``s`` is a learnable scale of its own (CLIP's parametrisation ``exp(log s)``,
     initialised at 1/0.07, clamped at 100), trained with the student like the projections.
+    On transfer data it runs over the captioned pairs alone (an image without a caption has no
+    own caption to pick).
 
     Args:
         weight: multiplier of the loss.
         init_temperature: initial temperature 1/s.
         max_scale: upper bound of s (CLIP clamps its logit scale at 100).
     """
+
+    handles_uncaptioned = True
 
     def __init__(self, weight: float = 1.0, init_temperature: float = 0.07, max_scale: float = 100.0):
         super().__init__(weight)
@@ -46,5 +50,6 @@ class ClipICL(Distiller):
         t_img, t_txt, _ = clip_parts(teacher, "clip_icl")
         scale = self.log_scale.exp().clamp(max=self.max_scale)
         loss = contrastive_loss(self.image_proj(s_img), self.text_proj(s_txt), scale,
-                                image_columns=t_img.detach(), text_columns=t_txt.detach())
+                                image_columns=t_img.detach(), text_columns=t_txt.detach(),
+                                keep=batch.get("captioned"))
         return {"loss": loss}

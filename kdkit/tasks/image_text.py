@@ -31,7 +31,9 @@ class ImageTextTask(ImageInputs, DistillationTask):
     ``Outputs``: ``embedding`` = L2-normalised image embedding, ``features["text_embedding"]``
     = L2-normalised text embedding, ``features["logit_scale"]`` = the model's scale exp(log s)
     (a 0-dim tensor). The task loss is CLIP's symmetric InfoNCE over the global batch (local
-    rows vs. embeddings gathered from every rank; ``kdkit.losses.contrastive``).
+    rows vs. embeddings gathered from every rank; ``kdkit.losses.contrastive``). On transfer data
+    (``kdkit.datamodules.transfer``) batches carry ``"captioned"`` (bool): the CLIP loss runs over
+    the captioned pairs alone, and the CLIP distillers teach the other images from the teacher.
 
     Optimizer groups (``param_groups``): as CLIP and open_clip's trainer, only matrices
     (ndim >= 2) decay; gains, biases and the logit scale get ``weight_decay = 0``.
@@ -104,10 +106,27 @@ class ImageTextTask(ImageInputs, DistillationTask):
         return Outputs(embedding=image, features={"text_embedding": text, "logit_scale": scale})
 
     def task_loss(self, outputs: Outputs, batch: dict) -> Tensor:
-        # float32 losses under bf16/fp16 autocast; forward_outputs made all three fields
+        # float32 losses under bf16/fp16 autocast; forward_outputs made all three fields.
+        # On transfer data the CLIP loss sees the captioned pairs alone.
         features = outputs.features
         return contrastive_loss(outputs.embedding.float(), features["text_embedding"].float(),
-                                features["logit_scale"].float())
+                                features["logit_scale"].float(), keep=batch.get("captioned"))
+
+    def check_data(self, datamodule) -> None:
+        """On transfer data (images without captions) every distiller must honour
+        ``batch["captioned"]``, and no selection policy runs (they score pairs by caption)."""
+        if not getattr(datamodule, "has_unlabeled", False):
+            return
+        blind = [name for name, d in self.distillers.items() if not d.handles_uncaptioned]
+        if blind:
+            raise KdkitError(
+                f"distillers {blind} would read the padding caption of an image without one: on "
+                "image-text transfer data (data.labeled_fraction / labeled_count / unlabeled) use "
+                "clip_fd, clip_crd, clip_icl or affinity, or drop the transfer options")
+        if self.selection:
+            raise KdkitError(
+                f"selection {list(self.selection)} scores image-text pairs by their captions; it does "
+                "not run on image-text transfer data (images without captions): drop one of the two")
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # CLIP bounds its temperature the same way: clamp the parameter, not the gradient.

@@ -319,3 +319,31 @@ def test_bad_loader_options_are_refused(tmp_path, option, value):
     with pytest.raises(KdkitError) as err:
         pairs_module(tmp_path / "p.csv", **{option: value})
     one_line(err, f"data.{option}={value} must be a whole number >=")
+
+
+def test_cifar_pairs_transfer_view_hides_captions_and_not_images(cifar_pairs):
+    """data.labeled_count on image-text pairs: the other images lose their caption (the label in
+    text form), say so in ``captioned``, and keep their pixels; the labelled view keeps every
+    caption. Without this the caption leaked the hidden class to the student."""
+    dm = CIFAR10PairsDataModule(tokenizer=TOKENIZER, archive_dir=cifar_pairs.archive_dir, batch_size=32,
+                                val_size=1000, labeled_count=100, augment=False)
+    dm.setup("fit")
+    dm.use_train_view("transfer")
+    view = dm.plain_train_view
+    assert len(view) == len(dm.train_set) and view.num_unlabeled == len(view) - 100
+    shown = [i for i in range(len(view)) if not view.hidden[i]]
+    hidden = [i for i in range(len(view)) if view.hidden[i]][:50]
+    for i in shown[:50] + hidden:
+        sample, original = view[i], dm.plain_train_set[i]
+        assert torch.equal(sample["image"], original["image"])
+        if view.hidden[i]:
+            assert not sample["captioned"] and sample["label"] == -1 and sample["pair_id"] == -1
+            assert not sample["text"].any()  # padding only: no class name left
+        else:
+            assert sample["captioned"] and torch.equal(sample["text"], original["text"])
+            assert sample["label"] == original["label"]
+    dm.use_train_view("labeled")
+    labeled = dm.plain_train_view
+    assert len(labeled) == 100 and all(bool(labeled[i]["captioned"]) for i in range(len(labeled)))
+    batch = next(iter(torch.utils.data.DataLoader(view, batch_size=len(view) // 4)))
+    assert batch["captioned"].dtype == torch.bool and 0 < int(batch["captioned"].sum()) < len(batch["captioned"])

@@ -68,3 +68,25 @@ def test_same_gradient_as_tinyclip_affinity_value_differs_by_teacher_entropy():
 def test_yaml():
     d = from_yaml("clip_crd")
     assert isinstance(d, ClipCRD) and d.weight == 0.5
+
+
+CAPTIONED = torch.tensor([True, False, True, True, False, True])
+
+
+def test_transfer_rows_uncaptioned_images_learn_the_teachers_caption_distribution():
+    """On transfer data every image is an i2t row over the real captions only; only captioned
+    texts are t2i rows, over every image (CRD and TinyCLIP's affinity alike)."""
+    student, inputs, teacher = case(s_dim=3, t_dim=4)
+    s = student(*inputs)
+    terms = ClipCRD()(s, teacher, {"captioned": CAPTIONED})
+    s_img, s_txt, s_scale = s.embedding, s.features["text_embedding"], s.features["logit_scale"].item()
+    t_img, t_txt = teacher.embedding, teacher.features["text_embedding"]
+    k = CAPTIONED
+    assert terms["i2t"].item() == pytest.approx(kl_by_loops(s_img, s_txt[k], s_scale, t_img, t_txt[k], 20.0), rel=1e-5)
+    assert terms["t2i"].item() == pytest.approx(kl_by_loops(s_txt[k], s_img, s_scale, t_txt[k], t_img, 20.0), rel=1e-5)
+    # the uncaptioned images are taught (gradient through their i2t rows), their padding texts not
+    loss = sum(terms.values())
+    img_grad, txt_grad = torch.autograd.grad(loss, [s.embedding, s.features["text_embedding"]])
+    assert torch.all(img_grad[~k].abs().sum(-1) > 0) and torch.all(txt_grad[~k] == 0)
+    affinity = Affinity()(s, teacher, {"captioned": CAPTIONED})
+    assert affinity["i2t"].item() > terms["i2t"].item()  # + the teacher's entropy, same rows

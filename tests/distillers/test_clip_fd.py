@@ -52,3 +52,14 @@ def test_identical_embeddings_give_zero():
 def test_yaml():
     d = from_yaml("clip_fd")
     assert isinstance(d, ClipFD) and d.weight == 4.0
+
+
+def test_transfer_rows_text_term_over_captioned_pairs_image_term_over_every_image():
+    student, inputs, teacher = case(s_dim=4, t_dim=4)
+    d = built(ClipFD(), student, inputs, teacher)
+    s = student(*inputs)
+    keep = torch.tensor([True, False, False, True, True, False])
+    terms = d(s, teacher, {"captioned": keep})
+    assert terms["image"].item() == pytest.approx(fd_by_loops(s.embedding, teacher.embedding), rel=1e-6)
+    assert terms["text"].item() == pytest.approx(
+        fd_by_loops(s.features["text_embedding"][keep], teacher.features["text_embedding"][keep]), rel=1e-6)

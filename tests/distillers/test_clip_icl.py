@@ -57,3 +57,14 @@ def test_scale_is_clamped():
 def test_yaml():
     d = from_yaml("clip_icl")
     assert isinstance(d, ClipICL) and d.weight == 1.0 and d.max_scale == 100.0
+
+
+def test_transfer_rows_run_over_the_captioned_pairs_alone():
+    student, inputs, teacher = case(s_dim=4, t_dim=4)
+    d = built(ClipICL(init_temperature=0.1), student, inputs, teacher)
+    s = student(*inputs)
+    k = torch.tensor([False, True, True, False, True, True])
+    loss = d(s, teacher, {"captioned": k})["loss"]
+    expected = (infonce_by_loops(s.embedding[k], teacher.features["text_embedding"][k], 10.0)
+                + infonce_by_loops(s.features["text_embedding"][k], teacher.embedding[k], 10.0)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-5)

@@ -232,3 +232,39 @@ def test_experiment_cifar10_clip_smoke(compose_run, data_dir):
         assert 0 <= stage["test/zeroshot_acc"] <= 1 and 0 <= stage["test/t2i_r@10"] <= 1
         assert stage["images_per_s"] > 0
     assert results["teacher"]["params"] > results["student"]["params"]
+
+
+def test_transfer_data_refuses_distillers_blind_to_missing_captions():
+    from types import SimpleNamespace
+
+    from kdkit.distillers.base import Distiller
+    from kdkit.distillers.clip_crd import ClipCRD
+
+    class ReadsEveryText(Distiller):  # e.g. a distiller written before transfer data existed
+        def forward(self, student, teacher, batch):
+            return {"loss": student.features["text_embedding"].sum() * 0}
+
+    transfer, plain = SimpleNamespace(has_unlabeled=True), SimpleNamespace(has_unlabeled=False)
+    task = make_task(clip_model(TINY), distillers={"crd": ClipCRD(), "mine": ReadsEveryText()})
+    with pytest.raises(KdkitError, match=r"\['mine'\] would read the padding caption"):
+        task.check_data(transfer)
+    task.check_data(plain)  # every image has its caption: anything goes
+    make_task(clip_model(TINY), distillers={"crd": ClipCRD()}).check_data(transfer)
+
+
+def test_experiment_cifar10_clip_on_transfer_data(compose_run, data_dir):
+    """cifar10_clip with 200 captioned images: the baseline sees those alone, the student every
+    image with the others' captions hidden, the CLIP loss on the captioned pairs only."""
+    cfg, results = compose_run("experiment=cifar10_clip", "teacher.max_epochs=1", "data.eval_batch_size=50",
+                               "data.labeled_count=200")
+    assert results["baseline"]["train_samples"] == 200 and results["baseline"]["train_unlabeled"] == 0
+    student = results["student"]
+    assert student["train_unlabeled"] == student["train_samples"] - 200 > 0
+    for stage in results.values():
+        assert 0 <= stage["test/zeroshot_acc"] <= 1
+
+
+def test_selection_is_refused_on_clip_transfer_data_before_any_training(compose_run, data_dir, tmp_path):
+    with pytest.raises(KdkitError, match="does not run on image-text transfer data"):
+        compose_run("experiment=cifar10_clip", "selection=[batch_select]", "data.labeled_count=200")
+    assert not (tmp_path / "run" / "teacher.pt").exists()
