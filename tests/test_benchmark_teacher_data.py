@@ -81,16 +81,20 @@ def test_augment_reading_states_gain_and_cost():
 
 
 def test_select_reading_at_equal_steps_and_equal_time():
-    from benchmarks.teacher_data import select_reading
+    from benchmarks.teacher_data import equal_time_reference, select_reading
 
-    rows = [{"method": "uniform", "test/zeroshot_acc": 0.60, "fit_seconds": 90.0},
-            {"method": "uniform", "test/zeroshot_acc": 0.62, "fit_seconds": 110.0},
-            {"method": "select_learnability", "test/zeroshot_acc": 0.635, "fit_seconds": 250.0},
-            {"method": "select_random", "test/zeroshot_acc": 0.60, "fit_seconds": 200.0},
-            {"method": "uniform_equal_time", "test/zeroshot_acc": 0.64, "fit_seconds": 240.0}]
+    def row(method, acc, secs, seed=0):
+        return {"part": "clip_select", "method": method, "seed": seed, "test/zeroshot_acc": acc, "fit_seconds": secs}
+
+    rows = [row("uniform", 0.60, 90.0), row("uniform", 0.62, 110.0, seed=1),
+            row("select_learnability", 0.635, 250.0), row("select_random", 0.60, 200.0),
+            row("uniform_equal_time", 0.64, 240.0)]
+    assert equal_time_reference(rows, "clip_select", "test/zeroshot_acc") == "select_learnability"
+    assert equal_time_reference(rows, "select", "test/zeroshot_acc") is None
     lines = select_reading(rows, "test/zeroshot_acc")
     assert lines[:3] == [
         "- select_learnability - uniform: +2.50 points at equal student steps, 2.5x the training time.",
         "- select_random - uniform: -1.00 points at equal student steps, 2.0x the training time.",
-        "- At equal training time: select_learnability 63.50 vs uniform_equal_time 64.00 (-0.50 points)."]
+        "- At equal training time: select_learnability 63.50 (1 seeds) vs uniform_equal_time 64.00 (1 seeds; "
+        "the epochs select_learnability's seed-0 time buys): -0.50 points."]
     assert select_reading(rows[2:4], "test/zeroshot_acc") == []  # no uniform row: nothing to read
