@@ -98,3 +98,29 @@ def test_select_reading_at_equal_steps_and_equal_time():
         "- At equal training time: select_learnability 63.50 (1 seeds) vs uniform_equal_time 64.00 (1 seeds; "
         "the epochs select_learnability's seed-0 time buys): -0.50 points."]
     assert select_reading(rows[2:4], "test/zeroshot_acc") == []  # no uniform row: nothing to read
+
+
+def test_a_retrain_that_reproduced_its_teacher_is_named():
+    from benchmarks.teacher_data import same_teachers
+
+    epyc = "vm: 2 cores (AMD EPYC), no GPU"
+    trained = {"t/teacher.pt": {"test/acc": 0.8125, "val/acc": 0.819, "machine": epyc},
+               "t_2/teacher.pt": {"test/acc": 0.8125, "val/acc": 0.819, "machine": epyc + "; torch"},
+               "x/teacher.pt": {"test/acc": 0.8125, "val/acc": 0.8191, "machine": epyc},
+               "old/teacher.pt": {"test/acc": 0.806}}  # restored: no validation score to compare
+    assert same_teachers(trained) == [
+        "`t/teacher.pt` and `t_2/teacher.pt`: the same test and validation accuracy to every digit, on AMD "
+        "EPYC: retrained by the same command, the teacher came back the same."]
+    trained["t_2/teacher.pt"]["machine"] = "vm: 2 cores (Intel Xeon), no GPU"
+    assert same_teachers(trained) == []  # another CPU: not claimed
+
+
+def test_gap_reading_says_when_transfer_data_fell_below_the_labelled_part():
+    from benchmarks.teacher_data import gap_recovered
+
+    rows = [{"method": m, "test/zeroshot_acc": v} for m, v in
+            (("labeled_alone", 0.40), ("labeled_kd", 0.42), ("transfer_kd", 0.41), ("all_labels_kd", 0.44))]
+    assert gap_recovered(rows, "test/zeroshot_acc") == [
+        "- From labeled_alone to all_labels_kd: transfer_kd closes 25% of the 4.00-point gap.",
+        "- transfer_kd is 1.00 points below labeled_kd: the unlabelled rest closed none of the gap to all_labels_kd.",
+        ""]
