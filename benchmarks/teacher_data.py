@@ -389,19 +389,32 @@ def gap_recovered(rows: list[dict], metric: str = "test/acc") -> list[str]:
 
 def select_reading(rows: list[dict], metric: str) -> list[str]:
     """Each selection row against uniform batches at equal student steps, with its training
-    time; the uniform row given the best selection row's time (equal compute), where it ran."""
-    mean = {m: statistics.mean(r[metric] for r in rows if r["method"] == m) for m in {r["method"] for r in rows}}
-    secs = {m: statistics.mean(r.get("fit_seconds", 0) for r in rows if r["method"] == m) for m in mean}
-    if "uniform" not in mean:
+    time; the uniform row given the best selection row's time (equal compute), where it ran.
+    A difference is taken over the seeds both rows ran (a 1-seed row against uniform's seed 0)."""
+    by = {}
+    for r in rows:
+        by.setdefault(r["method"], {})[r["seed"]] = r
+
+    def paired(a: str, b: str) -> tuple[float, int]:
+        seeds = sorted(set(by[a]) & set(by[b]))
+        diff = statistics.mean(by[a][s][metric] - by[b][s][metric] for s in seeds) if seeds else float("nan")
+        return diff * 100, len(seeds)
+
+    def secs(m: str) -> float:
+        return statistics.mean(r.get("fit_seconds", 0) for r in by[m].values())
+
+    if "uniform" not in by:
         return []
-    out = [f"- {m} - uniform: {(mean[m] - mean['uniform']) * 100:+.2f} points at equal student steps, "
-           f"{secs[m] / secs['uniform']:.1f}x the training time." for m in sorted(mean) if m.startswith("select_")]
+    out = []
+    for m in sorted(x for x in by if x.startswith("select_")):
+        diff, n = paired(m, "uniform")
+        out.append(f"- {m} - uniform: {diff:+.2f} points at equal student steps ({n} paired seed{'s' * (n > 1)}), "
+                   f"{secs(m) / secs('uniform'):.1f}x the training time.")
     best = equal_time_reference(rows, rows[0]["part"], metric)
-    if "uniform_equal_time" in mean and best:
-        n = {m: sum(r["method"] == m for r in rows) for m in (best, "uniform_equal_time")}
-        out.append(f"- At equal training time: {best} {mean[best] * 100:.2f} ({n[best]} seeds) vs "
-                   f"uniform_equal_time {mean['uniform_equal_time'] * 100:.2f} ({n['uniform_equal_time']} seeds; "
-                   f"the epochs {best}'s seed-0 time buys): {(mean[best] - mean['uniform_equal_time']) * 100:+.2f} points.")
+    if "uniform_equal_time" in by and best:
+        diff, n = paired(best, "uniform_equal_time")
+        out.append(f"- At equal training time (uniform_equal_time: the epochs {best}'s seed-0 time buys): "
+                   f"{best} - uniform_equal_time {diff:+.2f} points ({n} paired seed{'s' * (n > 1)}).")
     return [*out, ""] if out else []
 
 

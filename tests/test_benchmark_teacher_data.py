@@ -92,11 +92,11 @@ def test_select_reading_at_equal_steps_and_equal_time():
     assert equal_time_reference(rows, "clip_select", "test/zeroshot_acc") == "select_learnability"
     assert equal_time_reference(rows, "select", "test/zeroshot_acc") is None
     lines = select_reading(rows, "test/zeroshot_acc")
-    assert lines[:3] == [
-        "- select_learnability - uniform: +2.50 points at equal student steps, 2.5x the training time.",
-        "- select_random - uniform: -1.00 points at equal student steps, 2.0x the training time.",
-        "- At equal training time: select_learnability 63.50 (1 seeds) vs uniform_equal_time 64.00 (1 seeds; "
-        "the epochs select_learnability's seed-0 time buys): -0.50 points."]
+    assert lines[:3] == [  # select rows ran seed 0 alone: compared with uniform's seed 0 (0.60)
+        "- select_learnability - uniform: +3.50 points at equal student steps (1 paired seed), 2.5x the training time.",
+        "- select_random - uniform: +0.00 points at equal student steps (1 paired seed), 2.0x the training time.",
+        "- At equal training time (uniform_equal_time: the epochs select_learnability's seed-0 time buys): "
+        "select_learnability - uniform_equal_time -0.50 points (1 paired seed)."]
     assert select_reading(rows[2:4], "test/zeroshot_acc") == []  # no uniform row: nothing to read
 
 

@@ -20,11 +20,11 @@ class ClipCRD(Distiller):
     teacher's entropy, a constant for the student; KL is reported because it is 0 at a perfect
     match. Returned as terms "i2t" and "t2i" (CLIP-KD averages them: weight 0.5).
 
-    Args:
-        weight: multiplier of both terms.
-
     On transfer data an image without a caption still learns the teacher's distribution over
     the batch's captions (its i2t row; ``affinity.relational_terms``).
+
+    Args:
+        weight: multiplier of both terms.
     """
 
     handles_uncaptioned = True
