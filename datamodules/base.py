@@ -95,6 +95,10 @@ class ImageDataModule(L.LightningDataModule, ClassificationData):
             teacher stands for a model trained elsewhere on more labels) or ``labeled``.
         student_view: the distilled student's: ``transfer`` (labelled plus unlabelled samples)
             or ``labeled`` (KD on the labelled part alone, for comparison).
+        labeled_per_batch: on a view with unlabelled samples, every training batch holds exactly
+            this many labelled samples, drawn from a labelled stream apart from the unlabelled
+            one (``kdkit.datamodules.labeled_share``); None: uniform batches, whose labelled
+            share is the data's.
     """
 
     augment: bool = False  # random augmentation of training images (subclasses' option)
@@ -108,7 +112,8 @@ class ImageDataModule(L.LightningDataModule, ClassificationData):
                  num_classes: int | None = None, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, labeled_fraction: float | None = None,
                  labeled_count: int | None = None, unlabeled: str | None = None,
-                 teacher_view: str = "all", student_view: str = "transfer"):
+                 teacher_view: str = "all", student_view: str = "transfer",
+                 labeled_per_batch: int | None = None):
         super().__init__()
         if teacher_view not in ("all", "labeled"):
             raise KdkitError(f"data.teacher_view={teacher_view!r} must be 'all' or 'labeled'")
@@ -119,6 +124,10 @@ class ImageDataModule(L.LightningDataModule, ClassificationData):
         self.labeled_count = labeled_count
         self.unlabeled = unlabeled
         self.teacher_view = teacher_view
+        if labeled_per_batch is not None and not self.is_transfer:
+            raise KdkitError(f"data.labeled_per_batch={labeled_per_batch} mixes labelled and unlabelled "
+                             "samples: set data.labeled_fraction, labeled_count or unlabeled too")
+        self.labeled_per_batch = None if labeled_per_batch is None else int(labeled_per_batch)
         self.train_view = "all"
         self._views: dict[str, tuple] = {}
         check_loader_options(batch_size, eval_batch_size, num_workers)
@@ -260,11 +269,18 @@ def build_loader(dm, dataset: Dataset, train: bool) -> DataLoader:
     Under DDP: eval shards without repeated samples (exact metrics over the full set), and fixed
     training shards when a per-rank teacher cache asks for them (Lightning keeps a
     DistributedSampler it finds instead of injecting its own). Train batches drop the remainder:
-    cross-rank gathers in contrastive losses need equal shapes on every rank.
+    cross-rank gathers in contrastive losses need equal shapes on every rank. A transfer view
+    with ``labeled_per_batch`` set gets ``LabeledShareSampler`` (its shards change every epoch,
+    so a per-rank teacher cache fills over several epochs instead of one).
     """
     sampler = None
+    share = getattr(dm, "labeled_per_batch", None)
     if not train:
         sampler = eval_sampler(dataset)
+    elif share is not None and getattr(dataset, "num_unlabeled", 0) > 0:
+        from kdkit.datamodules.labeled_share import LabeledShareSampler
+
+        sampler = LabeledShareSampler(dataset.hidden, dm.batch_size, share, seed=dm.seed)
     elif dm.fixed_shards and world()[1] > 1:
         sampler = FixedShardSampler(dataset, seed=dm.seed)
     if train and sampler is None:

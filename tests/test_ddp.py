@@ -152,6 +152,7 @@ def _worker(rank: int, port: int, out: str) -> None:
                                   "rows": cache._rows.filled.nonzero()[0].tolist()}
     facts["two_teachers"] = two_teachers_under_ddp()
     facts["batch_select"] = batch_select_under_ddp()
+    facts["labeled_share"] = labeled_share_under_ddp()
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(facts))
 
 
@@ -204,6 +205,35 @@ def batch_select_under_ddp() -> dict:
     dist.all_gather(everyone, student)
     return {"seen": policy.seen, "kept": policy.kept, "summary": policy.summary(),
             "students_equal_across_ranks": all(torch.equal(everyone[0], s) for s in everyone)}
+
+
+class BatchRecorder(L.Callback):
+    """The rows (``index``) and labels of every training batch a rank trains on."""
+
+    def __init__(self):
+        self.batches = []
+
+    def on_train_batch_start(self, trainer, task, batch, batch_idx):
+        self.batches.append({"index": batch["index"].tolist(), "label": batch["label"].tolist()})
+
+
+def labeled_share_under_ddp() -> dict:
+    """Transfer digits with 4 labelled rows per batch of 16, trained through Lightning's DDP: the
+    sampler Lightning kept and the batches each rank trained on."""
+    from kdkit.datamodules.digits import DigitsDataModule
+
+    dm = DigitsDataModule(labeled_count=100, labeled_per_batch=4, batch_size=16, seed=5)
+    dm.setup("fit")
+    dm.use_train_view("transfer")
+    torch.manual_seed(4)
+    task = ClassificationTask(TinyNet(width=4, num_classes=10), TinyNet(width=8, num_classes=10),
+                              distillers={"kd": KD()}, num_classes=10, mean=(0.5,), std=(0.25,),
+                              optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+    recorder = BatchRecorder()
+    trainer = shipped_ddp_trainer([recorder], max_epochs=2, limit_train_batches=3, limit_val_batches=0)
+    trainer.fit(task, datamodule=dm)
+    return {"sampler": type(trainer.train_dataloader.sampler).__name__, "batches": recorder.batches,
+            "hidden": [bool(h) for h in dm.plain_train_view.hidden]}
 
 
 def free_port() -> int:
@@ -337,6 +367,31 @@ def test_cli_ddp_test_accuracy_equals_one_process(tmp_path):
         accs.append(json.loads((where / "eval" / "results.json").read_text())["teacher"]["test/acc"])
     print(f"digits teacher test/acc: 1 process {accs[0]:.6f}, 2 processes {accs[1]:.6f}")
     assert accs[0] == accs[1]
+
+
+@pytest.mark.ddp
+def test_labeled_share_is_kept_by_lightning_and_exact_on_every_rank(ranks):
+    from kdkit.datamodules.labeled_share import LabeledShareSampler
+    from kdkit.labels import UNLABELED
+
+    facts, _ = ranks
+    mine = [rank["labeled_share"] for rank in facts]
+    hidden = mine[0]["hidden"]
+    for r, got in enumerate(mine):
+        assert got["sampler"] == "LabeledShareSampler"  # not replaced by Lightning's DistributedSampler
+        assert len(got["batches"]) == 6  # 2 epochs x 3 batches
+        for batch in got["batches"]:
+            assert sum(label != UNLABELED for label in batch["label"]) == 4
+            assert all(hidden[i] == (label == UNLABELED) for i, label in zip(batch["index"], batch["label"]))
+        # each epoch, rank r trains on global batches r, r + 2, ... of the one seeded order
+        expected = []
+        for epoch in range(2):
+            sampler = LabeledShareSampler(hidden, 16, 4, seed=5, num_replicas=WORLD, rank=r)
+            sampler.set_epoch(epoch)
+            order = list(sampler)
+            expected += [order[i * 16 : (i + 1) * 16] for i in range(3)]
+        assert [b["index"] for b in got["batches"]] == expected
+    assert not set(mine[0]["batches"][0]["index"]) & set(mine[1]["batches"][0]["index"])
 
 
 @pytest.mark.ddp
