@@ -10,8 +10,8 @@ horizontal flip), and train on
 per sample (``per: sample``) or for the whole batch (``per: batch``, the mean divergence), with
 ``D`` the KL divergence or the Jensen-Shannon divergence. This is the simple relative of HARD
 (Nix et al. 2023, "HARD: Hard Augmentations for Robust Distillation"), which *learns* an
-augmentation model that maximises the same disagreement; the learned model is not implemented
-here.
+augmentation model that maximises the same disagreement; that learned relative is
+``kdkit.selection.learned_augment`` (``selection=[learned_augment]``).
 
 The policy augments itself, so it needs the loader's images un-augmented (``data.augment=false``).
 Every candidate gets a live teacher forward (a teacher cache holds outputs of the plain images
