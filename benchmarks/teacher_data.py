@@ -11,6 +11,7 @@ of ``<out>/results.jsonl``; rerun the same command to continue, ``--report-only`
 ``benchmarks/results/teacher_data.md`` from what has finished.
 
     python benchmarks/teacher_data.py transfer --teacher-ckpt <run>/teacher.pt --jobs 2
+    python benchmarks/teacher_data.py transfer_share --jobs 2 --seeds 1
     python benchmarks/teacher_data.py budget   --teacher-ckpt <run>/teacher.pt --jobs 2
     python benchmarks/teacher_data.py select   --teacher-ckpt <run>/teacher.pt --jobs 2
     python benchmarks/teacher_data.py augment  --teacher-ckpt <run>/teacher.pt --jobs 2
@@ -21,6 +22,9 @@ Parts (rows; 3 seeds for ``transfer`` and for the best row of the other parts, 1
 
 - ``transfer`` (a): 2,000 labels + the other training images without labels, KD where there is
   no label; vs the 2,000 labels alone (the student alone, and KD on them); vs every label (KD).
+- ``transfer_share`` (a, continued): ``transfer_kd`` against the same run with 32 labelled rows
+  in every batch of 128 (``data.labeled_per_batch=32``, a labelled stream apart from the
+  unlabelled one), both taught by one teacher.
 - ``budget`` (b): the transfer setting where only 10% / 30% / 100% of the samples ever get a
   teacher forward, spent at random or uncertainty-first (the student's margin) or on the
   student's flip disagreement (``selection=[teacher_budget]``).
@@ -29,10 +33,13 @@ Parts (rows; 3 seeds for ``transfer`` and for the best row of the other parts, 1
   run twice the epochs of the uniform row, which has twice the steps per epoch) and at equal
   wall time (the uniform row given the epochs the selection row's time would buy).
 - ``augment`` (d): every label, KD; the crop+flip candidate (of 4) with the largest
-  teacher-student divergence vs the standard random crop+flip.
+  teacher-student divergence vs the standard random crop+flip; and a learned affine augmentor
+  trained to raise that divergence (``selection=[learned_augment]``, HARD-style) on top of
+  crop+flip.
 - ``clip_transfer`` (a, CLIP): 2,000 captioned images + the other training images without
   captions vs the 2,000 captioned alone (the student alone, and distilled on them) vs every
-  caption; and with CLIP-KD's FD added (an image embedding target for every image).
+  caption; and with CLIP-KD's FD added (an image embedding target for every image); and with 32 /
+  64 / 96 captioned pairs in every batch (``data.labeled_per_batch``).
 - ``clip_select`` (c, CLIP): ``select`` on the pairs, learnability = each pair's in-batch
   contrastive loss, student minus teacher (JEST).
 """
@@ -66,6 +73,12 @@ TRANSFER = {
     "transfer_kd": ["stages.baseline=false"],
     "all_labels_kd": [*ALL_LABELS, "stages.baseline=false"],
 }
+# (a) again with a fixed labelled share per batch (data.labeled_per_batch): a part of its own, so
+# both rows share one teacher (the transfer part's went with its machine)
+SHARE = {
+    "transfer_kd": ["stages.baseline=false"],
+    "transfer_kd_share32": ["stages.baseline=false", "data.labeled_per_batch=32"],
+}
 BUDGET = {f"budget_{int(f * 100)}_{order}": ["stages.baseline=false", "selection=[teacher_budget]",
                                               f"selection.teacher_budget.fraction={f}",
                                               f"selection.teacher_budget.order={order}"]
@@ -82,6 +95,8 @@ SELECT = {
 AUGMENT = {
     "crop_flip": [*ALL_LABELS, "stages.baseline=false"],
     "disagreement_aug": [*ALL_LABELS, "stages.baseline=false", "data.augment=false", "selection=[augment_select]"],
+    # a learned affine augmentor trained to maximise teacher-student KL (HARD-style), on top of crop+flip
+    "learned_aug": [*ALL_LABELS, "stages.baseline=false", "selection=[learned_augment]"],
 }
 CAPTIONS_2000 = ["data.labeled_count=2000"]
 CLIP_TRANSFER = {
@@ -94,11 +109,17 @@ CLIP_TRANSFER = {
     # diagnostic: KD on the captioned part alone in batches of 13, the captioned rows a transfer
     # batch of 128 holds (10.5%), for 5 epochs = about transfer_kd's steps and caption exposure
     "labeled_kd_b13": [*CAPTIONS_2000, "data.student_view=labeled", "stages.baseline=false", "data.batch_size=13"],
+    # the remedy: a fixed captioned share per batch from a stream apart (data.labeled_per_batch)
+    "transfer_kd_share32": [*CAPTIONS_2000, "stages.baseline=false", "data.labeled_per_batch=32"],
+    "transfer_kd_share64": [*CAPTIONS_2000, "stages.baseline=false", "data.labeled_per_batch=64"],
+    "transfer_kd_share96": [*CAPTIONS_2000, "stages.baseline=false", "data.labeled_per_batch=96"],
+    "transfer_kd_fd_share64": [*CAPTIONS_2000, "stages.baseline=false", "data.labeled_per_batch=64",
+                               "distiller=[clip_crd,clip_icl,clip_fd]"],
 }
 CLIP_SELECT = {m: [o for o in over if o not in ALL_LABELS] for m, over in SELECT.items()}
-PARTS = {"transfer": TRANSFER, "budget": BUDGET, "select": SELECT, "augment": AUGMENT,
+PARTS = {"transfer": TRANSFER, "transfer_share": SHARE, "budget": BUDGET, "select": SELECT, "augment": AUGMENT,
          "clip_transfer": CLIP_TRANSFER, "clip_select": CLIP_SELECT}
-SEEDS_ALL = {"transfer", "clip_transfer"}  # every row of these parts gets every seed
+SEEDS_ALL = {"transfer", "transfer_share", "clip_transfer"}  # every row of these parts gets every seed
 
 
 @dataclass(frozen=True)
@@ -276,6 +297,7 @@ def report(log: RunLog) -> None:
             accs = [r[setting.metric] for r in runs]
             forwards = next((runs[0][k] for k in ("selection/teacher_budget/teacher_forwards",
                                                   "selection/augment_select/teacher_forwards",
+                                                  "selection/learned_augment/teacher_forwards",
                                                   "selection/batch_select/rows_scored") if k in runs[0]), "-")
             over = ", ".join(f"`{o}`" for o in table[method]) or "(the experiment)"
             steps = runs[0].get("fit_steps", "-")
@@ -284,6 +306,8 @@ def report(log: RunLog) -> None:
         lines.append("")
         if part in ("transfer", "clip_transfer"):
             lines += gap_recovered(rows, setting.metric)
+        if part in ("transfer_share", "clip_transfer"):
+            lines += share_reading(rows, setting.metric)
         if part in ("select", "clip_select"):
             lines += select_reading(rows, setting.metric)
         if part == "augment":
@@ -384,6 +408,31 @@ def gap_recovered(rows: list[dict], metric: str = "test/acc") -> list[str]:
             share = (acc["transfer_kd"] - acc[low]) / (acc["all_labels_kd"] - acc[low])
             out.append(f"- From {low} to all_labels_kd: transfer_kd closes {share * 100:.0f}% of the "
                        f"{(acc['all_labels_kd'] - acc[low]) * 100:.2f}-point gap.")
+    return [*out, ""] if out else []
+
+
+def share_reading(rows: list[dict], metric: str) -> list[str]:
+    """Each fixed-share row (``*_share<k>``) against the same distillers on uniform batches
+    (the row's name without the suffix), over the seeds both ran."""
+    by: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        by.setdefault(r["method"], {})[r["seed"]] = r
+
+    def paired(a: str, b: str) -> str | None:
+        seeds = sorted(set(by[a]) & set(by.get(b, {})))
+        if not seeds:
+            return None
+        diff = statistics.mean(by[a][s][metric] - by[b][s][metric] for s in seeds) * 100
+        return f"{diff:+.2f} points vs {b} ({len(seeds)} paired seed{'s' * (len(seeds) > 1)})"
+
+    out = []
+    for m in sorted(x for x in by if "_share" in x):
+        base, k = m.rsplit("_share", 1)
+        if paired(m, base) is None:  # no uniform-batch row with the same distillers
+            continue
+        readings = [r for r in (paired(m, b) for b in (base, "labeled_alone", "labeled_kd")) if r]
+        out.append(f"- {m} ({k} labelled rows in every batch instead of the data's share): "
+                   f"{'; '.join(readings)}.")
     return [*out, ""] if out else []
 
 

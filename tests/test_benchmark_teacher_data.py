@@ -124,3 +124,17 @@ def test_gap_reading_says_when_transfer_data_fell_below_the_labelled_part():
         "- From labeled_alone to all_labels_kd: transfer_kd closes 25% of the 4.00-point gap.",
         "- transfer_kd is 1.00 points below labeled_kd: the unlabelled rest closed none of the gap to all_labels_kd.",
         ""]
+
+
+def test_share_reading_pairs_each_share_row_with_its_uniform_row():
+    from benchmarks.teacher_data import share_reading
+
+    def row(method, acc, seed):
+        return {"part": "clip_transfer", "method": method, "seed": seed, "test/zeroshot_acc": acc}
+
+    rows = [row("transfer_kd", 0.34, 0), row("transfer_kd", 0.36, 1), row("transfer_kd_share64", 0.41, 0),
+            row("transfer_kd_share64", 0.44, 1), row("transfer_kd_fd_share64", 0.40, 0), row("labeled_kd", 0.42, 0)]
+    assert share_reading(rows, "test/zeroshot_acc") == [  # fd_share64 has no uniform transfer_kd_fd row
+        "- transfer_kd_share64 (64 labelled rows in every batch instead of the data's share): +7.50 points vs "
+        "transfer_kd (2 paired seeds); -1.00 points vs labeled_kd (1 paired seed).", ""]
+    assert share_reading(rows[:2], "test/zeroshot_acc") == []
