@@ -411,26 +411,39 @@ def gap_recovered(rows: list[dict], metric: str = "test/acc") -> list[str]:
     return [*out, ""] if out else []
 
 
-def share_reading(rows: list[dict], metric: str) -> list[str]:
-    """Each fixed-share row (``*_share<k>``) against the same distillers on uniform batches
-    (the row's name without the suffix), over the seeds both ran."""
+def by_method(rows: list[dict]) -> dict[str, dict[int, dict]]:
+    """``rows`` as ``{method: {seed: row}}``."""
     by: dict[str, dict[int, dict]] = {}
     for r in rows:
         by.setdefault(r["method"], {})[r["seed"]] = r
+    return by
 
-    def paired(a: str, b: str) -> str | None:
-        seeds = sorted(set(by[a]) & set(by.get(b, {})))
-        if not seeds:
-            return None
-        diff = statistics.mean(by[a][s][metric] - by[b][s][metric] for s in seeds) * 100
-        return f"{diff:+.2f} points vs {b} ({len(seeds)} paired seed{'s' * (len(seeds) > 1)})"
 
+def paired(by: dict[str, dict[int, dict]], a: str, b: str, metric: str) -> tuple[float, int]:
+    """Mean ``metric`` difference ``a - b`` in points over the seeds both rows ran, and their
+    count (nan, 0 when they share none)."""
+    seeds = sorted(set(by.get(a, {})) & set(by.get(b, {})))
+    diff = statistics.mean(by[a][s][metric] - by[b][s][metric] for s in seeds) if seeds else float("nan")
+    return diff * 100, len(seeds)
+
+
+def seeds_word(n: int) -> str:
+    return f"{n} paired seed{'s' * (n > 1)}"
+
+
+def share_reading(rows: list[dict], metric: str) -> list[str]:
+    """Each fixed-share row (``*_share<k>``) against the same distillers on uniform batches
+    (the row's name without the suffix), and against the labelled part alone, over the seeds
+    both ran."""
+    by = by_method(rows)
     out = []
     for m in sorted(x for x in by if "_share" in x):
         base, k = m.rsplit("_share", 1)
-        if paired(m, base) is None:  # no uniform-batch row with the same distillers
+        if not paired(by, m, base, metric)[1]:  # no uniform-batch row with the same distillers
             continue
-        readings = [r for r in (paired(m, b) for b in (base, "labeled_alone", "labeled_kd")) if r]
+        readings = [f"{diff:+.2f} points vs {b} ({seeds_word(n)})"
+                    for b in (base, "labeled_alone", "labeled_kd")
+                    for diff, n in [paired(by, m, b, metric)] if n]
         out.append(f"- {m} ({k} labelled rows in every batch instead of the data's share): "
                    f"{'; '.join(readings)}.")
     return [*out, ""] if out else []
@@ -440,14 +453,7 @@ def select_reading(rows: list[dict], metric: str) -> list[str]:
     """Each selection row against uniform batches at equal student steps, with its training
     time; the uniform row given the best selection row's time (equal compute), where it ran.
     A difference is taken over the seeds both rows ran (a 1-seed row against uniform's seed 0)."""
-    by = {}
-    for r in rows:
-        by.setdefault(r["method"], {})[r["seed"]] = r
-
-    def paired(a: str, b: str) -> tuple[float, int]:
-        seeds = sorted(set(by[a]) & set(by[b]))
-        diff = statistics.mean(by[a][s][metric] - by[b][s][metric] for s in seeds) if seeds else float("nan")
-        return diff * 100, len(seeds)
+    by = by_method(rows)
 
     def secs(m: str) -> float:
         return statistics.mean(r.get("fit_seconds", 0) for r in by[m].values())
@@ -456,14 +462,14 @@ def select_reading(rows: list[dict], metric: str) -> list[str]:
         return []
     out = []
     for m in sorted(x for x in by if x.startswith("select_")):
-        diff, n = paired(m, "uniform")
-        out.append(f"- {m} - uniform: {diff:+.2f} points at equal student steps ({n} paired seed{'s' * (n > 1)}), "
+        diff, n = paired(by, m, "uniform", metric)
+        out.append(f"- {m} - uniform: {diff:+.2f} points at equal student steps ({seeds_word(n)}), "
                    f"{secs(m) / secs('uniform'):.1f}x the training time.")
     best = equal_time_reference(rows, rows[0]["part"], metric)
     if "uniform_equal_time" in by and best:
-        diff, n = paired(best, "uniform_equal_time")
+        diff, n = paired(by, best, "uniform_equal_time", metric)
         out.append(f"- At equal training time (uniform_equal_time: the epochs {best}'s seed-0 time buys): "
-                   f"{best} - uniform_equal_time {diff:+.2f} points ({n} paired seed{'s' * (n > 1)}).")
+                   f"{best} - uniform_equal_time {diff:+.2f} points ({seeds_word(n)}).")
     return [*out, ""] if out else []
 
 

@@ -33,9 +33,10 @@ The student then trains on the batch with a ``fraction`` of its rows (the first
 ``round(fraction * B)`` of a permutation seeded by ``seed``, the global step and the DDP rank)
 replaced by their ``x_hat``, computed *before* the augmentor's update and detached. Teacher
 outputs are handed to the distillers and never recomputed: ``T(x_hat)`` (detached) for the
-augmented rows, ``T(x)`` for the others. Cost per step: 2B teacher rows (B on ``x_hat`` with
-autograd, B on ``x`` without; both live, a teacher cache is not read), counted in
-``teacher_forwards``; one extra student forward and a backward through both models to the images.
+augmented rows, ``T(x)`` for the others. Cost per step: 2B teacher rows (B on ``x_hat``, live,
+with autograd; B on ``x`` without, from the task's teacher source, so a teacher cache serves them
+when the loader's images are static), counted in ``teacher_forwards``; one extra student forward
+and a backward through both models to the images.
 
 Under DDP every rank draws its own noise and rows, and the augmentor's gradients are averaged over
 the ranks (``all_reduce``) before its step; its weights start from a seeded generator, so every
@@ -196,13 +197,13 @@ class LearnedAugment(SelectionPolicy):
         b = _batch_size(plan.batch)
         noise, rows = self.draws(b, task.global_step, images.device)
 
-        plain = task.run_teacher(name, plan.batch)  # no grad: the consistency target
+        plain = task.teacher_outputs(plan.batch, name)  # the consistency target: cached where it can be
         # The backward stays inside buffers_kept: a train-mode BatchNorm's backward checks that
         # its running statistics were not modified in place since its forward.
         with torch.enable_grad(), buffers_kept(task.student):
             x_hat = self.augment(images, noise)
             hat_batch = {**plan.batch, "image": x_hat}
-            t_hat = self._teacher_with_grad(task, name, hat_batch)
+            t_hat = task.run_teacher(name, hat_batch, grad=True)
             s_hat = task.student_outputs(hat_batch)
             disagreement = per_sample_kl(t_hat.logits, s_hat.logits, self.temperature).mean()
             shift = per_sample_kl(plain.logits, t_hat.logits).mean()
@@ -217,15 +218,6 @@ class LearnedAugment(SelectionPolicy):
         final[rows] = x_hat.detach()[rows]
         outputs = merge_rows(plain, t_hat.map(lambda t: t.detach()), rows)
         return StepPlan({**plan.batch, "image": final}, {name: outputs})
-
-    def _teacher_with_grad(self, task, name: str, batch: dict) -> Outputs:
-        """Teacher ``name``'s outputs on ``batch`` with autograd on (its precision and taps, like
-        ``task.run_teacher``): the frozen teacher passes the gradient on to the images."""
-        teacher, tap = task.teachers[name], task.tap(name)
-        with teacher.autocast(task.device.type):
-            out = task.forward_outputs(teacher.model, batch, name)
-            out.features.update(tap.pop())
-        return task.finish_outputs(out, name)
 
     def _step(self, params: list[Tensor], grads: tuple[Tensor | None, ...]) -> None:
         """One Adam step of the augmentor; gradients averaged over the DDP ranks first."""

@@ -303,10 +303,12 @@ class DistillationTask(L.LightningModule):
         """Teacher ``name``'s outputs on ``batch`` (the only teacher when None), from its source."""
         return self.teacher_sources[name or self._only_teacher()].outputs(batch)
 
-    def run_teacher(self, name: str, batch: dict) -> Outputs:
-        """One live forward of teacher ``name``: no grad, its own precision, its taps."""
+    def run_teacher(self, name: str, batch: dict, grad: bool = False) -> Outputs:
+        """One live forward of teacher ``name``: its own precision, its taps; no grad unless
+        ``grad`` (the frozen weights get none either way, but the inputs do: a learned
+        augmentation differentiates through the teacher to its images)."""
         teacher, tap = self._teachers[name], self.tap(name)
-        with torch.no_grad(), teacher.autocast(self.device.type):
+        with torch.set_grad_enabled(grad), teacher.autocast(self.device.type):
             out = self.forward_outputs(teacher.model, batch, name)
             out.features.update(tap.pop())
         return self.finish_outputs(out, name)
