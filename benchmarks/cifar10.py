@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RunLog, header, mean_std, run_all_jobs, write  # noqa: E402
+from benchmarks._common import RunLog, command, header, machine, mean_std, run_all_jobs, write  # noqa: E402
 
 METHODS = ["kd", "dkd", "dist", "fitnet", "at", "rkd", "sp", "crd",
            # issue #16: the peers' classic distillers and the seed papers' logit methods
@@ -50,6 +50,23 @@ def best_method(done: dict, methods: list[str]) -> str | None:
     """The distiller with the highest seed-0 test accuracy among those run."""
     ran = [m for m in methods if (m, 0) in done]
     return max(ran, key=lambda m: done[(m, 0)]["test/acc"]) if ran else None
+
+
+def check_reproduced(before: dict | None, now: dict, out: Path, ckpt: Path) -> None:
+    """Student rows recorded in an earlier session (their committed copy) were distilled from the
+    teacher of ``before``; a teacher trained again here (its checkpoint went with its machine) may
+    serve them only if it is the same teacher. Seeded, on the same CPU kind it is, to every digit;
+    on another CPU kind (other fp32 kernels) it is not, and mixing the two would compare students
+    of different teachers: set the new checkpoint aside (a resumed run would take it) and stop."""
+    keys = ("test/acc", "val/acc")
+    if before is None or all(before.get(k) == now.get(k) for k in keys):
+        return
+    ckpt.rename(ckpt.with_name(ckpt.name + ".not-reproduced"))
+    raise SystemExit(
+        f"[cifar10] the teacher trained again here scores {[now.get(k) for k in keys]} (test, val acc), "
+        f"not the {[before.get(k) for k in keys]} of the teacher whose students {out}'s log already holds "
+        f"(recorded on: {before.get('machine', 'an unrecorded machine')}). Different CPU kinds train different "
+        "fp32 teachers: run with another --out (a fresh log) or on the machine kind that recorded them.")
 
 
 def steps_per_epoch(common: list[str]) -> int:
@@ -109,7 +126,8 @@ def main() -> None:
             if args.teacher_epochs:
                 over.append(f"teacher.max_epochs={args.teacher_epochs}")
             res = run(compose(over, output_dir=str(teacher_dir)))["teacher"]
-            record({"method": "teacher", "seed": 0, **res})
+            check_reproduced(done.get(("teacher", 0)), res, out, Path(teacher_ckpt))
+            record({"method": "teacher", "seed": 0, **res, "machine": machine(), "command": command()})
 
     def overrides(method: str, seed: int) -> list[str]:
         over = [*common, f"teacher.ckpt_path={teacher_ckpt}", "stages.teacher=false",
@@ -122,7 +140,7 @@ def main() -> None:
     def run_all(todo: list[tuple[str, int]]) -> None:
         jobs = [(m, s, overrides(m, s), str(out / f"{m}_s{s}")) for m, s in dict.fromkeys(todo) if (m, s) not in done]
         for row in run_all_jobs(jobs, args.jobs, args.threads):  # recorded as each finishes: resumable
-            record(row)
+            record({**row, "machine": machine(), "command": command()})
             print(f"[cifar10] {row['method']} seed {row['seed']}: test/acc {row['test/acc']:.4f} "
                   f"({row['wall_s']:.0f} s)", flush=True)
 

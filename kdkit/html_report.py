@@ -12,6 +12,7 @@ import html
 from pathlib import Path
 
 from kdkit.checkpoint_io import write_atomically
+from kdkit.report import fmt
 from kdkit.report_data import RunData, is_number, load_run
 from kdkit.report_plan import Plot, headline_key, metric_label, plan
 from kdkit.report_plots import render_png
@@ -74,31 +75,18 @@ def results_table(run: RunData) -> str:
     head = "".join(f"<th>{_e(s)}</th>" for s in run.results)
     rows = []
     for key in keys:
-        cells = "".join(_cell(results.get(key)) for results in run.results.values())
+        cells = "".join(_cell(results.get(key), key) for results in run.results.values())
         label = f"<th scope='row' title='{_e(key)}'>{_e(metric_label(key, run.config))}</th>"
         rows.append(f"<tr>{label}{cells}</tr>")
     return (f"<table id='results-table'><thead><tr><th>metric</th>{head}</tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>")
 
 
-def format_value(value) -> str:
-    """A results value for people: thousands separators for counts, 4 decimals for scores,
-    yes/no for flags, '-' for missing."""
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) >= 1000):
-        return f"{int(value):,}"
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"
-    return str(value)
-
-
-def _cell(value) -> str:
+def _cell(value, key: str) -> str:
+    """A value shown as the console's and ``results.md``'s tables show it (``report.fmt``)."""
     cls = " class='num'" if is_number(value) else ""
     exact = f" title='{_e(repr(value))}'" if isinstance(value, float) else ""
-    return f"<td{cls}{exact}>{_e(format_value(value))}</td>"
+    return f"<td{cls}{exact}>{_e(fmt(value, key))}</td>"
 
 
 def _summary(run: RunData) -> str:

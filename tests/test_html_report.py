@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from kdkit.errors import KdkitError
-from kdkit.html_report import format_value, render_report, write_report
+from kdkit.html_report import render_report, write_report
+from kdkit.report import fmt
 from kdkit.report_cli import main
 from kdkit.report_data import load_run
 from kdkit.report_plan import headline_key, plan
@@ -105,7 +106,7 @@ def test_report_renders_in_a_browser(digits_run):
     assert {i["figure"] for i in images} == set(ids)  # every plot's image decoded
     header, rows = table[0], {r[0]: r[1:] for r in table[1:]}
     assert header == ["metric", *results]
-    assert rows["test/acc"] == [format_value(results[s]["test/acc"]) for s in results]
+    assert rows["test/acc"] == [fmt(results[s]["test/acc"], "test/acc") for s in results]
     assert config_open and "max_epochs: 2" in config_text
 
 
@@ -316,10 +317,11 @@ def test_a_run_without_logs_or_config_still_renders(tmp_path):
 def test_results_table_shows_every_value(tmp_path):
     page = render_report(_write_run(tmp_path / "run", {
         "teacher": {"test/acc": 0.91234567, "params": 94186, "weaker_than_baseline": False,
-                    "primary_metric": "acc"}}))
-    for text in ("0.9123", "title='0.91234567'", "94,186", ">no<", ">acc<"):
+                    "primary_metric": "acc", "test/loss": 12.345, "fit_seconds": 1234.56,
+                    "test/latency_ms": 0.123456}}))
+    # the same figures the console's and results.md's tables print (report.fmt), by what each key measures
+    for text in ("0.9123", "title='0.91234567'", "94,186", ">no<", ">acc<", ">12.3450<", ">1,234.6<", ">0.123<"):
         assert text in page
-    assert [format_value(v) for v in (None, True, 1234.0, 12.345, 7)] == ["-", "yes", "1,234", "12.3", "7"]
 
 
 def test_not_a_run_directory(tmp_path):

@@ -103,3 +103,11 @@ def assert_gradients(pair: Pair, distiller: Distiller, learning: list[str]) -> N
 def from_yaml(name: str) -> Distiller:
     """``conf/distiller/<name>.yaml`` instantiated exactly as the runner does."""
     return build_distiller(OmegaConf.load(CONF / f"{name}.yaml")[name])
+
+
+def run_once(distiller: Distiller, batch: dict | None = None) -> dict[str, torch.Tensor]:
+    """The terms of one forward of ``distiller`` on a fresh ``Pair`` after ``build``: what a yaml's
+    "instantiates and runs" test checks."""
+    pair, batch = Pair(distiller), batch or image_batch()
+    build(distiller, pair, batch)
+    return distiller(pair.student_outputs(batch), pair.teacher_outputs(batch), batch)

@@ -11,7 +11,7 @@ from kdkit.models.cifar_resnet import resnet8, resnet20
 from kdkit.outputs import Outputs
 from kdkit.teachers import build_distiller
 
-from .helpers import CONF, Pair, assert_gradients, build, distill_backward, image_batch
+from .helpers import CONF, Pair, assert_gradients, build, distill_backward, image_batch, run_once
 
 PRE_RELU = [["layer1.2:input", "layer1.2:input"], ["layer2.2:input", "layer2.2:input"],
             ["layer3.2:input", "layer3.2:input"]]  # the Pair's blocks are conv, bn, relu
@@ -107,8 +107,5 @@ def test_yaml_instantiates_and_runs():
     node.pairs = PRE_RELU  # the yaml names kdkit's CIFAR ResNets; the Pair's blocks differ
     d = build_distiller(node)
     assert (d.weight, d.margin, d.use_adapter, d.epochs) == (0.003, 1.0, True, 30)
-    pair = Pair(d)
-    batch = image_batch()
-    build(d, pair, batch)
-    loss = d(pair.student_outputs(batch), pair.teacher_outputs(batch), batch)["loss"]
+    loss = run_once(d)["loss"]
     assert torch.isfinite(loss) and loss > 0

@@ -10,7 +10,7 @@ from kdkit.distillers.cc import CC, taylor_rbf_correlation
 from kdkit.errors import KdkitError
 from kdkit.outputs import Outputs
 
-from .helpers import Pair, assert_gradients, build, distill_backward, from_yaml, image_batch
+from .helpers import Pair, assert_gradients, build, distill_backward, from_yaml, image_batch, run_once
 
 
 def correlation_by_loops(f: np.ndarray, gamma: float, order: int) -> np.ndarray:
@@ -87,8 +87,5 @@ def test_gradients_reach_the_student_and_both_heads_only():
 def test_yaml_instantiates_and_runs():
     d = from_yaml("cc")
     assert (d.weight, d.embed_dim, d.gamma, d.order, d.project_teacher) == (0.02, 128, 0.4, 2, True)
-    pair = Pair(d)
-    batch = image_batch()
-    build(d, pair, batch)
-    loss = d(pair.student_outputs(batch), pair.teacher_outputs(batch), batch)["loss"]
+    loss = run_once(d)["loss"]
     assert torch.isfinite(loss) and loss > 0

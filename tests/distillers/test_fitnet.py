@@ -8,7 +8,7 @@ from kdkit.distillers.fitnet import FitNet
 from kdkit.errors import KdkitError
 from kdkit.outputs import Outputs
 
-from .helpers import Pair, assert_gradients, build, distill_backward, from_yaml, image_batch
+from .helpers import Pair, assert_gradients, build, distill_backward, from_yaml, image_batch, run_once
 
 
 def feats(s: torch.Tensor, t: torch.Tensor, name: str = "f") -> tuple[Outputs, Outputs]:
@@ -87,9 +87,6 @@ def test_yaml_instantiates_and_runs():
     d = from_yaml("fitnet")
     knobs = (d.student_feature, d.teacher_feature, d.use_adapter, d.weight)
     assert knobs == ("layer2", "layer2", True, 100.0)
-    pair = Pair(d)
-    batch = image_batch()
-    build(d, pair, batch)
-    loss = d(pair.student_outputs(batch), pair.teacher_outputs(batch), batch)["loss"]
+    loss = run_once(d)["loss"]
     assert torch.isfinite(loss) and loss > 0
     assert isinstance(d.adapter.conv, nn.Conv2d) and d.adapter.conv.in_channels == 8

@@ -9,7 +9,7 @@ from kdkit.distillers.ft import FT, factor_distance
 from kdkit.errors import KdkitError
 from kdkit.outputs import Outputs
 
-from .helpers import Pair, assert_gradients, build, distill_backward, from_yaml, image_batch
+from .helpers import Pair, assert_gradients, build, distill_backward, from_yaml, image_batch, run_once
 
 
 def feats(s, t):
@@ -94,9 +94,6 @@ def test_yaml_instantiates_and_runs():
     d = from_yaml("ft")
     knobs = (d.student_feature, d.teacher_feature, d.paraphrase_rate, d.reconstruction_weight, d.weight)
     assert knobs == ("layer3", "layer3", 0.5, 0.002, 500.0)
-    pair = Pair(d)
-    batch = image_batch()
-    build(d, pair, batch)
-    terms = d(pair.student_outputs(batch), pair.teacher_outputs(batch), batch)
+    terms = run_once(d)
     assert all(torch.isfinite(v) and v > 0 for v in terms.values())
     assert d.translator[0].in_channels == 16 and d.paraphraser.encoder[2].out_channels == 12

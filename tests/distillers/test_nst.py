@@ -7,7 +7,7 @@ from kdkit.distillers.nst import NST, polynomial_mmd
 from kdkit.errors import KdkitError
 from kdkit.outputs import Outputs
 
-from .helpers import Pair, assert_gradients, build, distill_backward, from_yaml, image_batch
+from .helpers import Pair, assert_gradients, distill_backward, from_yaml, image_batch, run_once
 
 
 def mmd_by_loops(f_s, f_t, d=2, c=0.0):
@@ -77,8 +77,5 @@ def test_yaml_instantiates_and_runs():
     d = from_yaml("nst")
     assert d.pairs == [("layer1", "layer1"), ("layer2", "layer2"), ("layer3", "layer3")]
     assert (d.weight, d.degree, d.c) == (50.0, 2, 0.0)
-    pair = Pair(d)
-    batch = image_batch()
-    build(d, pair, batch)
-    loss = d(pair.student_outputs(batch), pair.teacher_outputs(batch), batch)["loss"]
+    loss = run_once(d)["loss"]
     assert torch.isfinite(loss) and loss > 0

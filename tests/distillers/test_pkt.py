@@ -8,7 +8,7 @@ from kdkit.distillers.pkt import PKT, pkt_loss
 from kdkit.errors import KdkitError
 from kdkit.outputs import Outputs
 
-from .helpers import Pair, assert_gradients, build, distill_backward, from_yaml, image_batch
+from .helpers import Pair, assert_gradients, distill_backward, from_yaml, image_batch, run_once
 
 
 def pkt_by_loops(s, t, eps=1e-7):
@@ -74,8 +74,5 @@ def test_gradients_reach_the_student_below_the_classifier():
 def test_yaml_instantiates_and_runs():
     d = from_yaml("pkt")
     assert (d.weight, d.eps) == (30000.0, 1e-7)
-    pair = Pair(d)
-    batch = image_batch()
-    build(d, pair, batch)
-    loss = d(pair.student_outputs(batch), pair.teacher_outputs(batch), batch)["loss"]
+    loss = run_once(d)["loss"]
     assert torch.isfinite(loss) and loss > 0

@@ -7,7 +7,7 @@ import torch
 from kdkit.distillers.sp import SP, sp_loss
 from kdkit.outputs import Outputs
 
-from .helpers import Pair, assert_gradients, build, distill_backward, from_yaml, image_batch
+from .helpers import Pair, assert_gradients, distill_backward, from_yaml, image_batch, run_once
 
 
 def sp_by_numpy(f_s, f_t):
@@ -63,8 +63,5 @@ def test_gradients_reach_the_student_below_the_classifier():
 def test_yaml_instantiates_and_runs():
     d = from_yaml("sp")
     assert d.pairs is None and d.weight == 3000.0
-    pair = Pair(d)
-    batch = image_batch()
-    build(d, pair, batch)
-    loss = d(pair.student_outputs(batch), pair.teacher_outputs(batch), batch)["loss"]
+    loss = run_once(d)["loss"]
     assert torch.isfinite(loss) and loss > 0

@@ -8,7 +8,7 @@ from kdkit.distillers.vid import VID, softplus_inverse
 from kdkit.errors import KdkitError
 from kdkit.outputs import Outputs
 
-from .helpers import Pair, assert_gradients, build, distill_backward, from_yaml, image_batch
+from .helpers import Pair, assert_gradients, build, distill_backward, from_yaml, image_batch, run_once
 
 
 def built_vid(s, t, **kwargs) -> tuple[VID, Outputs, Outputs]:
@@ -94,8 +94,5 @@ def test_yaml_instantiates_and_runs():
     d = from_yaml("vid")
     assert (d.pairs, d.init_pred_var, d.eps, d.weight) == (
         [("layer1", "layer1"), ("layer2", "layer2"), ("layer3", "layer3")], 5.0, 1e-5, 1.0)
-    pair = Pair(d)
-    batch = image_batch()
-    build(d, pair, batch)
-    loss = d(pair.student_outputs(batch), pair.teacher_outputs(batch), batch)["loss"]
+    loss = run_once(d)["loss"]
     assert torch.isfinite(loss)
