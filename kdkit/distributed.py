@@ -63,6 +63,18 @@ def gather_nograd(x: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
+def sum_over_ranks(values: list[int]) -> list[int]:
+    """Each rank's integer ``values`` summed over all ranks (every rank gets the sums); the values
+    themselves outside a process group. Collective: every rank must call it."""
+    _, size = world()
+    if size == 1:
+        return list(values)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    total = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
 def eval_sampler(dataset: Dataset) -> DistributedSampler | None:
     """Sampler for a validation/test loader: every sample on exactly one rank; None on 1 process.
 

@@ -153,6 +153,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     facts["two_teachers"] = two_teachers_under_ddp()
     facts["batch_select"] = batch_select_under_ddp()
     facts["labeled_share"] = labeled_share_under_ddp()
+    facts["teacher_budget"] = teacher_budget_under_ddp(Path(out))
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(facts))
 
 
@@ -234,6 +235,71 @@ def labeled_share_under_ddp() -> dict:
     trainer.fit(task, datamodule=dm)
     return {"sampler": type(trainer.train_dataloader.sampler).__name__, "batches": recorder.batches,
             "hidden": [bool(h) for h in dm.plain_train_view.hidden]}
+
+
+class TeacherRows(L.Callback):
+    """Rows this rank's teacher ran on during training steps (``count`` is its forward hook)."""
+
+    def __init__(self):
+        self.rows, self.on = 0, False
+
+    def count(self, module, inputs, output):
+        self.rows += output.shape[0] if self.on else 0
+
+    def on_train_batch_start(self, *args):
+        self.on = True
+
+    def on_train_batch_end(self, *args):
+        self.on = False
+
+
+def budget_data():
+    from kdkit.datamodules.digits import DigitsDataModule
+
+    dm = DigitsDataModule(labeled_fraction=0.2, batch_size=32, seed=5)
+    dm.setup("fit")
+    dm.use_train_view("transfer")
+    return dm
+
+
+def budget_task(policy=None, rows: TeacherRows | None = None) -> ClassificationTask:
+    from kdkit.selection.teacher_budget import TeacherBudget
+
+    torch.manual_seed(6)
+    student, teacher = TinyNet(width=4, num_classes=10), TinyNet(width=8, num_classes=10)
+    if rows is not None:
+        teacher.register_forward_hook(rows.count)
+    return ClassificationTask(student, teacher,
+                              distillers={"kd": KD()}, num_classes=10, mean=(0.5,), std=(0.25,),
+                              selection={"teacher_budget": policy or TeacherBudget()},
+                              optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+
+
+def teacher_budget_under_ddp(out: Path) -> dict:
+    """A 30% teacher budget bought in two rounds (random, then the student's uncertainty) under
+    DDP: what each rank bought and ranked by, its teacher's rows, the job's reported count, and a
+    checkpoint; rank 0 keeps the student weights the second round ranked with."""
+    from kdkit.selection.teacher_budget import TeacherBudget
+
+    class Recorded(TeacherBudget):
+        def scores(self, task, pool, first_round):
+            scores = super().scores(task, pool, first_round)
+            if not first_round:
+                self.ranked, self.before = scores.tolist(), self.bought.tolist()
+                self.weights = {k: v.detach().clone() for k, v in task.student.state_dict().items()}
+            return scores
+
+    policy, rows = Recorded(fraction=0.3, order="uncertainty", rounds=2), TeacherRows()
+    task = budget_task(policy, rows)
+    trainer = shipped_ddp_trainer([rows], max_epochs=2, limit_val_batches=0)
+    trainer.fit(task, datamodule=budget_data())
+    trainer.save_checkpoint(out / "budget.ckpt")  # every rank takes part, rank 0 writes
+    if dist.get_rank() == 0:
+        torch.save(policy.weights, out / "budget_student.pt")
+    summary = task.fit_summary()
+    return {"bought": policy.bought.tolist(), "before": policy.before, "ranked": policy.ranked,
+            "teacher_rows": rows.rows, "teacher_forwards": summary["selection/teacher_budget/teacher_forwards"],
+            "samples_bought": summary["selection/teacher_budget/samples_bought"]}
 
 
 def free_port() -> int:
@@ -392,6 +458,36 @@ def test_labeled_share_is_kept_by_lightning_and_exact_on_every_rank(ranks):
             expected += [order[i * 16 : (i + 1) * 16] for i in range(3)]
         assert [b["index"] for b in got["batches"]] == expected
     assert not set(mine[0]["batches"][0]["index"]) & set(mine[1]["batches"][0]["index"])
+
+
+@pytest.mark.ddp
+def test_teacher_budget_buys_the_same_samples_on_every_rank_and_counts_the_whole_job(ranks):
+    from kdkit.selection.teacher_budget import pool_scores
+
+    facts, out = ranks
+    mine = [rank["teacher_budget"] for rank in facts]
+    n = len(mine[0]["bought"])
+    assert mine[0]["bought"] == mine[1]["bought"] and sum(mine[0]["bought"]) == round(0.3 * n)
+    assert mine[0]["ranked"] == mine[1]["ranked"]  # one gathered set of scores, not one per rank
+    # the reported count is the whole job's: the rows both ranks' teachers ran on, in the summary
+    # of every rank and in the checkpoint a resumed run would continue from
+    total = sum(m["teacher_rows"] for m in mine)
+    assert all(m["teacher_rows"] > 0 for m in mine)
+    assert [m["teacher_forwards"] for m in mine] == [total, total]
+    ckpt = torch.load(out / "budget.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["kdkit_selection"]["teacher_budget"]["teacher_forwards"] == total
+    # the ranks' shared scoring equals one process scoring the whole pool with the same weights ...
+    task = budget_task()
+    task.student.load_state_dict(torch.load(out / "budget_student.pt"))
+    pool = budget_data().plain_train_view
+    single = pool_scores(task, pool, "uncertainty", 64)
+    assert len(single) == n and torch.allclose(torch.tensor(mine[0]["ranked"]), single, atol=1e-6)
+    # ... and the second round bought exactly the most uncertain samples the first had not
+    before, ranked = torch.tensor(mine[0]["before"]), torch.tensor(mine[0]["ranked"])
+    ranked[before] = float("-inf")
+    wanted = round(0.3 * n) - int(before.sum())
+    expected = set(torch.sort(ranked, descending=True, stable=True).indices[:wanted].tolist())
+    assert expected == set(torch.tensor(mine[0]["bought"]).logical_and(~before).nonzero().flatten().tolist())
 
 
 @pytest.mark.ddp

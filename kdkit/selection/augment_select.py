@@ -50,6 +50,7 @@ class AugmentSelect(SelectionPolicy):
     """
 
     state_keys = ("teacher_forwards",)
+    rank_counters = ("teacher_forwards",)  # each DDP rank counts its own rows
 
     def __init__(self, candidates: int = 4, per: str = "sample", divergence: str = "kl",
                  temperature: float = 1.0, padding: int = 4, flip: bool = True, teacher: str | None = None,

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdkit.distributed import sum_over_ranks
 from kdkit.errors import KdkitError
 from kdkit.outputs import Outputs
 
@@ -69,6 +70,9 @@ class SelectionPolicy:
 
     teacher: str | None = None
     state_keys: tuple[str, ...] = ()  # attributes a resumed run needs (saved in checkpoints)
+    # integer counts each DDP rank keeps of its own rows (e.g. teacher forwards); summed over the
+    # ranks before a checkpoint is saved and before ``summary``, so both hold the global count
+    rank_counters: tuple[str, ...] = ()
     _stats: dict = {}  # this step's values for the logs (``step_stats``), set by ``plan``
 
     def plan(self, task, plan: StepPlan) -> StepPlan:
@@ -96,6 +100,22 @@ class SelectionPolicy:
     def load_state_dict(self, state: dict) -> None:
         for key in self.state_keys:
             setattr(self, key, state[key])
+
+    def sync_counters(self) -> None:
+        """Make every ``rank_counters`` count global: add what all ranks counted since the last
+        sync (one ``all_reduce``; a no-op in one process). Collective: the task calls it on every
+        rank when a checkpoint is saved and before the end-of-fit summary."""
+        if not self.rank_counters:
+            return
+        synced = self.__dict__.setdefault("_synced", {})
+        since = [getattr(self, k) - synced.get(k, 0) for k in self.rank_counters]
+        for key, added in zip(self.rank_counters, sum_over_ranks(since)):
+            setattr(self, key, synced.get(key, 0) + added)
+            synced[key] = getattr(self, key)
+
+    def counters_loaded(self) -> None:
+        """The counts just loaded from a checkpoint are global already (saved after a sync)."""
+        self.__dict__["_synced"] = {k: getattr(self, k) for k in self.rank_counters}
 
 
 def policy_teacher(task, name: str | None, policy: str) -> str:

@@ -41,8 +41,8 @@ and a backward through both models to the images.
 Under DDP every rank draws its own noise and rows, and the augmentor's gradients are averaged over
 the ranks (``all_reduce``) before its step; its weights start from a seeded generator, so every
 rank keeps the same augmentor. The augmentor is built on the first step (on the images' device,
-for their channel count); its weights, its optimizer's state and ``teacher_forwards`` travel in
-checkpoints.
+for their channel count); its weights, its optimizer's state and ``teacher_forwards`` (summed over the
+ranks) travel in checkpoints.
 """
 
 from __future__ import annotations
@@ -132,6 +132,8 @@ class LearnedAugment(SelectionPolicy):
         seed: seed of the augmentor's initial weights, and (with the global step and the DDP rank)
             of each step's noise and augmented rows.
     """
+
+    rank_counters = ("teacher_forwards",)  # each DDP rank counts its own rows
 
     def __init__(self, fraction: float = 0.5, strength: float = 0.5, lr: float = 1e-3, temperature: float = 1.0,
                  consistency: float = 1.0, width: int = 16, noise_dim: int = 8, teacher: str | None = None,

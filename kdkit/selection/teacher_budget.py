@@ -19,14 +19,19 @@ student has learnt nothing to rank by yet), as active learning starts from a ran
 Each step the distillers see only the batch rows already bought; the task loss still sees every
 labelled row. ``teacher_forwards`` counts the rows handed to the teacher (every step's bought
 rows: bought samples are distilled every epoch, augmented like the rest of the batch).
+
+Under DDP the ranks share the scoring pass (each scores every W-th sample, the scores are
+gathered), so every rank buys the same samples, and ``teacher_forwards`` is summed over the
+ranks before checkpoints and the summary: the figure is the whole job's teacher rows.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
+from kdkit.distributed import gather_nograd, world
 from kdkit.errors import KdkitError
 from kdkit.selection.base import SelectionPolicy, StepPlan, per_sample_js, policy_teacher
 
@@ -46,6 +51,7 @@ class TeacherBudget(SelectionPolicy):
     """
 
     state_keys = ("bought", "rounds_done", "teacher_forwards")
+    rank_counters = ("teacher_forwards",)  # each DDP rank counts its own rows
 
     def __init__(self, fraction: float = 0.3, order: str = "random", rounds: int = 3,
                  scoring_batch_size: int = 512, teacher: str | None = None, seed: int = 0):
@@ -131,7 +137,25 @@ def round_epoch(r: int, rounds: int, epochs: int) -> int:
 @torch.no_grad()
 def pool_scores(task, pool, order: str, batch_size: int) -> Tensor:
     """The student's ranking score of every pool sample (eval mode, no grad), ``[N]`` on CPU:
-    minus the top-2 margin ("uncertainty") or the image-vs-mirror JS divergence."""
+    minus the top-2 margin ("uncertainty") or the image-vs-mirror JS divergence.
+
+    Under DDP rank ``r`` scores the samples ``r, r + W, ...`` and the ranks gather the scores: the
+    pool is scored once in all (not once per rank), and every rank ranks the very same numbers,
+    so every rank buys the same samples even where its kernels are not bit-exact."""
+    rank, size = world()
+    shard = Subset(pool, range(rank, len(pool), size)) if size > 1 else pool
+    scores = shard_scores(task, shard, order, batch_size)
+    if size == 1:
+        return scores.cpu()
+    longest = -(-len(pool) // size)  # shards differ by one sample at most: pad to gather
+    padded = torch.full((longest,), float("nan"), device=scores.device)
+    padded[: len(scores)] = scores
+    everyone = gather_nograd(padded).view(size, longest)
+    return everyone.t().reshape(-1)[: len(pool)].cpu()  # sample r + W * j sits at [r, j]
+
+
+def shard_scores(task, pool, order: str, batch_size: int) -> Tensor:
+    """``pool_scores`` of the samples of ``pool`` in order, on the task's device."""
     student = task.student
     was_training = student.training
     student.eval()
@@ -142,10 +166,10 @@ def pool_scores(task, pool, order: str, batch_size: int) -> Tensor:
             logits = task.student_outputs(batch).logits.float()
             if order == "uncertainty":
                 top2 = logits.softmax(-1).topk(2, dim=-1).values
-                out.append((top2[:, 1] - top2[:, 0]).cpu())
+                out.append(top2[:, 1] - top2[:, 0])
             else:
                 mirror = task.student_outputs({**batch, "image": batch["image"].flip(-1)}).logits
-                out.append(per_sample_js(logits, mirror).cpu())
+                out.append(per_sample_js(logits, mirror))
         return torch.cat(out)
     finally:
         student.train(was_training)

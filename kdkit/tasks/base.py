@@ -252,6 +252,7 @@ class DistillationTask(L.LightningModule):
             if callable(report):
                 summary.update(report(self))
         for name, policy in self.selection.items():
+            policy.sync_counters()  # every rank calls fit_summary, so the sum is safe here
             summary.update({f"selection/{name}/{k}": v for k, v in policy.summary().items()})
         return summary
 
@@ -448,12 +449,16 @@ class DistillationTask(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         check_finite(self, f"the {self.student_role} at step {self.global_step}")
         if self.selection:
+            if not _ranks_out_of_step(self._trainer):
+                for policy in self.selection.values():
+                    policy.sync_counters()
             checkpoint["kdkit_selection"] = {name: p.state_dict() for name, p in self.selection.items()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         for name, state in checkpoint.get("kdkit_selection", {}).items():
             if name in self.selection:
                 self.selection[name].load_state_dict(state)
+                self.selection[name].counters_loaded()
 
     def eval_step(self, stage: str, batch: dict) -> None:
         """What one evaluation batch does, for ``stage`` "val" or "test" (``validation_step`` and
@@ -510,3 +515,14 @@ def _save_safetensors(state: dict, path) -> "Path":
     # safetensors refuses tensors that share storage (tied weights): store each once, cloned
     save_file({k: v.clone() for k, v in state.items()}, str(path))
     return path
+
+
+def _ranks_out_of_step(trainer) -> bool:
+    """True while a Ctrl-C checkpoint is written: the ranks were stopped at different steps, so
+    no collective may run (the selection counts keep each rank's own share). A SIGTERM stop saves
+    at a step every rank has reached (``StageCheckpoint`` holds a barrier there)."""
+    from lightning.pytorch.trainer.states import TrainerStatus
+
+    if trainer is None:
+        return False
+    return trainer.state.status == TrainerStatus.INTERRUPTED and not trainer.received_sigterm
