@@ -287,7 +287,8 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
                           limit_train_batches=2, limit_val_batches=0)
     trainer.fit(task, datamodule=TinyImages(n=32, batch_size=8))
     flat = lambda module: torch.cat([p.detach().flatten() for p in module.parameters()])
-    facts = {"teacher_forwards": policy.teacher_forwards}
+    facts = {"teacher_forwards": policy.teacher_forwards,
+             "job_teacher_forwards": task.fit_summary()["selection/learned_augment/teacher_forwards"]}
     for part, module in (("augmentor", policy.augmentor), ("student", task.student)):
         mine = flat(module)
         everyone = [torch.empty_like(mine) for _ in range(WORLD)]
@@ -307,3 +308,4 @@ def test_under_ddp_every_rank_keeps_the_same_augmentor(tmp_path):
         assert rank["augmentor_equal_across_ranks"] and rank["student_equal_across_ranks"]
         assert rank["augmentor_trained"]
         assert rank["teacher_forwards"] == 2 * 2 * 8  # its own 2 batches of 8 rows, twice each
+        assert rank["job_teacher_forwards"] == WORLD * 2 * 2 * 8  # results.json: both ranks' rows
