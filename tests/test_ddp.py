@@ -204,7 +204,8 @@ def batch_select_under_ddp() -> dict:
     student = torch.cat([p.detach().flatten() for p in task.student.parameters()])
     everyone = [torch.empty_like(student) for _ in range(WORLD)]
     dist.all_gather(everyone, student)
-    return {"seen": policy.seen, "kept": policy.kept, "summary": policy.summary(),
+    summary = {k.rsplit("/", 1)[-1]: v for k, v in task.fit_summary().items()}
+    return {"seen": policy.seen, "kept": policy.kept, "summary": summary,
             "students_equal_across_ranks": all(torch.equal(everyone[0], s) for s in everyone)}
 
 
@@ -500,7 +501,10 @@ def test_batch_selection_deals_the_global_top_rows_to_the_ranks(ranks):
     facts, _ = ranks
     mine = [rank["batch_select"] for rank in facts]
     assert all(m["students_equal_across_ranks"] for m in mine)
-    assert mine[0]["summary"] == mine[1]["summary"] and mine[0]["summary"]["rows_scored"] > 0
+    assert mine[0]["summary"] == mine[1]["summary"]
+    # the summary counts the whole job's rows: every rank's scored and kept rows
+    assert mine[0]["summary"]["rows_scored"] == sum(len(b) for m in mine for b in m["seen"]) > 0
+    assert mine[0]["summary"]["rows_kept"] == sum(len(b) for m in mine for b in m["kept"]) > 0
     for a, b in zip(mine[0]["kept"], mine[1]["kept"], strict=True):
         assert len(a) == len(b) > 0 and not set(a) & set(b)
     # step 0 (same weights everywhere): one process ranking the two ranks' batches together keeps

@@ -27,7 +27,8 @@ no-grad forward over the super-batch to score it.
 Under DDP with ``scope: global`` every rank gathers the scores, so every rank ranks the same
 global super-batch and takes its own share of the global top rows (rows and teacher outputs are
 gathered too, one ``all_gather`` each); ``scope: local`` ranks each rank's rows alone, as a
-single process would.
+single process would. ``rows_scored`` and ``rows_kept`` are the whole job's (summed over the
+ranks before checkpoints and ``results.json``).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class BatchSelect(SelectionPolicy):
     """
 
     state_keys = ("rows_scored", "rows_kept")
+    rank_counters = ("rows_scored", "rows_kept")  # each DDP rank counts its own rows
 
     def __init__(self, keep: float = 0.5, score: str = "learnability", temperature: float = 1.0,
                  teacher: str | None = None, scope: str = "global", seed: int = 0):
