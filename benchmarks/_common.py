@@ -155,8 +155,22 @@ def run_student(job: tuple) -> dict:
     torch.set_num_threads(threads)
     start = time.time()
     res = run(compose([*over, "ckpt_path=last"], output_dir=output_dir))
-    return {"method": method, "seed": seed, **res["baseline" if method == "baseline" else "student"],
-            "wall_s": round(time.time() - start, 1)}
+    stage = "baseline" if method == "baseline" else "student"
+    return {"method": method, "seed": seed, **res[stage], "wall_s": round(time.time() - start, 1),
+            "train_loss_by_epoch": epoch_means(Path(output_dir) / "logs" / stage / "metrics.csv")}
+
+
+def epoch_means(metrics_csv: Path, column: str = "train/loss") -> list[float]:
+    """The mean of ``column`` over each epoch's logged steps, in epoch order (how far a run is
+    from its floor); empty when the file or the column is missing."""
+    from kdkit.report_data import read_curves
+
+    curve = read_curves(metrics_csv, "").get(column) if Path(metrics_csv).exists() else None
+    by_epoch: dict[int, list[float]] = {}
+    for epoch, y in zip(curve.epoch, curve.y) if curve else ():
+        if epoch is not None:
+            by_epoch.setdefault(int(epoch), []).append(y)
+    return [round(statistics.mean(by_epoch[e]), 4) for e in sorted(by_epoch)]
 
 
 def run_all_jobs(jobs: list[tuple], n_jobs: int, threads: int):

@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RunLog, command, header, machine, mean_std, run_all_jobs, write  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    RunLog, command, epoch_means, header, machine, mean_std, run_all_jobs, write)
 
 METHODS = ["kd", "dkd", "dist", "fitnet", "at", "rkd", "sp", "crd",
            # issue #16: the peers' classic distillers and the seed papers' logit methods
@@ -98,6 +99,8 @@ def main() -> None:
                    help="student runs in parallel, one torch thread each (2 on a 2-core box)")
     p.add_argument("--out", default="benchmarks/runs/cifar10")
     p.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
+    p.add_argument("--notes", default=None,
+                   help="findings appended to the report (default: benchmarks/<out folder>_notes.md if it exists)")
     args = p.parse_args()
 
     import torch
@@ -127,7 +130,8 @@ def main() -> None:
                 over.append(f"teacher.max_epochs={args.teacher_epochs}")
             res = run(compose(over, output_dir=str(teacher_dir)))["teacher"]
             check_reproduced(done.get(("teacher", 0)), res, out, Path(teacher_ckpt))
-            record({"method": "teacher", "seed": 0, **res, "machine": machine(), "command": command()})
+            record({"method": "teacher", "seed": 0, **res, "machine": machine(), "command": command(),
+                    "train_loss_by_epoch": epoch_means(teacher_dir / "logs" / "teacher" / "metrics.csv")})
 
     def overrides(method: str, seed: int) -> list[str]:
         over = [*common, f"teacher.ckpt_path={teacher_ckpt}", "stages.teacher=false",
@@ -167,16 +171,21 @@ def report(args, done: dict, best: str | None) -> None:
              ""]
     if teacher:
         epochs = f", {args.teacher_epochs} epochs" if args.teacher_epochs else " (the experiment's epochs)"
-        lines.append(f"Teacher{epochs}: {teacher['test/acc'] * 100:.2f}% test accuracy, "
-                     f"{teacher['params']:,} parameters.\n")
+        val = f" (val {teacher['val/acc'] * 100:.2f}%)" if "val/acc" in teacher else ""
+        cpu = f", trained on {teacher['machine'].split(': ', 1)[-1].split(';')[0]}" if "machine" in teacher else ""
+        lines.append(f"Teacher{epochs}: {teacher['test/acc'] * 100:.2f}% test accuracy{val}, "
+                     f"{teacher['params']:,} parameters{cpu}.\n")
     tuned = {m: method_overrides(m, args.epochs, args.steps_per_epoch) for m in by_method}
     lines += [f"Per-method overrides: `{m}`: {', '.join(f'`{o}`' for o in over)}."
               for m, over in tuned.items() if over]
     if args.extra:
         lines.append(f"Overrides of every student run: {', '.join(f'`{o}`' for o in args.extra)}.")
     lines += ["Every other hyper-parameter is the distiller's yaml default (the papers' CIFAR values).", ""]
-    lines += ["| method | seeds | test acc (%) | Δ vs baseline | params | train time / run (s) |",
-              "|---|---|---|---|---|---|"]
+    lines += ["Train loss: the mean training loss of the last epoch (task loss plus every distiller's "
+              "weighted loss, so compare it within a row), and its change over the last tenth of the "
+              "epochs: near 0 when the student has reached its floor.", ""]
+    lines += ["| method | seeds | test acc (%) | Δ vs baseline | train loss, last epoch (Δ last tenth) | params | "
+              "train time / run (s) |", "|---|---|---|---|---|---|---|"]
     order = ["baseline", *[m for m in by_method if m != "baseline"]]
     for method in order:
         rows = by_method.get(method, [])
@@ -185,10 +194,26 @@ def report(args, done: dict, best: str | None) -> None:
         accs = [r["test/acc"] for r in rows]
         delta = (statistics.mean(accs) - base) * 100
         fit = statistics.mean(r.get("fit_seconds", 0) for r in rows)
-        lines.append(f"| {method} | {len(rows)} | {mean_std(accs)} | {delta:+.2f} | "
+        lines.append(f"| {method} | {len(rows)} | {mean_std(accs)} | {delta:+.2f} | {convergence(rows)} | "
                      f"{rows[0]['params']:,} | {fit:.0f} |")
-    lines += ["", f"Best single method at seed 0: `{best}`."]
-    write("cifar10.md", "\n".join(lines) + "\n")
+    lines += ["", f"Best single method at seed 0: `{best}`.", ""]
+    notes = Path(args.notes or f"benchmarks/{Path(args.out).name}_notes.md")
+    if notes.exists():
+        lines += ["## Reading the table", "", notes.read_text().strip(), ""]
+    name = "cifar10.md" if Path(args.out).name == "cifar10" else f"{Path(args.out).name}.md"
+    write(name, "\n".join(lines))
+
+
+def convergence(rows: list[dict]) -> str:
+    """Mean last-epoch train loss over a method's seeds and its change over the last tenth of
+    the epochs, from each row's ``train_loss_by_epoch``; "-" for rows recorded without it."""
+    curves = [r["train_loss_by_epoch"] for r in rows if len(r.get("train_loss_by_epoch") or []) >= 2]
+    if not curves:
+        return "-"
+    tail = [max(1, len(c) // 10) for c in curves]
+    last = statistics.mean(c[-1] for c in curves)
+    change = statistics.mean(c[-1] - c[-1 - t] for c, t in zip(curves, tail))
+    return f"{last:.3f} ({change:+.3f})"
 
 
 if __name__ == "__main__":
