@@ -31,6 +31,12 @@ def machine() -> str:
             f"{torch.get_num_threads()} torch threads; Python {platform.python_version()}")
 
 
+def cpu_of(row: dict) -> str:
+    """``", on <CPU model>"`` from a row's recorded machine (restored rows name it in their note)."""
+    m = row.get("machine", "")
+    return f", on {m.split('(', 1)[1].split(')', 1)[0]}" if "(" in m else ""
+
+
 def command() -> str:
     return " ".join(["python", *sys.argv])
 

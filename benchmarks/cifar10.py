@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (  # noqa: E402
-    RunLog, command, epoch_means, header, machine, mean_std, run_all_jobs, write)
+    RunLog, command, cpu_of, epoch_means, header, machine, mean_std, run_all_jobs, write)
 
 METHODS = ["kd", "dkd", "dist", "fitnet", "at", "rkd", "sp", "crd",
            # issue #16: the peers' classic distillers and the seed papers' logit methods
@@ -172,12 +172,14 @@ def report(args, done: dict, best: str | None) -> None:
     if teacher:
         epochs = f", {args.teacher_epochs} epochs" if args.teacher_epochs else " (the experiment's epochs)"
         val = f" (val {teacher['val/acc'] * 100:.2f}%)" if "val/acc" in teacher else ""
-        cpu = f", trained on {teacher['machine'].split(': ', 1)[-1].split(';')[0]}" if "machine" in teacher else ""
         lines.append(f"Teacher{epochs}: {teacher['test/acc'] * 100:.2f}% test accuracy{val}, "
-                     f"{teacher['params']:,} parameters{cpu}.\n")
+                     f"{teacher['params']:,} parameters{cpu_of(teacher)}.\n")
     tuned = {m: method_overrides(m, args.epochs, args.steps_per_epoch) for m in by_method}
     lines += [f"Per-method overrides: `{m}`: {', '.join(f'`{o}`' for o in over)}."
               for m, over in tuned.items() if over]
+    ran = dict.fromkeys(r["command"] for r in done.values() if "command" in r)
+    if ran:  # the header names the command that wrote this file, maybe --report-only
+        lines += ["Rows measured by: " + "; ".join(f"`{c}`" for c in ran) + ".", ""]
     if args.extra:
         lines.append(f"Overrides of every student run: {', '.join(f'`{o}`' for o in args.extra)}.")
     lines += ["Every other hyper-parameter is the distiller's yaml default (the papers' CIFAR values).", ""]

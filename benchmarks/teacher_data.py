@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (  # noqa: E402
     RunLog,
+    cpu_of,
     command,
     header,
     machine,
@@ -359,12 +360,6 @@ def score_of(row: dict) -> str:
     if "test/acc" in row:
         return f"{row['test/acc'] * 100:.2f}% test accuracy"
     return f"{row['test/zeroshot_acc'] * 100:.2f}% zero-shot accuracy"
-
-
-def cpu_of(row: dict) -> str:
-    """``", on <CPU model>"`` from a row's recorded machine (restored rows name it in their note)."""
-    m = row.get("machine", "")
-    return f", on {m.split('(', 1)[1].split(')', 1)[0]}" if "(" in m else ""
 
 
 def augment_cost(rows: list[dict]) -> list[str]:

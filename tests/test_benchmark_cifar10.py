@@ -1,0 +1,43 @@
+"""benchmarks/cifar10.py's bookkeeping: a retrained teacher that differs never serves the
+students of the one it replaces, and the report's convergence column reads the logged losses."""
+
+import pytest
+
+from benchmarks._common import epoch_means
+from benchmarks.cifar10 import check_reproduced, convergence
+
+
+def test_a_teacher_that_came_back_the_same_serves_the_old_students(tmp_path):
+    ckpt = tmp_path / "teacher.pt"
+    ckpt.write_bytes(b"weights")
+    row = {"test/acc": 0.8139, "val/acc": 0.819}
+    check_reproduced(None, row, tmp_path, ckpt)  # nothing recorded before: any teacher will do
+    check_reproduced(dict(row), row, tmp_path, ckpt)
+    assert ckpt.read_bytes() == b"weights"
+
+
+def test_a_different_teacher_is_set_aside_and_the_benchmark_stops(tmp_path):
+    ckpt = tmp_path / "teacher.pt"
+    ckpt.write_bytes(b"weights")
+    before = {"test/acc": 0.8168, "val/acc": 0.81, "machine": "vm: 2 cores (Intel Xeon), no GPU"}
+    with pytest.raises(SystemExit, match=r"0\.8139.*0\.8168.*Intel Xeon"):
+        check_reproduced(before, {"test/acc": 0.8139, "val/acc": 0.819}, tmp_path, ckpt)
+    # a resumed run must not pick the new checkpoint up as the old teacher
+    assert not ckpt.exists() and (tmp_path / "teacher.pt.not-reproduced").read_bytes() == b"weights"
+
+
+def test_epoch_means_average_each_epochs_logged_steps(tmp_path):
+    csv = tmp_path / "metrics.csv"
+    csv.write_text("epoch,step,train/loss,val/acc\n"
+                   "0,0,2.0,\n0,1,1.0,\n0,1,,0.5\n"  # the validation row has no train loss
+                   "1,2,0.5,\n1,3,0.25,\n")
+    assert epoch_means(csv) == [1.5, 0.375]
+    assert epoch_means(tmp_path / "missing.csv") == []
+
+
+def test_convergence_is_the_last_epoch_and_its_change_over_the_last_tenth():
+    falling = [float(20 - e) for e in range(20)]  # 20 epochs: the last tenth is 2 epochs
+    flat = [5.0] * 10 + [1.0] * 10
+    assert convergence([{"train_loss_by_epoch": falling}]) == "1.000 (-2.000)"
+    assert convergence([{"train_loss_by_epoch": falling}, {"train_loss_by_epoch": flat}]) == "1.000 (-1.000)"
+    assert convergence([{"test/acc": 0.5}]) == "-"  # rows recorded before the losses were
