@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
+import os
 import statistics
 import sys
 import time
@@ -30,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import (  # noqa: E402
     RAW,
     RunLog,
+    command,
+    cpu_of,
     header,
     machine,
     mean_std,
@@ -58,6 +62,10 @@ CNN_METHODS = {
             "distiller.ofa.student_prefix_tokens=1", "distiller.ofa.variant=official"],
     "mfd": [*PLAIN, "distiller=[mfd]", "task.task_loss_weight=1.0", "distiller.mfd.student_feature=blocks.3",
             "distiller.mfd.student_prefix_tokens=1", "distiller.mfd.teacher_feature=layer3"],
+    # the same with MAE-style token dropping: the student's blocks encode only the visible patches
+    "mfd_tokens": [*PLAIN, "distiller=[mfd]", "task.task_loss_weight=1.0", "distiller.mfd.student_feature=blocks.3",
+                   "distiller.mfd.student_prefix_tokens=1", "distiller.mfd.teacher_feature=layer3",
+                   "distiller.mfd.masking=tokens"],
 }
 VIT_METHODS = {
     "baseline": ["stages.student=false"],
@@ -74,7 +82,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=40, help="student epochs of every row")
     p.add_argument("--teacher-epochs", type=int, default=40)
     p.add_argument("--teacher-ckpt", default=None, help="a trained teacher.pt (cnn: required)")
-    p.add_argument("--methods", default=None, help="comma-separated rows (default: all of the part)")
+    p.add_argument("--methods", default=None, help="comma-separated rows (default: all of the part; "
+                   "steps: KD and these rows, into their own table)")
     p.add_argument("--seeds", type=int, default=3, help="seeds of the baseline, KD and the best two")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one torch thread each")
     p.add_argument("--threads", type=int, default=2, help="torch threads of a teacher run / steps")
@@ -94,6 +103,8 @@ def main() -> None:
     common = [f"experiment={experiment}", "data.train_limit=null", "trainer.enable_progress_bar=false",
               "logger=csv", "export.programs=[]", f"trainer.max_epochs={args.epochs}", *args.extra]
     log = RunLog(out / "results.jsonl", key=lambda row: (row["part"], row["method"], row["seed"]))
+    if args.teacher_ckpt:
+        record_given_teacher(args.part, Path(args.teacher_ckpt), log)
     if not args.report_only:
         teacher_ckpt = args.teacher_ckpt or train_teacher(args, common, out, log)
         over = {m: [*common, f"teacher.ckpt_path={teacher_ckpt}", "stages.teacher=false",
@@ -105,12 +116,26 @@ def main() -> None:
             jobs = [(m, s, [*over[m], f"seed={s}"], str(out / f"{m}_s{s}"))
                     for m, s in todo() if (args.part, m, s) not in log.done]
             for row in run_all_jobs(jobs, args.jobs, args.threads):
-                log.record({"part": args.part, **row})
+                log.record({"part": args.part, **row, "machine": machine(), "command": command()})
                 print(f"[vit {args.part}] {row['method']} seed {row['seed']}: test/acc "
                       f"{row['test/acc']:.4f} ({row['wall_s']:.0f} s)", flush=True)
     logs = {part: RunLog(Path(f"benchmarks/runs/vit_{part}") / "results.jsonl", key=log.key) for part in PARTS}
     logs[args.part] = log
     report(logs)
+
+
+def record_given_teacher(part: str, ckpt: Path, log: RunLog) -> None:
+    """The teacher row of a ``--teacher-ckpt`` trained by a kdkit run, read from the
+    ``results.json`` beside it (once), so the report names the teacher every row distilled."""
+    results = ckpt.parent / "results.json"
+    if (part, "teacher", 0) in log.done or not results.exists():
+        return
+    teacher = json.loads(results.read_text()).get("teacher")
+    if teacher:
+        machines = RunLog(ckpt.parent.parent / "results.jsonl", key=lambda row: row.get("method"), archive=False).done
+        trained_on = machines.get("teacher", {}).get("machine")
+        log.record({"part": part, "method": "teacher", "seed": 0, **teacher, "teacher_ckpt": str(ckpt),
+                    **({"machine": trained_on} if trained_on else {})})
 
 
 def train_teacher(args, common: list[str], out: Path, log: RunLog) -> str:
@@ -149,8 +174,9 @@ def report(logs: dict[str, RunLog]) -> None:
         base = statistics.mean(r["test/acc"] for r in by_method.get("baseline", [{"test/acc": float("nan")}]))
         lines += [f"## `{experiment}` on every shared training image", ""]
         if teacher:
-            lines.append(f"Teacher: {teacher['test/acc'] * 100:.2f}% test accuracy, {teacher['params']:,} "
-                         f"parameters, {teacher['fit_seconds']:.0f} s of training.\n")
+            given = f" (`{teacher['teacher_ckpt']}`, given by `--teacher-ckpt`)" if "teacher_ckpt" in teacher else ""
+            lines.append(f"Teacher{given}: {teacher['test/acc'] * 100:.2f}% test accuracy, {teacher['params']:,} "
+                         f"parameters, {teacher['fit_seconds']:.0f} s of training{cpu_of(teacher)}.\n")
         else:
             lines.append("Teacher: the checkpoint given by `--teacher-ckpt` (not trained by this benchmark).\n")
         lines += restored_note(rows)
@@ -169,8 +195,7 @@ def report(logs: dict[str, RunLog]) -> None:
     if not any(log.done for log in logs.values()):
         lines += ["No full-data row has finished yet: the rows run in pieces (each run resumes from its "
                   "last epoch's checkpoint), and this file lists them as they finish.", ""]
-    steps = STEPS
-    if steps.exists():
+    for steps in sorted(RAW.glob("vit_steps*.md")):  # the full table, then any subset's
         lines += [steps.read_text()]
     write("vit.md", "\n".join(lines) + "\n")
 
@@ -188,7 +213,11 @@ def step_times(args) -> None:
     from kdkit.teachers import make_distillers
 
     torch.set_num_threads(args.threads)
-    rows = [m for m in CNN_METHODS if m != "baseline"]
+    chosen = [m for m in args.methods.split(",") if m] if args.methods else None
+    rows = ["kd", *[m for m in chosen if m != "kd"]] if chosen else [m for m in CNN_METHODS if m != "baseline"]
+    unknown = sorted(set(rows) - set(CNN_METHODS) | {"baseline"} & set(rows))
+    if unknown:
+        raise SystemExit(f"steps: unknown or untimed rows {unknown}; rows: {', '.join(m for m in CNN_METHODS if m != 'baseline')}")
     dm = instantiate(compose(["experiment=cifar10_deit"]).data)
     dm.prepare_data()
     dm.setup("fit")
@@ -214,14 +243,18 @@ def step_times(args) -> None:
                 if rnd > 0:  # the first round warms up every row
                     times[method].append(time.perf_counter() - start)
     kd = statistics.median(times["kd"])
-    lines = ["## Time per training step relative to KD (`cnn` rows)", "",
-             f"`python benchmarks/vit.py steps --threads {args.threads} --rounds {args.rounds}`: batch 128, resnet20 teacher -> "
+    subset = f" --methods {args.methods}" if chosen else ""
+    lines = [f"## Time per training step relative to KD (`cnn` rows{': ' + ', '.join(rows[1:]) if chosen else ''})", "",
+             f"`python benchmarks/vit.py steps --threads {args.threads} --rounds {args.rounds}{subset}`: batch 128, "
+             "resnet20 teacher -> "
              f"vit_tiny(_distilled), {len(times['kd'])} timed steps per row taken in turns of 3; "
-             f"{machine()}, {dt.date.today()}.", "",
+             f"{machine()}, {dt.date.today()}; 1-minute load average at the end {os.getloadavg()[0]:.1f} "
+             "(other processes on the cores slow every row alike, since the rows take turns).", "",
              "| row | median step (ms) | vs KD |", "|---|---|---|"]
     lines += [f"| {m} | {statistics.median(t) * 1000:.0f} | {statistics.median(t) / kd:.2f}x |" for m, t in times.items()]
-    STEPS.parent.mkdir(parents=True, exist_ok=True)
-    STEPS.write_text("\n".join(lines) + "\n")
+    path = RAW / f"vit_steps_{'_'.join(rows[1:])}.md" if chosen else STEPS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

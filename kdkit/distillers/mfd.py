@@ -7,11 +7,13 @@ import hashlib
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from kdkit.distillers.adapters import resize_map
 from kdkit.distillers.base import DistillContext, feature
 from kdkit.distillers.fitnet import FitNet
-from kdkit.distillers.token_layout import as_map
+from kdkit.distillers.token_layout import as_map, check_prefix, map_to_tokens
+from kdkit.distillers.visible_tokens import VisibleTokens
 from kdkit.errors import KdkitError
 from kdkit.outputs import Outputs
 
@@ -98,20 +100,32 @@ class MFD(FitNet):
     0.5); a finer grid whose size is a multiple takes each patch's 0 / 1 (nearest). Token
     features are compared on their patch tokens (prefix tokens dropped).
 
-    This is pixel-space masking (black patches), not MAE's token dropping: the student still
-    encodes every patch, so there is no speed-up, and unlike SimMIM no learned mask token
-    replaces the masked patch embeddings. The mask is drawn at the batch image's resolution:
-    when the student resizes its input (``inputs.student.image_size``), set ``patch_size`` so
-    that the mask grid is its patch grid (its patch size times data size / input size).
+    ``masking`` says how the student is masked:
 
-    Departures: DMAE runs the student encoder (MAE-style) on the visible patches only, feeds
-    the teacher the same visible patches, compares L2-normalised features (CLS included) with
-    an L1 loss and adds MAE's pixel reconstruction (``loss: l1, normalize: true`` gives its
-    distance; the reconstruction and token dropping are not here). CLIP-KD's MFD drops tokens
-    too (``--mask_ratio 0.75`` in its script) and regresses the final image embedding of the
-    teacher's full image with MSE; here any intermediate layer is compared, visible positions
-    only. With a map adapter, BatchNorm's batch statistics in training include the masked
-    positions (their error is still excluded). Returns the single term ``"loss"``.
+    * ``pixels`` (any student): the masked patches are black pixels. The student still encodes
+      every patch, so there is no speed-up, and unlike SimMIM no learned mask token replaces the
+      masked patch embeddings. With a map adapter, BatchNorm's batch statistics in training
+      include the masked positions (their error is still excluded).
+    * ``tokens`` (a ViT student, as DMAE and CLIP-KD's MFD do): the student sees the full image
+      but its masked patch tokens are dropped after ``token_module`` (``VisibleTokens``, MAE's
+      encoder input), so its blocks encode ``P + keep`` tokens, about ``1 - mask_ratio`` of the
+      work. The tapped student tokens are then exactly the visible patches: each goes through
+      a linear adapter ``r`` to the teacher's width and is compared with the teacher's feature at
+      its patch, the teacher's map (or token grid) brought to the student's patch grid by
+      ``resize_map`` (exact cell means when it is finer). The mask's grid must be the student's
+      patch grid. The student's classifier then also reads only the visible tokens, so the task
+      loss in training sees the masked view (as in pixel masking).
+
+    The mask is drawn at the batch image's resolution: when the student resizes its input
+    (``inputs.student.image_size``), set ``patch_size`` so that the mask grid is its patch grid
+    (its patch size times data size / input size).
+
+    Departures: DMAE feeds the teacher the same visible patches, compares L2-normalised
+    features (CLS included) with an L1 loss and adds MAE's pixel reconstruction
+    (``loss: l1, normalize: true`` gives its distance; the reconstruction is not here, and the
+    teacher sees the full image). CLIP-KD's MFD (``--mask_ratio 0.75`` in its script) regresses
+    the final image embedding of the teacher's full image with MSE; here any intermediate layer
+    is compared, visible positions only. Returns the single term ``"loss"``.
 
     Reproducibility: each sample's mask comes from a ``torch.Generator`` seeded from
     ``(seed, training step, batch["index"])`` (``sample_seed``): the same on resume and on any
@@ -130,6 +144,9 @@ class MFD(FitNet):
         adapter: learn ``r``; false compares the features as they are (equal shapes).
         loss: ``"mse"`` or ``"l1"``. normalize: L2-normalise each position's features first.
         seed: seed of the masks.
+        masking: ``"pixels"`` or ``"tokens"`` (see above).
+        token_module: with ``masking: tokens``, the student module after which masked tokens are
+            dropped: ``patch_drop`` for timm ViTs, ``visual.patch_dropout`` for open_clip.
     """
 
     who = "mfd"
@@ -138,7 +155,8 @@ class MFD(FitNet):
                  teacher_feature: str = "layer3", student_prefix_tokens: int | None = None,
                  teacher_prefix_tokens: int | None = None, mask_ratio: float = 0.5,
                  patch_size: int = 4, adapter: bool = True, loss: str = "mse",
-                 normalize: bool = False, seed: int = 0):
+                 normalize: bool = False, seed: int = 0, masking: str = "pixels",
+                 token_module: str = "patch_drop"):
         super().__init__(weight, student_feature, teacher_feature, adapter, student_prefix_tokens,
                          teacher_prefix_tokens)
         if not 0 <= float(mask_ratio) < 1:
@@ -147,7 +165,12 @@ class MFD(FitNet):
             raise KdkitError(f"mfd.patch_size must be a positive number of pixels, got {patch_size}")
         if loss not in ("mse", "l1"):
             raise KdkitError(f"mfd.loss must be 'mse' or 'l1', got {loss!r}")
+        if masking not in ("pixels", "tokens"):
+            raise KdkitError(f"mfd.masking must be 'pixels' or 'tokens', got {masking!r}")
         self.mask_ratio, self.patch_size = float(mask_ratio), int(patch_size)
+        self.masking, self.token_module = masking, str(token_module)
+        self.student_grid: tuple[int, int] | None = None  # masking: tokens, set by build
+        self._tokens: VisibleTokens | None = None
         self.loss, self.normalize = loss, bool(normalize)
         self.seed = int(seed)
 
@@ -171,14 +194,43 @@ class MFD(FitNet):
                              f"of patch_size={p}: lower it or the patch size")
         visible = draw_visible(batch["index"], grid, self.mask_ratio, self.seed, self.progress[1])
         visible = visible.to(image.device)
+        if self.masking == "tokens":
+            if self._tokens is None:
+                raise RuntimeError("mfd: build() must run (on a probe forward) before masking tokens")
+            if grid != self.student_grid:
+                raise KdkitError(f"mfd.patch_size={p} gives a {grid[0]}x{grid[1]} mask grid on {height}x{width} "
+                                 f"images, but the student has a {self.student_grid[0]}x{self.student_grid[1]} "
+                                 f"patch grid: masking: tokens needs patch_size={height // self.student_grid[0]}")
+            self._tokens.keep(visible.flatten(1))
+            return {**batch, VISIBLE_KEY: visible}
         pixels = visible.repeat_interleave(p, dim=1).repeat_interleave(p, dim=2)[:, None]
         return {**batch, "image": torch.where(pixels, image, torch.zeros((), dtype=image.dtype,
                                                                           device=image.device)),
                 VISIBLE_KEY: visible}
 
     def build(self, student: Outputs, teacher: Outputs, context: DistillContext) -> None:
-        self._check_layouts(*self.feature_pair(student, teacher, self.who))
-        super().build(student, teacher, context)
+        s, t = self.feature_pair(student, teacher, self.who)
+        self._check_layouts(s, t)
+        if self.masking == "pixels":
+            return super().build(student, teacher, context)
+        if s.dim() != 3:
+            raise KdkitError(f"mfd.masking=tokens drops a ViT student's patch tokens, but student_feature "
+                             f"{self.student_feature!r} is not tokens [N, D] (shape {tuple(s.shape[1:])}); "
+                             "masking: pixels masks any student")
+        self.student_grid = check_prefix(s.shape, self.prefix_tokens[0], self.who, "student", self.student_feature)
+        width = as_map(t, self.prefix_tokens[1], self.who, "teacher", self.teacher_feature).shape[1]
+        if self.use_adapter:
+            self.adapter = nn.Linear(s.shape[-1], width).to(s.device)
+        elif s.shape[-1] != width:
+            raise KdkitError(f"mfd: student tokens of width {s.shape[-1]} cannot be compared with the teacher's "
+                             f"{width} channels without an adapter (set adapter: true)")
+        if context is None:
+            raise KdkitError("mfd.masking=tokens needs the student network in the build context")
+        if self._tokens is not None:
+            self._tokens.remove()
+        module = context.module("student", self.token_module, self.who)
+        self._tokens = VisibleTokens(module, self.prefix_tokens[0], self.student_grid[0] * self.student_grid[1],
+                                     self.who)
 
     def _check_layouts(self, s: Tensor, t: Tensor) -> None:
         if s.dim() not in (3, 4) or t.dim() not in (3, 4):
@@ -202,15 +254,38 @@ class MFD(FitNet):
         return (as_map(s_c, prefix, self.who, "student", self.student_feature),
                 as_map(t_c, prefix, self.who, "teacher", self.teacher_feature))
 
+    def visible_token_pairs(self, student: Outputs, teacher: Outputs, visible: Tensor) -> tuple[Tensor, Tensor]:
+        """``masking: tokens``: the student's visible patch tokens through the adapter and the
+        teacher's features at those patches, both ``[B, keep, C]`` in row-major patch order."""
+        s = feature(student, self.student_feature, self.who)
+        prefix = self.prefix_tokens[0]
+        rows = visible.flatten(1).to(s.device)
+        keep = int(rows[0].sum())
+        if s.dim() != 3 or s.shape[1] != prefix + keep:
+            raise KdkitError(f"mfd: the student's {self.student_feature!r} has shape {tuple(s.shape[1:])}, not "
+                             f"{prefix} prefix + {keep} visible tokens: is it computed after "
+                             f"{self.token_module!r}, and did the student run on mfd.student_batch(batch)?")
+        s = s[:, prefix:]
+        if self.adapter is not None:
+            s = self.adapter(s)
+        t = feature(teacher, self.teacher_feature, self.who)
+        t = map_to_tokens(resize_map(as_map(t, self.prefix_tokens[1], self.who, "teacher", self.teacher_feature),
+                                     self.student_grid))
+        return s, t[rows].view(t.shape[0], keep, t.shape[2])
+
     def forward(self, student: Outputs, teacher: Outputs, batch: dict) -> dict[str, Tensor]:
         if VISIBLE_KEY not in batch:
             raise KdkitError(f"mfd: the batch has no {VISIBLE_KEY!r} mask: the student must be fed "
                              "mfd.student_batch(batch), as DistillationTask does in every training step")
+        if self.masking == "tokens":
+            s, t = self.visible_token_pairs(student, teacher, batch[VISIBLE_KEY])
+            everywhere = torch.ones(s.shape[:2], dtype=torch.bool, device=s.device)[..., None]
+            return {"loss": masked_feature_loss(s.transpose(1, 2)[..., None], t.transpose(1, 2)[..., None],
+                                                everywhere, self.loss, self.normalize)}
         s, t = self.compared_maps(student, teacher)
         visible = visible_at(batch[VISIBLE_KEY].to(s.device), s.shape[-2:])
         return {"loss": masked_feature_loss(s, t, visible, self.loss, self.normalize)}
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, mask_ratio={self.mask_ratio}, patch_size={self.patch_size}, "
-                f"loss={self.loss!r}, normalize={self.normalize}, "
-                f"seed={self.seed}")
+                f"loss={self.loss!r}, normalize={self.normalize}, seed={self.seed}, masking={self.masking!r}")

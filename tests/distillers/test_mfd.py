@@ -268,3 +268,139 @@ def test_yaml_instantiates_and_runs():
     masked = d.student_batch(batch)
     assert (~masked[VISIBLE_KEY]).flatten(1).sum(1).tolist() == [12] * 4
     assert distill_backward(d, pair, masked)["loss"] > 0
+
+
+# ---- masking: tokens (MAE-style token dropping in a ViT student) ----------------------------
+
+def token_mfd(**kwargs) -> MFD:
+    return vit_mfd(masking="tokens", **kwargs)
+
+
+def tokens_entering_blocks(model) -> list[torch.Tensor]:
+    seen = []
+    model.blocks.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    return seen
+
+
+@pytest.mark.parametrize("distilled", [False, True])
+def test_token_masking_feeds_the_blocks_the_prefix_and_the_visible_patches_in_order(distilled):
+    prefix = 2 if distilled else 1
+    d = token_mfd(student_prefix_tokens=prefix)
+    pair = ViTPair(d, student=tiny_vit(0, distilled=distilled))
+    batch = images()
+    pair.build(d, batch)
+    seen = tokens_entering_blocks(pair.student)
+    masked = d.student_batch(batch)
+    assert torch.equal(masked["image"], batch["image"])  # the full image: tokens are dropped, not pixels
+    pair.student(masked["image"])
+    with torch.no_grad():  # what the blocks would get without dropping: patch embedding + positions
+        full = pair.student._pos_embed(pair.student.patch_embed(batch["image"]))
+    visible = masked[VISIBLE_KEY].flatten(1)
+    assert seen[-1].shape == (4, prefix + 8, 16)
+    for b in range(4):
+        positions = visible[b].nonzero().flatten().tolist()  # row-major patch order
+        expected = torch.cat([full[b, :prefix], full[b, prefix + torch.tensor(positions)]])
+        assert torch.equal(seen[-1][b], expected)
+    pair.student(batch["image"])  # the next forward nobody armed (evaluation): every token
+    assert seen[-1].shape == (4, prefix + 16, 16) and torch.equal(seen[-1], full)
+
+
+def test_token_masking_with_every_patch_visible_is_the_plain_forward():
+    d = token_mfd(mask_ratio=0.0)
+    pair = ViTPair(d)
+    batch = images()
+    pair.build(d, batch)
+    pair.student.eval()
+    with torch.no_grad():
+        plain = pair.student(batch["image"])
+        dropped = pair.student(d.student_batch(batch)["image"])
+    assert torch.equal(plain, dropped)
+
+
+@pytest.mark.parametrize("teacher_kind", ["vit_same_grid", "cnn_finer_map"])
+def test_token_loss_matches_loops_over_the_visible_patches(teacher_kind):
+    """Student patch j (the j-th visible, row-major) through the linear adapter against the
+    teacher's feature at that patch: its token on the same 4x4 grid, or the mean of the 2x2
+    cells it covers on an 8x8 map."""
+    torch.manual_seed(4)
+    if teacher_kind == "vit_same_grid":
+        d = token_mfd(student_feature="blocks.1", teacher_feature="blocks.1")
+        teacher = tiny_vit(1, embed_dim=24)
+    else:
+        d = token_mfd(student_feature="blocks.1", teacher_feature="conv", teacher_prefix_tokens=None)
+        teacher = torch.nn.Sequential()
+        teacher.add_module("conv", torch.nn.Conv2d(3, 6, 2, stride=2))  # 16x16 -> 8x8 map
+        teacher.add_module("pool", torch.nn.AdaptiveAvgPool2d(1))
+        teacher.add_module("flat", torch.nn.Flatten())
+        teacher.add_module("fc", torch.nn.Linear(6, 5))
+    pair = ViTPair(d, teacher=teacher)
+    batch = images()
+    pair.build(d, batch)
+    masked = d.student_batch(batch)
+    s, t = pair.student_outputs(masked), pair.teacher_outputs(batch)
+    loss = d(s, t, masked)["loss"]
+    s_tok, t_feat = s.features["blocks.1"], t.features[d.teacher_feature]
+    lin = d.adapter
+    visible = masked[VISIBLE_KEY].flatten(1)
+    with torch.no_grad():
+        total, count = 0.0, 0
+        for b in range(4):
+            for j, pos in enumerate(visible[b].nonzero().flatten().tolist()):
+                r = lin.weight @ s_tok[b, 1 + j] + lin.bias
+                y, x = divmod(pos, 4)
+                if teacher_kind == "vit_same_grid":
+                    target = t_feat[b, 1 + pos]
+                else:
+                    target = t_feat[b, :, 2 * y:2 * y + 2, 2 * x:2 * x + 2].mean(dim=(1, 2))
+                total += ((r - target) ** 2).sum().item()
+                count += target.numel()
+    assert s_tok.shape[1] == 1 + 8 and loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_token_masking_gradients_reach_the_student_and_adapter_only():
+    d = token_mfd()
+    pair = ViTPair(d)
+    batch = images()
+    pair.build(d, batch)
+    terms = distill_backward(d, pair, d.student_batch(batch))
+    assert terms["loss"] > 0
+    reached = {n for n, p in pair.student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight"} <= reached
+    assert not any(n.startswith(("blocks.1", "norm", "head")) for n in reached)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in d.parameters())
+    assert all(not p.requires_grad and p.grad is None for p in pair.teacher.parameters())
+
+
+def test_token_masking_in_the_task_trains_on_fewer_tokens_and_evaluates_on_all():
+    d = token_mfd()
+    task = ClassificationTask(tiny_vit(0), tiny_vit(1, embed_dim=24), num_classes=5, distillers={"mfd": d},
+                              optimizer=lambda groups: torch.optim.SGD(groups, lr=0.1))
+    seen = tokens_entering_blocks(task.student)
+    batch = images()
+    task.build(batch)
+    losses, _ = task.losses(batch)
+    assert torch.isfinite(losses["mfd"]) and torch.isfinite(losses["task"])
+    assert seen[-1].shape == (4, 1 + 8, 16)
+    task.update_metrics = lambda stage, out, b: None
+    task.eval_step("val", batch)
+    assert seen[-1].shape == (4, 1 + 16, 16)
+
+
+def test_token_masking_errors():
+    batch = images()
+    d = MFD(student_feature="layer3", teacher_feature="layer3", masking="tokens")
+    with pytest.raises(KdkitError, match=r"not tokens \[N, D\].*masking: pixels"):
+        build(d, Pair(d), image_batch())  # a CNN student
+    d = token_mfd(patch_size=2)  # an 8x8 mask grid for a 4x4 patch grid
+    vit_pair = ViTPair(d)
+    vit_pair.build(d, batch)
+    with pytest.raises(KdkitError, match=r"8x8 mask grid.*4x4 patch grid.*patch_size=4"):
+        d.student_batch(batch)
+    d = token_mfd()
+    with pytest.raises(KdkitError, match="already drops patch tokens"):
+        ViTPair(d, student=tiny_vit(0, patch_drop_rate=0.25)).build(d, batch)
+    d = token_mfd(token_module="patch_dropout")
+    with pytest.raises(KdkitError, match="'patch_dropout' is not a module.*patch_drop"):
+        ViTPair(d).build(d, batch)
+    with pytest.raises(KdkitError, match="masking must be"):
+        MFD(masking="tokenz")

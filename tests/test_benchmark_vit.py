@@ -1,0 +1,52 @@
+"""benchmarks/vit.py: every CNN -> ViT row it runs is a config that builds and trains a step, and
+a teacher given by checkpoint is named in the results with the accuracy its own run measured."""
+
+import json
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from benchmarks._common import RunLog
+from benchmarks.vit import CNN_METHODS, record_given_teacher
+
+
+@pytest.mark.parametrize("method", [m for m in CNN_METHODS if m != "baseline"])
+def test_every_cnn_row_builds_and_takes_a_training_step(method):
+    from kdkit.compose import compose
+    from kdkit.pipeline import make_task
+    from kdkit.student_init import make_student
+    from kdkit.teachers import make_distillers
+
+    torch.manual_seed(0)
+    cfg = compose(["experiment=cifar10_deit", *CNN_METHODS[method]])
+    task = make_task(cfg, student=make_student(cfg), teachers={"teacher": instantiate(cfg.teacher.model)},
+                     distillers=make_distillers(cfg), teacher_cfgs={"teacher": cfg.teacher}, probe=True)
+    batch = {"image": torch.rand(4, 3, 32, 32), "label": torch.tensor([0, 1, 2, 3]), "index": torch.arange(4)}
+    task.build(batch, 100, 10)
+    losses, _ = task.losses(batch)
+    assert set(losses) >= {"task"} and len(losses) >= 2 and all(torch.isfinite(v) for v in losses.values())
+
+
+def test_a_given_teacher_is_recorded_once_with_its_own_runs_accuracy_and_machine(tmp_path):
+    teacher_dir = tmp_path / "cifar10_20k" / "teacher"
+    teacher_dir.mkdir(parents=True)
+    (teacher_dir / "results.json").write_text(json.dumps({"teacher": {"test/acc": 0.8139, "params": 272474,
+                                                                      "fit_seconds": 1761.4}}))
+    (tmp_path / "cifar10_20k" / "results.jsonl").write_text(json.dumps(
+        {"method": "teacher", "seed": 0, "machine": "vm: 2 cores (AMD EPYC), no GPU"}) + "\n")
+
+    def key(row):
+        return row["part"], row["method"], row["seed"]
+
+    log = RunLog(tmp_path / "vit_cnn" / "results.jsonl", key=key, archive=False)
+    record_given_teacher("cnn", teacher_dir / "teacher.pt", log)
+    record_given_teacher("cnn", teacher_dir / "teacher.pt", log)
+    rows = (tmp_path / "vit_cnn" / "results.jsonl").read_text().splitlines()
+    assert len(rows) == 1
+    row = json.loads(rows[0])
+    assert (row["method"], row["test/acc"], row["machine"]) == ("teacher", 0.8139, "vm: 2 cores (AMD EPYC), no GPU")
+    assert row["teacher_ckpt"] == str(teacher_dir / "teacher.pt")
+    record_given_teacher("cnn", tmp_path / "elsewhere" / "teacher.pt", RunLog(tmp_path / "x.jsonl", key=key,
+                                                                               archive=False))
+    assert not (tmp_path / "x.jsonl").exists()  # no results.json beside it: nothing to name
