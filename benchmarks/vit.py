@@ -60,6 +60,8 @@ CNN_METHODS = {
            "distiller.at.student_prefix_tokens=1"],
     "ofa": [*PLAIN, "distiller=[ofa]", "task.task_loss_weight=1.0", "distiller.ofa.stages=[blocks.0,blocks.1,blocks.2]",
             "distiller.ofa.student_prefix_tokens=1", "distiller.ofa.variant=official"],
+    "ofa_simple": [*PLAIN, "distiller=[ofa]", "task.task_loss_weight=1.0", "distiller.ofa.stages=[blocks.0,blocks.1,blocks.2]",
+                   "distiller.ofa.student_prefix_tokens=1", "distiller.ofa.variant=official", "distiller.ofa.branch=simple"],
     "mfd": [*PLAIN, "distiller=[mfd]", "task.task_loss_weight=1.0", "distiller.mfd.student_feature=blocks.3",
             "distiller.mfd.student_prefix_tokens=1", "distiller.mfd.teacher_feature=layer3"],
     # the same with MAE-style token dropping: the student's blocks encode only the visible patches

@@ -9,13 +9,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdkit.distillers.base import DistillContext, Distiller, check_same_shape, feature, require
-from kdkit.distillers.token_layout import check_prefix, patch_tokens
+from kdkit.distillers.base import (
+    DistillContext,
+    Distiller,
+    check_same_shape,
+    feature,
+    require,
+)
+from kdkit.distillers.ofa_branches import (
+    BRANCHES,
+    TOKEN_POOLS,
+    MapBranch,
+    TokenBranch,
+    make_branches,
+)
 from kdkit.errors import KdkitError
 from kdkit.outputs import Outputs
 
 VARIANTS = ("paper", "official")
-TOKEN_POOLS = ("mean", "cls")
+__all__ = ["OFA", "MapBranch", "TokenBranch", "ofa_loss"]
 
 
 def ofa_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, gamma: float = 1.0,
@@ -55,66 +67,6 @@ def ofa_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, gam
         return -(weights * log_p_s).sum(dim=1).mean()
 
 
-class MapBranch(nn.Module):
-    """A CNN stage ``[B, C, H, W]`` to class logits ``[B, K]``: 1x1 conv (``C -> width``, no bias)
-    + BatchNorm + ReLU, global average pooling, linear (``width -> K``).
-
-    Args:
-        in_channels: ``C``. width: hidden channels. num_classes: ``K``.
-    """
-
-    def __init__(self, in_channels: int, width: int, num_classes: int):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, width, kernel_size=1, bias=False)
-        self.bn = nn.BatchNorm2d(width)
-        self.fc = nn.Linear(width, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(F.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
-
-
-class TokenBranch(nn.Module):
-    """A ViT stage's tokens ``[B, P + N, D]`` to class logits ``[B, K]``: LayerNorm, then the mean
-    of the ``N`` patch tokens (``pool="mean"``, the ``P`` prefix tokens dropped) or the first
-    prefix token (``pool="cls"``), then linear (``D -> K``).
-
-    Args:
-        prefix_tokens: ``P``. dim: ``D``. num_classes: ``K``. pool: ``"mean"`` or ``"cls"``.
-    """
-
-    def __init__(self, prefix_tokens: int, dim: int, num_classes: int, pool: str = "mean"):
-        super().__init__()
-        self.prefix_tokens, self.pool = int(prefix_tokens), pool
-        self.norm = nn.LayerNorm(dim)
-        self.fc = nn.Linear(dim, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.norm(x)
-        pooled = x[:, 0] if self.pool == "cls" else patch_tokens(x, self.prefix_tokens).mean(dim=1)
-        return self.fc(pooled)
-
-    def extra_repr(self) -> str:
-        return f"prefix_tokens={self.prefix_tokens}, pool={self.pool!r}"
-
-
-def make_branch(shape: Sequence[int], num_classes: int, name: str, prefix_tokens: int | None = None,
-                width: int | None = None, token_pool: str = "mean") -> nn.Module:
-    """The branch head for a student stage of ``shape`` (batch first): ``MapBranch`` for a map
-    (``width`` None: the stage's channels), ``TokenBranch`` for tokens, which needs
-    ``prefix_tokens`` (and at least one for ``token_pool="cls"``). ``name``: the stage, for errors."""
-    shape = tuple(shape)
-    if len(shape) == 4:
-        return MapBranch(shape[1], int(width) if width else shape[1], num_classes)
-    if len(shape) == 3:
-        check_prefix(shape, prefix_tokens, "ofa", "student", name)
-        if token_pool == "cls" and int(prefix_tokens) < 1:
-            raise KdkitError(f"ofa: student stage {name!r} {shape[1:]} has student_prefix_tokens=0, so "
-                             "there is no CLS token for token_pool='cls'; use token_pool='mean'")
-        return TokenBranch(prefix_tokens, shape[2], num_classes, token_pool)
-    raise KdkitError(f"ofa: student stage {name!r} has shape {shape[1:]}: neither a map [C, H, W] nor "
-                     "tokens [N, D]; tap a stage's output (e.g. layer2, blocks.1)")
-
-
 def _per_term(value, count: int, what: str, expected: str) -> list[float]:
     """``value`` (one number, or a list of ``count``) as ``count`` floats."""
     values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value] * count
@@ -145,13 +97,16 @@ class OFA(Distiller):
     last included, plus the final logits), ``gamma = 1`` (1.5 for some ImageNet CNN students),
     ``T = 1``, per-branch weights 1 and the final logits under the same loss. Departures:
 
-    - Branch heads are small (``MapBranch``: 1x1 conv + BN + ReLU, pooling, linear;
-      ``TokenBranch``: LayerNorm, patch-token mean or CLS token, linear). The authors' branches
-      are deeper: for CNN stages, depthwise-separable conv blocks that downsample to the last
-      stage's resolution, widening to the larger of the two networks' final widths; for ViT
-      stages, patch merging to a 7 x 7 grid and ``max(4 - stage, 1)`` transformer blocks, then
-      the CLS token (or the mean). They initialise them with truncated-normal weights; here
-      PyTorch's defaults.
+    - Branch heads (``kdkit.distillers.ofa_branches``): ``branch="official"`` (default) builds
+      the authors' projectors with their initialisation: for CNN stages, depthwise-separable
+      conv blocks that downsample to the last tapped stage's resolution, widening to
+      ``branch_width`` (default: the widest tapped stage; the authors: the larger of the two
+      networks' final widths); for ViT stages, patch merging towards a 7 x 7 grid and
+      ``max(n - 1 - i, 1)`` transformer blocks for stage ``i`` of ``n``, then the CLS token (the
+      first prefix token; the authors' code leaves several prefix tokens as a to-do) or the mean.
+      ``branch="simple"`` is a one-layer head (``MapBranch``: 1x1 conv + BN + ReLU, pooling,
+      linear; ``TokenBranch``: LayerNorm, patch-token mean or CLS token, linear, PyTorch's
+      initialisation), much cheaper for ViT students.
     - ``variant="paper"`` (default) is the paper's equation, whose target weight includes the
       label's own cross-entropy; the task's cross-entropy then counts it a second time on the
       final logits. ``variant="official"`` is the authors' code, which leaves it to the task loss
@@ -171,8 +126,10 @@ class OFA(Distiller):
         stage_weight: weight of each stage's term, one number or one per stage.
         final_weight: weight of the ``final`` term.
         variant: ``"paper"`` or ``"official"`` (see ``ofa_loss``).
-        branch_width: hidden channels of map branches; None: the stage's own channels.
-        token_pool: how token branches pool: ``"mean"`` of the patch tokens or ``"cls"``.
+        branch: ``"official"`` or ``"simple"`` branch heads (see above).
+        branch_width: output channels of map branches; None: the widest tapped stage's
+            (``official``) or each stage's own (``simple``).
+        token_pool: how ``simple`` token branches pool: ``"mean"`` of the patch tokens or ``"cls"``.
     """
 
     reads_labels = True  # the target class of each row
@@ -180,7 +137,7 @@ class OFA(Distiller):
     def __init__(self, weight: float = 1.0, stages: Sequence[str] = ("layer1", "layer2", "layer3"),
                  student_prefix_tokens: int | None = None, gamma=1.0, temperature: float = 1.0,
                  final: bool = True, stage_weight=1.0, final_weight: float = 1.0, variant: str = "paper",
-                 branch_width: int | None = None, token_pool: str = "mean"):
+                 branch_width: int | None = None, token_pool: str = "mean", branch: str = "official"):
         super().__init__(weight)
         if isinstance(stages, str) or not stages:
             raise KdkitError(f"ofa.stages must be a non-empty list of student module names, got {stages!r}")
@@ -193,6 +150,8 @@ class OFA(Distiller):
             raise KdkitError(f"ofa.temperature must be > 0, got {temperature}")
         if variant not in VARIANTS:
             raise KdkitError(f"ofa.variant must be one of {VARIANTS}, got {variant!r}")
+        if branch not in BRANCHES:
+            raise KdkitError(f"ofa.branch must be one of {BRANCHES}, got {branch!r}")
         if token_pool not in TOKEN_POOLS:
             raise KdkitError(f"ofa.token_pool must be one of {TOKEN_POOLS}, got {token_pool!r}")
         if branch_width is not None and int(branch_width) < 1:
@@ -201,7 +160,7 @@ class OFA(Distiller):
         self.final = bool(final)
         self.stage_weights = _per_term(stage_weight, len(self.stages), "stage_weight", "one per stage")
         self.final_weight = float(final_weight)
-        self.variant, self.token_pool = variant, token_pool
+        self.variant, self.token_pool, self.branch = variant, token_pool, branch
         self.branch_width = None if branch_width is None else int(branch_width)
         self.branches: nn.ModuleList | None = None
 
@@ -211,11 +170,10 @@ class OFA(Distiller):
 
     def build(self, student: Outputs, teacher: Outputs, context: DistillContext) -> None:
         num_classes = require(teacher, "logits", "ofa").shape[1]
-        branches = []
-        for name in self.stages:
-            f = feature(student, name, "ofa")
-            branches.append(make_branch(f.shape, num_classes, name, self.student_prefix_tokens,
-                                        self.branch_width, self.token_pool).to(f.device))
+        feats = {name: feature(student, name, "ofa") for name in self.stages}
+        branches = make_branches({n: f.shape for n, f in feats.items()}, num_classes, self.student_prefix_tokens,
+                                 self.branch_width, self.token_pool, self.branch)
+        branches = [b.to(f.device) for b, f in zip(branches, feats.values())]
         self.branches = nn.ModuleList(branches)
 
     def _target(self, batch: dict, teacher_logits: Tensor) -> Tensor:
@@ -250,5 +208,5 @@ class OFA(Distiller):
 
     def extra_repr(self) -> str:
         return (f"weight={self.weight}, stages={self.stages}, gamma={self.gammas}, "
-                f"temperature={self.temperature}, final={self.final}, variant={self.variant!r}, "
+                f"temperature={self.temperature}, final={self.final}, variant={self.variant!r}, branch={self.branch!r}, "
                 f"student_prefix_tokens={self.student_prefix_tokens}")

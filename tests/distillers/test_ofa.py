@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from kdkit.distillers.ofa import OFA, MapBranch, TokenBranch, ofa_loss
+from kdkit.distillers.ofa_branches import OfficialMapBranch, OfficialTokenBranch, PatchMerging, SepConv
 from kdkit.errors import KdkitError
 from kdkit.outputs import Outputs
 from kdkit.teachers import build_distiller
@@ -109,8 +110,8 @@ def test_loss_is_float32_from_bf16_logits():
 
 # ---- branches ------------------------------------------------------------------------------
 
-def test_branch_shapes_for_tokens_and_maps():
-    d = OFA(stages=["blocks.0", "blocks.1"], student_prefix_tokens=1)
+def test_simple_branch_shapes_for_tokens_and_maps():
+    d = OFA(stages=["blocks.0", "blocks.1"], student_prefix_tokens=1, branch="simple")
     pair, batch = vit_pair(d), images16()
     pair.build(d, batch)
     assert all(isinstance(b, TokenBranch) for b in d.branches)
@@ -118,12 +119,80 @@ def test_branch_shapes_for_tokens_and_maps():
     assert feats["blocks.0"].shape == (4, 17, 16)
     assert d.branches[0](feats["blocks.0"]).shape == (4, 5)
 
-    c = OFA(stages=["layer1", "layer2"], branch_width=12)
+    c = OFA(stages=["layer1", "layer2"], branch_width=12, branch="simple")
     cnn = ViTPair(c, student=staged_net(4), teacher=tiny_vit(1))
     cnn.build(c, batch)
     assert all(isinstance(b, MapBranch) for b in c.branches)
     assert c.branches[1].conv.in_channels == 8 and c.branches[1].conv.out_channels == 12
     assert c.branches[1](cnn.student_outputs(batch).features["layer2"]).shape == (4, 5)
+
+
+def test_official_cnn_branches_downsample_each_stage_to_the_last_and_widen_to_the_widest():
+    """staged_net(4) on 16x16: layer1 4ch 16x16, layer2 8ch 8x8, layer3 16ch 4x4 -> 2, 1 and 0 SepConv
+    blocks (the authors' 4 - stage), channels doubling, the last block (or the 1x1 conv) to 16."""
+    d = OFA(stages=["layer1", "layer2", "layer3"])
+    pair, batch = ViTPair(d, student=staged_net(4), teacher=tiny_vit(1)), images16()
+    pair.build(d, batch)
+    assert all(isinstance(b, OfficialMapBranch) for b in d.branches)
+    sep = [[m for m in b.body if isinstance(m, SepConv)] for b in d.branches]
+    assert [len(s) for s in sep] == [2, 1, 0]
+    assert [(blk[0].in_channels, blk[5].out_channels) for blk in sep[0]] == [(4, 8), (8, 16)]
+    assert (sep[1][0][0].in_channels, sep[1][0][5].out_channels) == (8, 16)
+    last = d.branches[2].body[0]
+    assert isinstance(last, torch.nn.Conv2d) and (last.in_channels, last.out_channels, last.kernel_size) == (16, 16, (1, 1))
+    feats = pair.student_outputs(batch).features
+    for branch, name in zip(d.branches, d.stages):
+        # before pooling: every stage reaches the last stage's 4x4 at 16 channels
+        assert branch.body(feats[name]).shape == (4, 16, 4, 4)
+        assert branch(feats[name]).shape == (4, 5)
+    assert d.branches[0].fc.weight.std().item() == pytest.approx(0.02, rel=0.5)  # the authors' init
+    assert torch.count_nonzero(d.branches[0].fc.bias) == 0
+    wide = OFA(stages=["layer2", "layer3"], branch_width=24)
+    ViTPair(wide, student=staged_net(4), teacher=tiny_vit(1)).build(wide, batch)
+    assert wide.branches[0].body[0][5].out_channels == 24 and wide.branches[1].body[0].out_channels == 24
+
+
+def test_official_token_branch_is_blocks_then_the_cls_token_then_linear():
+    """Stages blocks.0, blocks.1 of 2: 1 block each (max(n - 1 - i, 1)); a 4x4 grid is below
+    7 x 7, so no merging. The logits equal linear(blocks(x)[:, 0]) computed by hand."""
+    d = OFA(stages=["blocks.0", "blocks.1"], student_prefix_tokens=1)
+    pair, batch = vit_pair(d), images16()
+    pair.build(d, batch)
+    assert all(isinstance(b, OfficialTokenBranch) for b in d.branches)
+    assert [len(b.blocks) for b in d.branches] == [1, 1] and len(d.branches[0].merge) == 0
+    x = pair.student_outputs(batch).features["blocks.0"]
+    branch = d.branches[0].eval()
+    with torch.no_grad():
+        expected = branch.fc(branch.blocks[0](x)[:, 0])
+        assert torch.allclose(branch(x), expected, atol=1e-6)
+        changed = x.clone()
+        changed[:, 1:] = torch.randn_like(changed[:, 1:])  # patch tokens reach the CLS token through attention
+        assert not torch.allclose(branch(changed), expected)
+    three = OFA(stages=["blocks.0", "blocks.1", "norm"], student_prefix_tokens=1)
+    deeper = ViTPair(three, student=tiny_vit(0, depth=3))
+    deeper.build(three, batch)
+    assert [len(b.blocks) for b in three.branches] == [2, 1, 1]
+
+
+def test_patch_merging_concatenates_each_2x2_group_in_swins_order():
+    torch.manual_seed(5)
+    merge = PatchMerging((4, 4), dim=3, act=False)
+    x = torch.randn(2, 16, 3)
+    grid = x.view(2, 4, 4, 3)
+    groups = []
+    for y in range(2):
+        for xx in range(2):  # Swin's order: (0,0), (1,0), (0,1), (1,1) within each 2x2 group
+            groups.append(torch.cat([grid[:, 2 * y, 2 * xx], grid[:, 2 * y + 1, 2 * xx],
+                                     grid[:, 2 * y, 2 * xx + 1], grid[:, 2 * y + 1, 2 * xx + 1]], dim=-1))
+    expected = merge.reduction(merge.norm(torch.stack(groups, dim=1)))
+    assert merge(x).shape == (2, 4, 3) and torch.allclose(merge(x), expected, atol=1e-6)
+    # a 28x28 grid (patch 8 on 224) merges twice towards 7x7; GELU after the first only
+    branch = OfficialTokenBranch(prefix_tokens=1, grid=(28, 28), dim=8, num_classes=5, blocks=1)
+    assert len(branch.merge) == 2
+    assert isinstance(branch.merge[0].act, torch.nn.GELU) and isinstance(branch.merge[1].act, torch.nn.Identity)
+    assert branch(torch.randn(2, 1 + 28 * 28, 8)).shape == (2, 5)
+    with pytest.raises(KdkitError, match="divisible by 4"):
+        OfficialTokenBranch(prefix_tokens=1, grid=(4, 4), dim=6, num_classes=5, blocks=1)
 
 
 def test_token_branch_mean_pools_layer_normed_patch_tokens_only():
@@ -251,7 +320,7 @@ def test_tokens_need_a_prefix_count_that_leaves_a_grid():
     d = OFA(stages=["blocks.0"], student_prefix_tokens=2)
     with pytest.raises(KdkitError, match="15 patch tokens"):
         vit_pair(d).build(d, batch)
-    d = OFA(stages=["blocks.0"], student_prefix_tokens=0, token_pool="cls")
+    d = OFA(stages=["blocks.0"], student_prefix_tokens=0, token_pool="cls", branch="simple")
     tokens = Outputs(logits=torch.zeros(2, 5), features={"blocks.0": torch.zeros(2, 16, 8)})
     with pytest.raises(KdkitError, match="no CLS token"):
         d.build(tokens, Outputs(logits=torch.zeros(2, 5)), None)
