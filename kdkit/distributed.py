@@ -75,6 +75,15 @@ def sum_over_ranks(values: list[int]) -> list[int]:
     return total.tolist()
 
 
+@torch.no_grad()
+def broadcast_from_rank0(tensors: list[Tensor]) -> None:
+    """Overwrite ``tensors`` in place with rank 0's values on every rank; nothing outside a
+    process group. Collective: every rank must call it with tensors of the same shapes."""
+    _, size = world()
+    for t in tensors if size > 1 else ():
+        dist.broadcast(t, src=0)
+
+
 def eval_sampler(dataset: Dataset) -> DistributedSampler | None:
     """Sampler for a validation/test loader: every sample on exactly one rank; None on 1 process.
 

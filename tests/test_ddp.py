@@ -154,6 +154,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     facts["batch_select"] = batch_select_under_ddp()
     facts["labeled_share"] = labeled_share_under_ddp()
     facts["teacher_budget"] = teacher_budget_under_ddp(Path(out))
+    facts["crd_banks"] = crd_banks_under_ddp()
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(facts))
 
 
@@ -178,6 +179,38 @@ def two_teachers_under_ddp() -> dict:
             "unchanged": all(torch.equal(v, teachers[n].state_dict()[k]) for n, s in before.items()
                              for k, v in s.items()),
             "students_equal_across_ranks": all(torch.equal(everyone[0], s) for s in everyone)}
+
+
+def crd_banks_under_ddp() -> dict:
+    """CRD under DDP, each rank building its banks from its own random state: what DDP syncs,
+    and the banks of every rank after training."""
+    from kdkit.distillers.crd import CRD
+
+    class Buffers(L.Callback):
+        def on_train_start(self, trainer, task):
+            self.ddp_buffers = {b.data_ptr() for b in trainer.strategy.model.modules_buffers}
+            crd = task.distillers["crd"]
+            self.banks = {n: getattr(crd, n).data_ptr() for n in ("memory_s", "memory_t", "z")}
+            self.ignored = list(task._ddp_params_and_buffers_to_ignore)
+            self.at_start = crd.memory_s.clone()
+
+    rank = dist.get_rank()
+    torch.manual_seed(4)
+    task = ClassificationTask(BNNet(width=4), BNNet(width=8), distillers={"crd": CRD(feat_dim=4, nce_k=8)},
+                              num_classes=3, mean=(0.5,), std=(0.25,),
+                              optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+    torch.manual_seed(100 + rank)  # the banks are drawn in setup(): a different draw on each rank
+    probe = Buffers()
+    shipped_ddp_trainer([probe], max_epochs=2, limit_val_batches=0).fit(task, datamodule=EvalShardedImages())
+    crd = task.distillers["crd"]
+    banks = torch.cat([crd.memory_s.flatten(), crd.memory_t.flatten(), crd.z])
+    everyone = [torch.empty_like(banks) for _ in range(WORLD)]
+    dist.all_gather(everyone, banks)
+    return {"ignored": probe.ignored, "banks_synced_by_ddp": sorted(n for n, p in probe.banks.items()
+                                                                      if p in probe.ddp_buffers),
+            "ddp_buffer_count": len(probe.ddp_buffers),
+            "banks_equal_across_ranks": all(torch.equal(everyone[0], b) for b in everyone),
+            "banks_moved": not torch.equal(probe.at_start, crd.memory_s)}
 
 
 def batch_select_task(policy) -> ClassificationTask:
@@ -519,3 +552,17 @@ def test_batch_selection_deals_the_global_top_rows_to_the_ranks(ranks):
     assert single.batch["index"].tolist() == mine[0]["kept"][0] + mine[1]["kept"][0]
     # and the two ranks did trade rows: some kept row came from the other rank's batch
     assert any(set(k) - set(s) for k, s in zip((m["kept"][0] for m in mine), (m["seen"][0] for m in mine)))
+
+
+@pytest.mark.ddp
+def test_crd_banks_stay_out_of_ddps_per_step_broadcast_and_agree_on_every_rank(ranks):
+    facts, _ = ranks
+    for rank in facts:
+        crd = rank["crd_banks"]
+        assert crd["ignored"] == ["distillers.crd.memory_s", "distillers.crd.memory_t", "distillers.crd.z"]
+        assert crd["banks_synced_by_ddp"] == []  # not broadcast from rank 0 before every step
+        assert crd["ddp_buffer_count"] >= 3  # the student BN statistics still are
+        # each rank drew its own banks, updated them with every rank's rows, and started from rank
+        # 0's (the one broadcast at fit start): identical after training
+        assert crd["banks_equal_across_ranks"] and crd["banks_moved"]
+

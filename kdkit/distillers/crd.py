@@ -92,6 +92,10 @@ class CRD(Distiller):
         self._z_ready = False
 
     @property
+    def rank_synced_buffers(self) -> tuple[str, ...]:  # every rank applies the gathered updates
+        return ("memory_s", "memory_t", "z") if self.embed_s is not None else ()
+
+    @property
     def k(self) -> int:
         return min(self.nce_k, self.num_samples - 1)
 

@@ -100,6 +100,10 @@ class LELP(Distiller):
 
     reads_labels = True  # the target class of each row
 
+    @property
+    def rank_synced_buffers(self) -> tuple[str, ...]:  # updated from every rank's gathered rows
+        return ("count", "mean", "m2", "dirs") if self.head is not None else ()
+
     def __init__(self, weight: float = 1.0, directions: int = 2):
         super().__init__(weight)
         if directions < 1:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from kdkit.distillers.base import DistillContext, Distiller
 from kdkit.divergence import LossWatch, check_finite
+from kdkit.distributed import broadcast_from_rank0
 from kdkit.errors import KdkitError
 from kdkit.features import FeatureTap
 from kdkit.outputs import Outputs
@@ -369,6 +370,20 @@ class DistillationTask(L.LightningModule):
             raise KdkitError("the task needs a datamodule (kdkit.data_contract): trainer.fit(task, datamodule=...)")
         self._check_data(dm)
         self.build(dm.example_batch(), dm.num_train_samples, dm.num_classes)
+        # Read by DDP when Lightning wraps the task, which happens after this hook.
+        self._ddp_params_and_buffers_to_ignore = self.rank_synced_buffer_names()
+
+    def rank_synced_buffer_names(self) -> list[str]:
+        """Names (in this task) of the distillers' buffers that every rank keeps in sync itself
+        (``Distiller.rank_synced_buffers``): DDP leaves them out of its per-step buffer broadcast."""
+        synced = {id(getattr(d, b)) for d in self.distillers.values() for b in d.rank_synced_buffers}
+        return [name for name, buf in self.named_buffers() if id(buf) in synced]
+
+    def on_fit_start(self) -> None:
+        # DDP no longer copies rank 0's values of these at wrap time either: do it once here, so
+        # every rank starts from the same banks whatever its random state was when it built them.
+        names = set(self.rank_synced_buffer_names())
+        broadcast_from_rank0([buf for name, buf in self.named_buffers() if name in names])
 
     # ---- loop -------------------------------------------------------------------------------
     def losses(self, batch: dict) -> tuple[dict[str, Tensor], Outputs]:

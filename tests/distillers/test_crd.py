@@ -60,6 +60,9 @@ def test_build_caps_k_and_registers_persistent_banks():
     assert state["memory_s"].shape == (N, 2) and state["memory_t"].shape == (N, 2)
     assert state["z"].tolist() == [-1.0, -1.0]
     assert {"embed_s.linear.weight", "embed_t.linear.weight"} <= set(state)
+    # every rank applies the gathered updates itself: DDP need not broadcast the banks each step
+    assert CRD().rank_synced_buffers == ()  # nothing before build
+    assert set(d.rank_synced_buffers) == {"memory_s", "memory_t", "z"} <= dict(d.named_buffers()).keys()
 
 
 def test_nce_loss_and_bank_update_by_hand():

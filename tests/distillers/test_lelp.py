@@ -92,6 +92,9 @@ def test_training_updates_statistics_and_eval_does_not():
     assert d.count.tolist() == [2.0, 4.0]
     assert torch.allclose(d.mean[1], h_t[label == 1].mean(0), atol=1e-6)
     assert {"count", "mean", "m2", "dirs", "head.weight"} <= set(d.state_dict())  # in checkpoints
+    # moments of the gathered rows of every rank: kept in sync by each rank, not by DDP's broadcast
+    assert set(d.rank_synced_buffers) == {"count", "mean", "m2", "dirs"} <= dict(d.named_buffers()).keys()
+    assert LELP().rank_synced_buffers == ()
 
 
 def test_gradients_reach_backbone_and_head_only():
