@@ -69,7 +69,8 @@ from benchmarks.overhead import make_trainer  # noqa: E402
 from benchmarks.peers import ProfileFrom, block_ratios, profile_report  # noqa: E402
 from kdkit.datamodules.beir import BEIRDataModule  # noqa: E402
 from kdkit.distillers.embed import Embed  # noqa: E402
-from kdkit.models.text import from_teacher_layers, sentence_encoder, set_dropout  # noqa: E402
+from kdkit.models.text import from_teacher_layers, sentence_encoder  # noqa: E402
+from kdkit.models.text_layers import set_dropout  # noqa: E402
 from kdkit.optim import warmup_cosine  # noqa: E402
 from kdkit.retrieval_metrics import retrieval_metrics  # noqa: E402
 from kdkit.tasks.retrieval import RetrievalTask  # noqa: E402

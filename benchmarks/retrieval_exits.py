@@ -81,7 +81,7 @@ def teacher_cut(out: Path, extra: list[str]) -> dict:
     from hydra.utils import instantiate
 
     from kdkit.compose import compose
-    from kdkit.models.text import cut_at_exit
+    from kdkit.models.text_layers import cut_at_exit
     from kdkit.retrieval_metrics import retrieval_metrics
 
     cfg = compose([EXPERIMENT, *extra], output_dir=str(out / TEACHER_CUT))

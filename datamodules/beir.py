@@ -289,7 +289,7 @@ class BEIRDataModule(L.LightningDataModule, RetrievalData):
     # ---- streams ---------------------------------------------------------------------------
     def _tokenizer(self):
         if self.tokenizer is None:
-            from kdkit.models.text import load_tokenizer, resolve_name_or_path
+            from kdkit.models.text_source import load_tokenizer, resolve_name_or_path
 
             self.tokenizer = load_tokenizer(resolve_name_or_path(self.tokenizer_source))
         return self.tokenizer

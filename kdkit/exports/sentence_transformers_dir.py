@@ -6,7 +6,7 @@ computes (its pooling, its linear projection, its L2 normalisation, its max leng
 ``SentenceTransformer(folder).encode`` gives kdkit's embeddings. The transformer weights and
 tokenizer sit at the top of the folder, so ``transformers.AutoModel`` loads the backbone too.
 
-kdkit removes BERT's pooler (``kdkit.models.text.drop_pooler``: a dense layer on [CLS] that
+kdkit removes BERT's pooler (``kdkit.models.text_source.drop_pooler``: a dense layer on [CLS] that
 sentence embeddings never read). Its class, rebuilt from ``config.json``, would create that
 layer again and report ``pooler.dense.* | MISSING``, so the folder asks transformers for the
 model without it (``model_kwargs: {add_pooling_layer: false}`` in ``sentence_bert_config.json``).

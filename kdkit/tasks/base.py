@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -524,7 +525,7 @@ def _zero_loss(outputs: Outputs) -> Tensor:
     raise KdkitError("nothing to optimise on this batch, and the student's outputs carry no gradient")
 
 
-def _save_safetensors(state: dict, path) -> "Path":
+def _save_safetensors(state: dict, path: Path) -> Path:
     from safetensors.torch import save_file
 
     # safetensors refuses tensors that share storage (tied weights): store each once, cloned

@@ -276,7 +276,7 @@ class RetrievalTask(DistillationTask):
         the student cut at each exit (the model ``export_exits`` would ship) runs in the same
         rounds: ``passages_per_s@exit<k>`` and ``speedup@exit<k>``.
         """
-        from kdkit.models.text import cut_at_exit
+        from kdkit.models.text_layers import cut_at_exit
 
         n, batch_size, repeats = self.throughput
         dm = self._datamodule()

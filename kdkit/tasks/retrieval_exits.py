@@ -82,8 +82,8 @@ class ExitEvaluation:
 
 def save_exits(student, directory, exits: Sequence[int]) -> list[Path]:
     """``student`` cut after each block in ``exits``, each saved as a sentence-transformers
-    folder ``<directory>/exit<k>`` (``kdkit.models.text.cut_at_exit``)."""
-    from kdkit.models.text import cut_at_exit
+    folder ``<directory>/exit<k>`` (``kdkit.models.text_layers.cut_at_exit``)."""
+    from kdkit.models.text_layers import cut_at_exit
 
     paths = []
     for k in check_exits(exits, student.num_layers, "export_exits"):

@@ -5,7 +5,8 @@ import torch
 
 from kdkit.errors import KdkitError
 from kdkit.models.scorers import CrossEncoder, MaxSimScorer, cross_encoder, is_scorer
-from kdkit.models.text import hf_encoder, load_tokenizer, resolve_name_or_path
+from kdkit.models.text import hf_encoder
+from kdkit.models.text_source import load_tokenizer, resolve_name_or_path
 from kdkit.teacher import FrozenTeacher
 
 QUERIES = ["stem cells heal hearts", "vitamin d and bones", "gene"]

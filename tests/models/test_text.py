@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from kdkit.errors import KdkitError
-from kdkit.models.text import (TextEncoder, from_teacher_layers, hf_encoder, keep_layers, pool,
-                               resolve_name_or_path, sentence_config, sentence_encoder)
+from kdkit.models.text import TextEncoder, from_teacher_layers, hf_encoder, pool, sentence_encoder
+from kdkit.models.text_layers import keep_layers
+from kdkit.models.text_source import resolve_name_or_path, sentence_config
 
 TEXTS = ["Stem cells repair damaged heart tissue.", "a b", "Vitamin D lowers the risk of fractures in elderly women."]
 
@@ -162,7 +163,7 @@ def test_freeze_embeddings_trains_everything_but_the_word_table():
 def test_set_dropout_makes_training_forwards_deterministic_and_is_saved(tmp_path):
     from transformers import AutoConfig
 
-    from kdkit.models.text import set_dropout
+    from kdkit.models.text_layers import set_dropout
 
     enc = tiny().train()
     tokens = enc.tokenize(TEXTS)

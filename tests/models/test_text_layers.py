@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
 
 from kdkit.errors import KdkitError
-from kdkit.models.text import cut_at_exit, hf_encoder
+from kdkit.models.text import hf_encoder
+from kdkit.models.text_layers import cut_at_exit
 from kdkit.tasks.retrieval_layers import by_layer, layer_outputs, parse, requests, split
 
 CONFIG = dict(model_type="bert", vocab_size=30522, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,

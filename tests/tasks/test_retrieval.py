@@ -246,7 +246,7 @@ def test_configs_compose_and_build():
     from hydra.utils import instantiate
 
     from kdkit.compose import compose
-    from kdkit.models.text import resolve_name_or_path
+    from kdkit.models.text_source import resolve_name_or_path
 
     cfg = compose(["experiment=scifact_minilm"])
     assert cfg.teacher.pretrained and cfg.data.stream == "text" and list(cfg.distiller) == ["embed"]

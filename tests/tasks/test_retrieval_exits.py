@@ -10,7 +10,8 @@ from kdkit.distillers.embed import Embed
 from kdkit.distillers.lead import Lead
 from kdkit.distillers.multi_exit import MultiExit
 from kdkit.errors import KdkitError
-from kdkit.models.text import TextEncoder, cut_at_exit, from_teacher_layers, hf_encoder
+from kdkit.models.text import TextEncoder, from_teacher_layers, hf_encoder
+from kdkit.models.text_layers import cut_at_exit
 from kdkit.retrieval_metrics import retrieval_metrics
 from kdkit.teacher_source import PrecomputedTeacher
 
