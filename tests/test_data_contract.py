@@ -234,14 +234,14 @@ def _clip_tokenizer():
 
 
 def _cifar10_pairs(tmp_path):
-    from kdkit.datamodules.image_text import CIFAR10PairsDataModule
+    from kdkit.datamodules.cifar10_pairs import CIFAR10PairsDataModule
 
     return CIFAR10PairsDataModule(tokenizer=_clip_tokenizer(), archive_dir=_cifar_archives(tmp_path / "cifar"),
                                   cache_dir=tmp_path / "cache", val_size=10, batch_size=4)
 
 
 def _csv_pairs(tmp_path):
-    from kdkit.datamodules.image_text import CSVPairsDataModule
+    from kdkit.datamodules.pairs_files import CSVPairsDataModule
 
     _png_tree(tmp_path, {"img": 2})
     rows = [f"img/class{i % 3}/{i // 3}.png,caption {i},c{i % 3}" for i in range(6)]
@@ -254,7 +254,7 @@ def _webdataset_pairs(tmp_path):
     import webdataset as wds
     from PIL import Image
 
-    from kdkit.datamodules.image_text import WebDatasetPairsDataModule
+    from kdkit.datamodules.webdataset_pairs import WebDatasetPairsDataModule
 
     with wds.TarWriter(str(tmp_path / "s-000.tar")) as sink:
         for k in range(5):
@@ -295,13 +295,13 @@ BUILDERS: dict[str, Callable] = {
     "kdkit.datamodules.digits.DigitsDataModule": _digits,
     "kdkit.datamodules.image_folder.ImageFolderDataModule": _image_folder,
     "kdkit.datamodules.cifar10.CIFAR10DataModule": _cifar10,
-    "kdkit.datamodules.image_text.CIFAR10PairsDataModule": _cifar10_pairs,
-    "kdkit.datamodules.image_text.CSVPairsDataModule": _csv_pairs,
-    "kdkit.datamodules.image_text.WebDatasetPairsDataModule": _webdataset_pairs,
+    "kdkit.datamodules.cifar10_pairs.CIFAR10PairsDataModule": _cifar10_pairs,
+    "kdkit.datamodules.pairs_files.CSVPairsDataModule": _csv_pairs,
+    "kdkit.datamodules.webdataset_pairs.WebDatasetPairsDataModule": _webdataset_pairs,
     "kdkit.datamodules.graph.GraphDataModule": _graph,
     "kdkit.datamodules.beir.BEIRDataModule": _beir,
 }
-BASES = {"kdkit.datamodules.base.ImageDataModule", "kdkit.datamodules.image_text.PairsDataModule"}
+BASES = {"kdkit.datamodules.base.ImageDataModule", "kdkit.datamodules.pairs_files.PairsDataModule"}
 
 
 def conforms(value, hint) -> bool:

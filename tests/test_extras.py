@@ -59,7 +59,7 @@ def test_faiss_search_without_faiss_names_the_extra(monkeypatch):
 
 def test_webdataset_datamodule_without_webdataset_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "webdataset", None)
-    from kdkit.datamodules.image_text import WebDatasetPairsDataModule
+    from kdkit.datamodules.webdataset_pairs import WebDatasetPairsDataModule
 
     with pytest.raises(KdkitError, match=r"kdkit\[webdataset\]"):
         WebDatasetPairsDataModule(train_urls=str(tmp_path / "a.tar"), test_urls=str(tmp_path / "b.tar"),

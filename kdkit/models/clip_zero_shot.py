@@ -283,7 +283,7 @@ def zero_shot_classifier(
             ``precision``, ``image_size``...), or an open_clip model.
         class_names: class names in label order (their count is the logits' C).
         templates: prompt templates with one ``{}``; None: CLIP's 18 CIFAR-10 templates
-            (``kdkit.datamodules.image_text.CIFAR_TEMPLATES``), the captions kdkit's CIFAR-10
+            (``kdkit.datamodules.cifar10_pairs.CIFAR_TEMPLATES``), the captions kdkit's CIFAR-10
             CLIP runs train on (``data=cifar10_pairs`` with ``templates: null``).
         tokenizer: a callable, or an open_clip model name whose tokenizer to use; None: the
             tokenizer of ``clip["name"]`` (required when ``clip`` is a model). Either way at the
@@ -311,7 +311,7 @@ def zero_shot_classifier(
                              "model name) when clip is a model")
         tokenizer = clip_tokenizer(name, context_length=getattr(model, "context_length", None))
     if templates is None:
-        from kdkit.datamodules.image_text import CIFAR_TEMPLATES
+        from kdkit.datamodules.cifar10_pairs import CIFAR_TEMPLATES
 
         templates = CIFAR_TEMPLATES
     return ZeroShotClassifier(model, class_names=list(class_names), templates=list(templates),

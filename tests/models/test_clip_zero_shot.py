@@ -189,7 +189,7 @@ def test_cifar10_teacher_config_builds_a_ten_class_teacher():
 
     from kdkit.compose import compose
     from kdkit.datamodules.cifar10 import CIFAR10DataModule, CLASSES
-    from kdkit.datamodules.image_text import CIFAR_TEMPLATES
+    from kdkit.datamodules.cifar10_pairs import CIFAR_TEMPLATES
 
     node = _conf("cifar10_clip_zero_shot")
     assert set(_conf("resnet56")) <= set(node)
