@@ -383,8 +383,7 @@ class DistillationTask(L.LightningModule):
     def on_fit_start(self) -> None:
         # DDP no longer copies rank 0's values of these at wrap time either: do it once here, so
         # every rank starts from the same banks whatever its random state was when it built them.
-        names = set(self.rank_synced_buffer_names())
-        broadcast_from_rank0([buf for name, buf in self.named_buffers() if name in names])
+        broadcast_from_rank0([getattr(d, b) for d in self.distillers.values() for b in d.rank_synced_buffers])
 
     # ---- loop -------------------------------------------------------------------------------
     def losses(self, batch: dict) -> tuple[dict[str, Tensor], Outputs]:
