@@ -81,7 +81,8 @@ def broadcast_from_rank0(tensors: list[Tensor]) -> None:
     process group. Collective: every rank must call it with tensors of the same shapes."""
     _, size = world()
     for t in tensors if size > 1 else ():
-        dist.broadcast(t, src=0)
+        if t.numel():  # an empty buffer (a queue not filled yet) has nothing to send
+            dist.broadcast(t, src=0)
 
 
 def eval_sampler(dataset: Dataset) -> DistributedSampler | None:

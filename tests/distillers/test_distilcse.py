@@ -92,6 +92,8 @@ def test_queue_adds_earlier_teacher_rows_newest_first_and_caps():
       {"text_pool": torch.tensor([60, 61, 62])})
     assert d.queue_ids.tolist() == seen_ids
     assert "queue" not in d.state_dict()  # refills after a resume instead of bloating checkpoints
+    # the queue holds every rank's gathered rows, the same on each: kept out of DDP's buffer sync
+    assert set(d.rank_synced_buffers) == {"queue", "queue_ids"} <= dict(d.named_buffers()).keys()
 
 
 def test_rank_one_of_two_uses_the_other_ranks_teacher_rows_as_negatives(monkeypatch):
