@@ -217,7 +217,7 @@ def step_times(args) -> None:
     torch.set_num_threads(args.threads)
     chosen = [m for m in args.methods.split(",") if m] if args.methods else None
     rows = ["kd", *[m for m in chosen if m != "kd"]] if chosen else [m for m in CNN_METHODS if m != "baseline"]
-    unknown = sorted(set(rows) - set(CNN_METHODS) | {"baseline"} & set(rows))
+    unknown = sorted((set(rows) - set(CNN_METHODS)) | ({"baseline"} & set(rows)))
     if unknown:
         raise SystemExit(f"steps: unknown or untimed rows {unknown}; rows: {', '.join(m for m in CNN_METHODS if m != 'baseline')}")
     dm = instantiate(compose(["experiment=cifar10_deit"]).data)

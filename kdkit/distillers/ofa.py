@@ -9,25 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdkit.distillers.base import (
-    DistillContext,
-    Distiller,
-    check_same_shape,
-    feature,
-    require,
-)
-from kdkit.distillers.ofa_branches import (
-    BRANCHES,
-    TOKEN_POOLS,
-    MapBranch,
-    TokenBranch,
-    make_branches,
-)
+from kdkit.distillers.base import DistillContext, Distiller, check_same_shape, feature, require
+from kdkit.distillers.ofa_branches import BRANCHES, TOKEN_POOLS, make_branches
 from kdkit.errors import KdkitError
 from kdkit.outputs import Outputs
 
 VARIANTS = ("paper", "official")
-__all__ = ["OFA", "MapBranch", "TokenBranch", "ofa_loss"]
 
 
 def ofa_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, gamma: float = 1.0,

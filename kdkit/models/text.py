@@ -28,19 +28,9 @@ from torch import Tensor, nn
 
 from kdkit.errors import KdkitError, close_names
 from kdkit.models.text_layers import freeze_word_embeddings, keep_layers, set_dropout
-from kdkit.models.text_source import (
-    POOLING,
-    ST_POOLING_KEYS,
-    check_source,
-    default_max_length,
-    drop_pooler,
-    hub_error,
-    load_backbone,
-    load_tokenizer,
-    read_dense,
-    resolve_name_or_path,
-    sentence_config,
-)
+from kdkit.models.text_source import (POOLING, ST_POOLING_KEYS, check_source, default_max_length, drop_pooler,
+                                      hub_error, load_backbone, load_tokenizer, read_dense, resolve_name_or_path,
+                                      sentence_config)
 
 
 class TextEncoder(nn.Module):

@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from kdkit.distillers.ofa import OFA, MapBranch, TokenBranch, ofa_loss
-from kdkit.distillers.ofa_branches import OfficialMapBranch, OfficialTokenBranch, PatchMerging, SepConv
+from kdkit.distillers.ofa import OFA, ofa_loss
+from kdkit.distillers.ofa_branches import (MapBranch, OfficialMapBranch, OfficialTokenBranch, PatchMerging, SepConv,
+                                           TokenBranch)
 from kdkit.errors import KdkitError
 from kdkit.outputs import Outputs
 from kdkit.teachers import build_distiller
