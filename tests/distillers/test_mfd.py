@@ -404,3 +404,20 @@ def test_token_masking_errors():
         ViTPair(d).build(d, batch)
     with pytest.raises(KdkitError, match="masking must be"):
         MFD(masking="tokenz")
+
+
+def test_token_masking_on_an_open_clip_tower_drops_after_its_patch_dropout():
+    from kdkit.models.vit import clip_visual_classifier
+
+    student = clip_visual_classifier(num_classes=5, model_name="kdkit-vit-p8-d64")  # 4x4 patches of 8 on 32x32
+    d = MFD(student_feature="visual.transformer.resblocks.1", teacher_feature="blocks.1", student_prefix_tokens=1,
+            teacher_prefix_tokens=1, patch_size=8, masking="tokens", token_module="visual.patch_dropout")
+    pair = ViTPair(d, student=student, teacher=tiny_vit(1, embed_dim=24, img_size=32, patch_size=8))
+    batch = images(size=32)
+    pair.build(d, batch)
+    masked = d.student_batch(batch)
+    terms = distill_backward(d, pair, masked)
+    assert terms["loss"] > 0
+    out = pair.student_outputs(d.student_batch(batch))
+    assert out.features["visual.transformer.resblocks.1"].shape == (4, 1 + 8, 64)
+    assert pair.student_outputs(batch).features["visual.transformer.resblocks.1"].shape == (4, 1 + 16, 64)
