@@ -18,6 +18,7 @@ from kdkit.errors import KdkitError
 from kdkit.outputs import Outputs
 
 VISIBLE_KEY = "mfd/visible"  # bool [B, h, w]: True where the student saw the patch
+INDEX_KEY = "mfd/visible_index"  # masking: tokens: long [B, keep], each row's visible patches, ascending
 
 
 def masked_count(num_patches: int, mask_ratio: float) -> int:
@@ -193,7 +194,6 @@ class MFD(FitNet):
             raise KdkitError(f"mfd.mask_ratio={self.mask_ratio} masks all {grid[0]}x{grid[1]} patches "
                              f"of patch_size={p}: lower it or the patch size")
         visible = draw_visible(batch["index"], grid, self.mask_ratio, self.seed, self.progress[1])
-        visible = visible.to(image.device)
         if self.masking == "tokens":
             if self._tokens is None:
                 raise RuntimeError("mfd: build() must run (on a probe forward) before masking tokens")
@@ -201,8 +201,14 @@ class MFD(FitNet):
                 raise KdkitError(f"mfd.patch_size={p} gives a {grid[0]}x{grid[1]} mask grid on {height}x{width} "
                                  f"images, but the student has a {self.student_grid[0]}x{self.student_grid[1]} "
                                  f"patch grid: masking: tokens needs patch_size={height // self.student_grid[0]}")
-            self._tokens.keep(visible.flatten(1))
-            return {**batch, VISIBLE_KEY: visible}
+            # Indices, not the mask, travel to the device: gathering by them needs no host sync,
+            # where boolean indexing on a GPU waits for its output size every step.
+            n = grid[0] * grid[1]
+            index = visible.flatten(1).nonzero()[:, 1].view(len(visible), n - masked_count(n, self.mask_ratio))
+            index = index.to(image.device)
+            self._tokens.keep(index)
+            return {**batch, VISIBLE_KEY: visible.to(image.device), INDEX_KEY: index}
+        visible = visible.to(image.device)
         pixels = visible.repeat_interleave(p, dim=1).repeat_interleave(p, dim=2)[:, None]
         return {**batch, "image": torch.where(pixels, image, torch.zeros((), dtype=image.dtype,
                                                                           device=image.device)),
@@ -254,13 +260,14 @@ class MFD(FitNet):
         return (as_map(s_c, prefix, self.who, "student", self.student_feature),
                 as_map(t_c, prefix, self.who, "teacher", self.teacher_feature))
 
-    def visible_token_pairs(self, student: Outputs, teacher: Outputs, visible: Tensor) -> tuple[Tensor, Tensor]:
+    def visible_token_pairs(self, student: Outputs, teacher: Outputs, index: Tensor) -> tuple[Tensor, Tensor]:
         """``masking: tokens``: the student's visible patch tokens through the adapter and the
-        teacher's features at those patches, both ``[B, keep, C]`` in row-major patch order."""
+        teacher's features at those patches (``index`` ``[B, keep]``: each row's visible patches,
+        ascending), both ``[B, keep, C]`` in row-major patch order."""
         s = feature(student, self.student_feature, self.who)
         prefix = self.prefix_tokens[0]
-        rows = visible.flatten(1).to(s.device)
-        keep = int(rows[0].sum())
+        index = index.to(s.device)
+        keep = index.shape[1]
         if s.dim() != 3 or s.shape[1] != prefix + keep:
             raise KdkitError(f"mfd: the student's {self.student_feature!r} has shape {tuple(s.shape[1:])}, not "
                              f"{prefix} prefix + {keep} visible tokens: is it computed after "
@@ -271,14 +278,14 @@ class MFD(FitNet):
         t = feature(teacher, self.teacher_feature, self.who)
         t = map_to_tokens(resize_map(as_map(t, self.prefix_tokens[1], self.who, "teacher", self.teacher_feature),
                                      self.student_grid))
-        return s, t[rows].view(t.shape[0], keep, t.shape[2])
+        return s, torch.gather(t, 1, index[..., None].expand(-1, -1, t.shape[2]))
 
     def forward(self, student: Outputs, teacher: Outputs, batch: dict) -> dict[str, Tensor]:
         if VISIBLE_KEY not in batch:
             raise KdkitError(f"mfd: the batch has no {VISIBLE_KEY!r} mask: the student must be fed "
                              "mfd.student_batch(batch), as DistillationTask does in every training step")
         if self.masking == "tokens":
-            s, t = self.visible_token_pairs(student, teacher, batch[VISIBLE_KEY])
+            s, t = self.visible_token_pairs(student, teacher, batch[INDEX_KEY])
             everywhere = torch.ones(s.shape[:2], dtype=torch.bool, device=s.device)[..., None]
             return {"loss": masked_feature_loss(s.transpose(1, 2)[..., None], t.transpose(1, 2)[..., None],
                                                 everywhere, self.loss, self.normalize)}

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from kdkit.distillers.token_layout import check_prefix, patch_tokens
 from kdkit.errors import KdkitError
+from kdkit.models.init import he_init
 
 BRANCHES = ("official", "simple")
 TOKEN_POOLS = ("mean", "cls")
@@ -165,13 +166,9 @@ class OfficialTokenBranch(nn.Module):
 def init_official(module: nn.Module) -> nn.Module:
     """The authors' initialisation of their branches: Kaiming-normal (fan-out) convolutions,
     BatchNorm at (1, 0), truncated-normal (std 0.02) linear weights with zero biases."""
+    he_init(module)
     for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
+        if isinstance(m, nn.Linear):
             trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)

@@ -15,9 +15,9 @@ class VisibleTokens:
 
     ``module`` is where the token sequence ``[B, P + N, D]`` is complete, position embeddings
     added and nothing encoded yet: timm ViTs' ``patch_drop`` (an identity unless
-    ``patch_drop_rate`` is set), open_clip towers' ``visual.patch_dropout``. ``keep(visible)``
+    ``patch_drop_rate`` is set), open_clip towers' ``visual.patch_dropout``. ``keep(index)``
     arms the hook for the model's *next* forward only: that forward continues with the ``P``
-    prefix tokens and, per sample, its visible patch tokens in their row-major order, so
+    prefix tokens and, per sample, the patch tokens ``index`` names, in that order, so
     ``[B, P + keep, D]`` with ``keep`` visible patches in every row. Any other forward (the probe,
     evaluation, a forward nobody armed) sees every token: the hook is a no-op then.
 
@@ -35,26 +35,25 @@ class VisibleTokens:
         self._pending: Tensor | None = None
         self._handle = module.register_forward_hook(self._drop)
 
-    def keep(self, visible: Tensor) -> None:
-        """Arm the next forward: ``visible`` bool ``[B, N]`` (True: the patch goes on), the same
-        number of True in every row."""
-        counts = visible.sum(1)
-        if visible.dim() != 2 or visible.shape[1] != self.num_patches or bool((counts != counts[0]).any()):
-            raise KdkitError(f"{self.who}: a token mask must be [B, {self.num_patches}] with as many visible "
-                             f"patches in every row, got shape {tuple(visible.shape)}")
-        self._pending = visible
+    def keep(self, index: Tensor) -> None:
+        """Arm the next forward: ``index`` long ``[B, keep]``, the patches (0..N-1) each row keeps
+        (ascending for row-major order). Only its shape is checked: reading its values would
+        wait for the device."""
+        if index.dim() != 2 or not 0 < index.shape[1] <= self.num_patches:
+            raise KdkitError(f"{self.who}: visible-patch indices must be [B, keep] with 0 < keep <= "
+                             f"{self.num_patches}, got shape {tuple(index.shape)}")
+        self._pending = index
 
     def _drop(self, module: nn.Module, inputs, x: Tensor) -> Tensor | None:
-        visible, self._pending = self._pending, None
-        if visible is None:
+        index, self._pending = self._pending, None
+        if index is None:
             return None
         p, n = self.prefix_tokens, self.num_patches
-        if x.dim() != 3 or x.shape[1] != p + n or x.shape[0] != visible.shape[0]:
-            raise KdkitError(f"{self.who}: expected tokens [{visible.shape[0]}, {p} + {n}, D] after the "
+        if x.dim() != 3 or x.shape[1] != p + n or x.shape[0] != index.shape[0]:
+            raise KdkitError(f"{self.who}: expected tokens [{index.shape[0]}, {p} + {n}, D] after the "
                              f"token-dropping module, got {tuple(x.shape)}")
-        patches = x[:, p:]
-        kept = patches[visible.to(x.device)].view(x.shape[0], -1, x.shape[2])  # row-major per sample
-        return torch.cat([x[:, :p], kept], dim=1)
+        index = index.to(x.device)[..., None].expand(-1, -1, x.shape[2])
+        return torch.cat([x[:, :p], torch.gather(x[:, p:], 1, index)], dim=1)
 
     def remove(self) -> None:
         self._handle.remove()

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from kdkit.models.init import he_init
+
 
 class WideBasicBlock(nn.Module):
     """Pre-activation block: conv2(dropout(relu(bn2(conv1(relu(bn1(x))))))) + shortcut.
@@ -77,13 +79,9 @@ class WideResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)  # = AvgPool2d(8) on 32x32 inputs
         self.fc = nn.Linear(widths[3], num_classes)
         self.num_features = widths[3]
+        he_init(self)
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
     @staticmethod
