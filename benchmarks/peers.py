@@ -27,13 +27,14 @@ time does not depend on its weights. When kdkit is slower, ``cProfile`` runs eac
 and the report lists where the time goes.
 
 ``--full``: accuracy at equal epochs. The teacher is trained first (plain PyTorch loop, same
-data and optimiser; or ``--teacher-ckpt`` in any ``kdkit.peer_checkpoints`` layout), then each
-toolkit trains its own copy of the student for ``--epochs`` on the augmented train set (random
-crop + flip, kdkit's ``RandomCropFlip`` for both), and both students are scored on the test set
-by the same function.
+data and optimiser, kept in ``--runs-dir``; or ``--teacher-ckpt`` in any ``kdkit.peer_checkpoints``
+layout), then for each of ``--seeds`` student initialisations each toolkit trains its own copy of
+the student for ``--epochs`` on the augmented train set (random crop + flip, kdkit's
+``RandomCropFlip`` for both), and both students are scored on the test set by the same function.
+Each finished (side, seed) is a row of ``--runs-dir``/results.jsonl: a stopped run continues.
 
     python benchmarks/peers.py --quick
-    python benchmarks/peers.py --full --epochs 30 --teacher-epochs 30
+    python benchmarks/peers.py --full --epochs 30 --seeds 2 --teacher-ckpt benchmarks/runs/cifar10_20k/teacher/teacher.pt
     python benchmarks/peers.py st --quick    # sentence-transformers instead: benchmarks/peers_st.py
 
 Last line: ``torchdistill_step_ratio=X`` = kdkit step / torchdistill step (> 1: kdkit slower).
@@ -46,6 +47,7 @@ import copy
 import cProfile
 import importlib.metadata as md
 import io
+import json
 import pstats
 import statistics
 import sys
@@ -60,7 +62,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler  # noqa: E402
 from torch.utils.data import default_collate  # noqa: E402
 
-from benchmarks._common import header, write  # noqa: E402
+from benchmarks._common import command, header, machine, mean_std, write  # noqa: E402
 from benchmarks.overhead import make_trainer  # noqa: E402
 from kdkit.datamodules.cifar10 import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule  # noqa: E402
 from kdkit.distillers.kd import KD  # noqa: E402
@@ -329,8 +331,9 @@ def step_time(args) -> float:
 
 
 def full_command_note() -> str:
-    return ("Accuracy at equal epochs (not run here; about 2 x epochs x 156 steps plus the teacher):\n"
-            "`OMP_NUM_THREADS=1 python benchmarks/peers.py --full --epochs 30 --teacher-epochs 30`\n")
+    return ("Accuracy at equal epochs: `peers_full.md` (about 2 x epochs x 156 steps per seed), from\n"
+            "`OMP_NUM_THREADS=1 python benchmarks/peers.py --full --epochs 30 --seeds 2 "
+            "--teacher-ckpt benchmarks/runs/cifar10_20k/teacher/teacher.pt`\n")
 
 
 # ---------------------------------------------------------------- accuracy
@@ -361,39 +364,105 @@ def train_teacher(teacher, dataset, batch_size: int, epochs: int):
 
 
 def full(args) -> float:
+    """Both toolkits train a copy of one student per seed; each (side, seed) is one row of
+    ``<runs-dir>/results.jsonl``, so a stopped run continues where it stopped."""
+    runs = Path(args.runs_dir)
+    runs.mkdir(parents=True, exist_ok=True)
+    log = runs / "results.jsonl"
+    done = {(r["side"], r["seed"]): r for r in map(json.loads, log.read_text().splitlines())} if log.exists() else {}
     dm = CIFAR10DataModule(augment=True, val_size=0, batch_size=args.batch_size)
     dm.setup("fit")
-    teacher, student = models()
+    teacher, teacher_src = full_teacher(args, dm, runs)
+    teacher_acc = accuracy(teacher, dm.test_set)
+    for seed in range(args.seeds):
+        _, student = models(seed)
+        for side in SIDES:
+            if (side, seed) in done:
+                continue
+            torch.manual_seed(1000 + seed)  # crops, flips and torchdistill's sampler, per side
+            start = time.perf_counter()
+            trained = train_side(side, copy.deepcopy(student), copy.deepcopy(teacher), dm.train_set, args, seed)
+            row = {"side": side, "seed": seed, "acc": accuracy(trained, dm.test_set),
+                   "wall_s": time.perf_counter() - start, "epochs": args.epochs, "teacher": teacher_src,
+                   "teacher_acc": teacher_acc, "machine": machine(), "command": command()}
+            done[(side, seed)] = row
+            with log.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{side} seed {seed}: {100 * row['acc']:.2f}% in {row['wall_s']:.0f} s", flush=True)
+    text = full_report(done, args, teacher_src, teacher_acc, len(dm.test_set))
+    print(text)
+    write(args.out.replace(".md", "_full.md"), header("kdkit vs torchdistill: accuracy at equal epochs") + text)
+    times = {side: statistics.fmean(r["wall_s"] for (s, _), r in done.items() if s == side) for side in SIDES}
+    return times["kdkit"] / times["torchdistill"]
+
+
+SIDES = ("kdkit", "torchdistill")
+
+
+def _pct(row: dict | None) -> str:
+    return f"{100 * row['acc']:.2f}" if row else "-"
+
+
+def _secs(row: dict | None) -> str:
+    return f"{row['wall_s']:.0f}" if row else "-"
+
+
+def full_teacher(args, dm, runs: Path):
+    """The frozen teacher both sides share: ``--teacher-ckpt``, or trained here once and kept in
+    ``<runs-dir>/teacher.pt`` so that a continued run distils from the same weights."""
+    teacher, _ = models()
     if args.teacher_ckpt:
         from kdkit.checkpoints import load_weights
 
         load_weights(teacher, args.teacher_ckpt, layout=args.teacher_layout)
+        src = args.teacher_ckpt
     else:
-        train_teacher(teacher, dm.train_set, args.batch_size, args.teacher_epochs)
-    teacher.eval().requires_grad_(False)
-    rows, times = {}, {}
-    start = time.perf_counter()
-    s_kd = copy.deepcopy(student)
-    make_trainer(max_epochs=args.epochs).fit(kdkit_task(s_kd, copy.deepcopy(teacher)),
-                                             datamodule=SharedDataModule(dm.train_set, args.batch_size, True))
-    times["kdkit"], start = time.perf_counter() - start, time.perf_counter()
-    s_td = copy.deepcopy(student)
-    loop = TorchdistillLoop(copy.deepcopy(teacher), s_td, dm.train_set, args.batch_size, True, args.epochs)
-    for _ in range(args.epochs):
-        loop.epoch_()
-    times["torchdistill"] = time.perf_counter() - start
-    rows = {"teacher": accuracy(teacher, dm.test_set), "kdkit": accuracy(s_kd, dm.test_set),
-            "torchdistill": accuracy(s_td, dm.test_set)}
-    teacher_src = args.teacher_ckpt or f"trained here, {args.teacher_epochs} epochs"
+        kept = runs / "teacher.pt"
+        if kept.exists():
+            teacher.load_state_dict(torch.load(kept, map_location="cpu", weights_only=True))
+        else:
+            train_teacher(teacher, dm.train_set, args.batch_size, args.teacher_epochs)
+            torch.save(teacher.state_dict(), kept)
+        src = f"trained by this script, {args.teacher_epochs} epochs ({kept})"
+    return teacher.eval().requires_grad_(False), src
+
+
+def train_side(side: str, student, teacher, train_set, args, seed: int):
+    if side == "kdkit":
+        make_trainer(max_epochs=args.epochs).fit(
+            kdkit_task(student, teacher), datamodule=SharedDataModule(train_set, args.batch_size, True, seed=seed))
+    else:
+        loop = TorchdistillLoop(teacher, student, train_set, args.batch_size, True, args.epochs)
+        for _ in range(args.epochs):
+            loop.epoch_()
+    return student
+
+
+def full_report(done: dict, args, teacher_src: str, teacher_acc: float, test_size: int) -> str:
+    seeds = sorted({seed for _, seed in done})
+    acc = {side: {seed: done[(side, seed)]["acc"] for s, seed in done if s == side} for side in SIDES}
     lines = [f"- versions: {versions()}",
-             f"- teacher resnet20 ({teacher_src}); student resnet8, {args.epochs} epochs each, batch "
-             f"{args.batch_size}, constant lr {LR}, random crop + flip; test set {len(dm.test_set)} images",
-             "", "| model | test accuracy (%) | train wall time (s) |", "|---|---|---|"]
-    lines += [f"| {k} | {100 * v:.2f} | {f'{times[k]:.0f}' if k in times else '-'} |" for k, v in rows.items()]
-    print("\n".join(lines))
-    write(args.out.replace(".md", "_full.md"), header("kdkit vs torchdistill: accuracy at equal epochs")
-          + "\n".join(lines) + "\n")
-    return times["kdkit"] / times["torchdistill"]
+             f"- teacher resnet20 ({teacher_src}): {100 * teacher_acc:.2f}% test accuracy",
+             f"- student resnet8, {args.epochs} epochs on each side, batch {args.batch_size}, constant lr {LR}, "
+             f"CE + KD(T={TEMPERATURE}), random crop + flip (kdkit's `RandomCropFlip` on both sides); "
+             f"one student initialisation per seed, copied to both; test set {test_size} images",
+             "- the two sides of a seed ran one after the other in one process, one thread: wall times are "
+             "no speed measure (`peers.md`'s interleaved step times are)",
+             "", "| seed | kdkit (%) | torchdistill (%) | kdkit - torchdistill | kdkit s | torchdistill s | machine |",
+             "|---|---|---|---|---|---|---|"]
+    for seed in seeds:
+        k, t = done.get(("kdkit", seed)), done.get(("torchdistill", seed))
+        diff = f"{100 * (k['acc'] - t['acc']):+.2f}" if k and t else "-"
+        lines.append(f"| {seed} | {_pct(k)} | {_pct(t)} | {diff} | {_secs(k)} | {_secs(t)} | {(k or t)['machine']} |")
+    paired = [acc["kdkit"][s] - acc["torchdistill"][s] for s in seeds if s in acc["kdkit"] and s in acc["torchdistill"]]
+    lines += ["", f"- kdkit {mean_std(list(acc['kdkit'].values()))}, torchdistill "
+              f"{mean_std(list(acc['torchdistill'].values()))} (mean ± std over seeds)"]
+    if len(paired) > 1:
+        lines.append(f"- paired difference kdkit - torchdistill: {mean_std(paired)} points over {len(paired)} seeds")
+    elif paired:
+        lines.append(f"- paired difference kdkit - torchdistill: {100 * paired[0]:+.2f} points, 1 seed "
+                     "(no spread yet: run more `--seeds`)")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -417,6 +486,9 @@ def main() -> None:
     p.add_argument("--teacher-epochs", type=int, default=30)
     p.add_argument("--teacher-ckpt", default=None, help="trained teacher weights instead")
     p.add_argument("--teacher-layout", default=None, help="torchdistill | repdistiller | mdistiller")
+    p.add_argument("--seeds", type=int, default=1, help="--full: student seeds (each trained on both sides)")
+    p.add_argument("--runs-dir", default="benchmarks/runs/peers_full",
+                   help="--full: one row per (side, seed) and the teacher it trained; a rerun continues")
     p.add_argument("--out", default="peers.md")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
