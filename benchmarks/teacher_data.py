@@ -35,7 +35,7 @@ Parts (rows; 3 seeds for ``transfer`` and for the best row of the other parts, 1
 - ``augment`` (d): every label, KD; the crop+flip candidate (of 4) with the largest
   teacher-student divergence vs the standard random crop+flip; and a learned affine augmentor
   trained to raise that divergence (``selection=[learned_augment]``, HARD-style) on top of
-  crop+flip.
+  crop+flip; and the same through a VAE's latent (``selection=[vae_augment]``, HARD's VAE variant).
 - ``clip_transfer`` (a, CLIP): 2,000 captioned images + the other training images without
   captions vs the 2,000 captioned alone (the student alone, and distilled on them) vs every
   caption; and with CLIP-KD's FD added (an image embedding target for every image); and with 32 /
@@ -98,6 +98,8 @@ AUGMENT = {
     "disagreement_aug": [*ALL_LABELS, "stages.baseline=false", "data.augment=false", "selection=[augment_select]"],
     # a learned affine augmentor trained to maximise teacher-student KL (HARD-style), on top of crop+flip
     "learned_aug": [*ALL_LABELS, "stages.baseline=false", "selection=[learned_augment]"],
+    # the same objective through a VAE's latent (HARD's VAE variant); each run trains its VAE first
+    "vae_aug": [*ALL_LABELS, "stages.baseline=false", "selection=[vae_augment]"],
 }
 CAPTIONS_2000 = ["data.labeled_count=2000"]
 CLIP_TRANSFER = {
@@ -299,6 +301,7 @@ def report(log: RunLog) -> None:
             forwards = next((runs[0][k] for k in ("selection/teacher_budget/teacher_forwards",
                                                   "selection/augment_select/teacher_forwards",
                                                   "selection/learned_augment/teacher_forwards",
+                                                  "selection/vae_augment/teacher_forwards",
                                                   "selection/batch_select/rows_scored") if k in runs[0]), "-")
             over = ", ".join(f"`{o}`" for o in table[method]) or "(the experiment)"
             steps = runs[0].get("fit_steps", "-")

@@ -138,3 +138,16 @@ def test_share_reading_pairs_each_share_row_with_its_uniform_row():
         "- transfer_kd_share64 (64 labelled rows in every batch instead of the data's share): +7.50 points vs "
         "transfer_kd (2 paired seeds); -1.00 points vs labeled_kd (1 paired seed).", ""]
     assert share_reading(rows[:2], "test/zeroshot_acc") == []
+
+
+def test_every_augment_row_composes_on_its_experiment():
+    from hydra.utils import instantiate
+
+    from benchmarks.teacher_data import AUGMENT
+    from kdkit.compose import compose
+
+    for method, overrides in AUGMENT.items():
+        cfg = compose(["experiment=cifar10_transfer", *overrides])
+        policies = {name: instantiate(spec) for name, spec in (cfg.get("selection") or {}).items()}
+        if method == "vae_aug":
+            assert type(policies["vae_augment"]).__name__ == "VAEAugment"

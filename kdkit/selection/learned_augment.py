@@ -134,6 +134,7 @@ class LearnedAugment(SelectionPolicy):
     """
 
     rank_counters = ("teacher_forwards",)  # each DDP rank counts its own rows
+    name = "learned_augment"  # the config name, in messages
 
     def __init__(self, fraction: float = 0.5, strength: float = 0.5, lr: float = 1e-3, temperature: float = 1.0,
                  consistency: float = 1.0, width: int = 16, noise_dim: int = 8, teacher: str | None = None,
@@ -147,25 +148,31 @@ class LearnedAugment(SelectionPolicy):
                   "noise_dim": (noise_dim, noise_dim >= 0, "must be >= 0")}
         for knob, (value, ok, rule) in checks.items():
             if not ok:
-                raise KdkitError(f"selection.learned_augment.{knob}={value} {rule}")
+                raise KdkitError(f"selection.{self.name}.{knob}={value} {rule}")
         self.fraction, self.strength, self.lr = fraction, strength, lr
         self.temperature, self.consistency = temperature, consistency
         self.width, self.noise_dim = width, noise_dim
         self.teacher, self.seed = teacher, seed
         self.teacher_forwards = 0
-        self.augmentor: AffineAugmentor | None = None
+        self.augmentor: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._pending: dict | None = None  # loaded before the augmentor was built
         self._stats = {}
 
     # ---- the augmentor ----------------------------------------------------------------------
-    def build(self, images: Tensor) -> AffineAugmentor:
+    def make_augmentor(self, images: Tensor, generator: torch.Generator) -> nn.Module:
+        """A new augmentor for ``images``' channels, its initial weights drawn from ``generator``."""
+        return AffineAugmentor(images.shape[1], self.width, self.noise_dim, self.strength, generator=generator)
+
+    def trainable(self) -> list[Tensor]:
+        """The augmentor's weights its own step trains (a frozen part, e.g. a VAE, excluded)."""
+        return [p for p in self.augmentor.parameters() if p.requires_grad]
+
+    def build(self, images: Tensor) -> nn.Module:
         """The augmentor (created on first use for ``images``' channels and device)."""
         if self.augmentor is None:
-            g = torch.Generator().manual_seed(self.seed)
-            self.augmentor = AffineAugmentor(images.shape[1], self.width, self.noise_dim, self.strength,
-                                             generator=g).to(images.device)
-            self.optimizer = torch.optim.Adam(self.augmentor.parameters(), lr=self.lr)
+            self.augmentor = self.make_augmentor(images, torch.Generator().manual_seed(self.seed)).to(images.device)
+            self.optimizer = torch.optim.Adam(self.trainable(), lr=self.lr)
             if self._pending is not None:
                 state, self._pending = self._pending, None
                 self._apply_state(state)
@@ -189,12 +196,12 @@ class LearnedAugment(SelectionPolicy):
     # ---- the step ---------------------------------------------------------------------------
     def plan(self, task, plan: StepPlan) -> StepPlan:
         if plan.distill_rows is not None or plan.teacher:
-            raise KdkitError("selection.learned_augment must come first in `selection`: it replaces the "
+            raise KdkitError(f"selection.{self.name} must come first in `selection`: it replaces the "
                              "images, so earlier teacher outputs would not match them")
         if not isinstance(plan.batch.get("image"), Tensor) or plan.batch["image"].dim() != 4:
-            raise KdkitError("selection.learned_augment warps images: it needs image classification batches "
+            raise KdkitError(f"selection.{self.name} augments images: it needs image classification batches "
                              "with an 'image' tensor [B, C, H, W]")
-        name = policy_teacher(task, self.teacher, "learned_augment")
+        name = policy_teacher(task, self.teacher, self.name)
         images = plan.batch["image"]
         b = _batch_size(plan.batch)
         noise, rows = self.draws(b, task.global_step, images.device)
@@ -210,7 +217,7 @@ class LearnedAugment(SelectionPolicy):
             disagreement = per_sample_kl(t_hat.logits, s_hat.logits, self.temperature).mean()
             shift = per_sample_kl(plain.logits, t_hat.logits).mean()
             loss = -disagreement + self.consistency * shift
-            params = list(self.augmentor.parameters())
+            params = self.trainable()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         self.teacher_forwards += 2 * b
         self._step(params, grads)
