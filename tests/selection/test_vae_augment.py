@@ -201,3 +201,22 @@ def test_a_composed_run_trains_the_vae_in_its_run_dir_and_counts_teacher_forward
     assert (Path(cfg.paths.output_dir) / "vae.pt").is_file()
     assert student["selection/vae_augment/vae_pretrain_epochs"] == 1
     assert math.isfinite(student["selection/vae_augment/vae_pretrain_final_loss"])
+
+
+@pytest.mark.ddp
+def test_under_ddp_every_rank_loads_the_vae_and_keeps_the_same_editor(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    from tests.selection.test_learned_augment import WORLD, _ddp_worker, _free_port
+
+    vae = save_vae(_vae(), tmp_path / "vae.pt")
+    mp.start_processes(_ddp_worker, args=(_free_port(), str(tmp_path), str(vae)), nprocs=WORLD, join=True,
+                       start_method="fork")
+    facts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    for rank in facts:
+        assert rank["augmentor_equal_across_ranks"] and rank["student_equal_across_ranks"]
+        assert rank["augmentor_trained"]
+        assert rank["teacher_forwards"] == 2 * 2 * 8
+        assert rank["job_teacher_forwards"] == WORLD * 2 * 2 * 8
