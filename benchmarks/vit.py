@@ -10,6 +10,8 @@ a smaller ViT that inherits its weights (issue #15). Resumable: every finished r
     python benchmarks/vit.py vit --teacher-epochs 40 --epochs 40 --jobs 2
     # time per training step of each method relative to plain KD (interleaved, one process)
     python benchmarks/vit.py steps
+    # how often the teacher's hard label (DeiT's hard distillation target) is the true label
+    python benchmarks/vit.py labels --teacher-ckpt benchmarks/runs/cifar10_20k/teacher/teacher.pt
 
 Rows of ``cnn``: the ViT alone, KD (class token), DeiT hard / soft (distillation token), DeiT's
 hard label on the class token (no distillation token), CSKD, TRG, FitNet and AT through the
@@ -43,6 +45,8 @@ from benchmarks._common import (  # noqa: E402
 )
 
 STEPS = RAW / "vit_steps.md"  # the step-time table (``steps``), embedded in vit.md by report()
+LABELS = RAW / "vit_teacher_labels.md"  # ``labels``' table, embedded in vit.md by report()
+NOTES = Path(__file__).resolve().parent / "vit_notes.md"  # findings written by hand, embedded after the tables
 
 PLAIN = ["student=vit_tiny"]  # no distillation token: it would average an untrained head in
 CNN_METHODS = {
@@ -80,7 +84,7 @@ PARTS = {"cnn": ("cifar10_deit", CNN_METHODS), "vit": ("cifar10_vit_vit", VIT_ME
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["cnn", "vit", "steps"])
+    p.add_argument("part", choices=["cnn", "vit", "steps", "labels"])
     p.add_argument("--epochs", type=int, default=40, help="student epochs of every row")
     p.add_argument("--teacher-epochs", type=int, default=40)
     p.add_argument("--teacher-ckpt", default=None, help="a trained teacher.pt (cnn: required)")
@@ -96,6 +100,8 @@ def main() -> None:
     args = p.parse_args()
     if args.part == "steps":
         return step_times(args)
+    if args.part == "labels":
+        return teacher_labels(args)
     experiment, table = PARTS[args.part]
     methods = [m for m in (args.methods.split(",") if args.methods else table) if m]
     unknown = sorted(set(methods) - set(table))
@@ -197,9 +203,50 @@ def report(logs: dict[str, RunLog]) -> None:
     if not any(log.done for log in logs.values()):
         lines += ["No full-data row has finished yet: the rows run in pieces (each run resumes from its "
                   "last epoch's checkpoint), and this file lists them as they finish.", ""]
-    for steps in sorted(RAW.glob("vit_steps*.md")):  # the full table, then any subset's
-        lines += [steps.read_text()]
+    for extra in [NOTES, LABELS, *sorted(RAW.glob("vit_steps*.md"))]:  # notes, labels, the full step table, subsets
+        if extra.exists():
+            lines += [extra.read_text()]
     write("vit.md", "\n".join(lines) + "\n")
+
+
+def teacher_labels(args) -> None:
+    """How often the teacher's argmax (DeiT's hard distillation target) equals the true label on
+    the training images of ``cifar10_deit``, as stored and through the loader's crop + flip: where
+    they agree, the distillation head's hard target is the label the class head already has."""
+    import torch
+    from hydra.utils import instantiate
+    from torch.utils.data import DataLoader
+
+    from kdkit.checkpoints import load_weights
+    from kdkit.compose import compose
+
+    if not args.teacher_ckpt:
+        raise SystemExit("labels: --teacher-ckpt is required")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)  # the crops and flips
+    cfg = compose(["experiment=cifar10_deit", "data.train_limit=null"])
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    teacher = load_weights(instantiate(cfg.teacher.model), args.teacher_ckpt).eval()
+    mean = torch.tensor(dm.mean).view(1, -1, 1, 1)
+    std = torch.tensor(dm.std).view(1, -1, 1, 1)
+    lines = ["## How often the teacher's hard label is the true label", "",
+             f"`python benchmarks/vit.py labels --teacher-ckpt {args.teacher_ckpt}`: the teacher's argmax on the "
+             f"training images of `cifar10_deit` ({machine()}, {dt.date.today()}).", "",
+             "| view | images | argmax = label (%) | mean top-1 probability |", "|---|---|---|---|"]
+    for view, dataset in (("as stored", dm.plain_train_set), ("loader's crop + flip", dm.train_set)):
+        agree, top1, n = 0, 0.0, 0
+        with torch.no_grad():
+            for batch in DataLoader(dataset, batch_size=500):
+                probs = teacher((batch["image"] - mean) / std).softmax(-1)
+                agree += (probs.argmax(1) == batch["label"]).sum().item()
+                top1 += probs.max(1).values.sum().item()
+                n += len(batch["label"])
+        lines.append(f"| {view} | {n} | {100 * agree / n:.2f} | {top1 / n:.3f} |")
+    LABELS.parent.mkdir(parents=True, exist_ok=True)
+    LABELS.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def step_times(args) -> None:
