@@ -32,9 +32,12 @@ layout), then for each of ``--seeds`` student initialisations each toolkit train
 the student for ``--epochs`` on the augmented train set (random crop + flip, kdkit's
 ``RandomCropFlip`` for both), and both students are scored on the test set by the same function.
 Each finished (side, seed) is a row of ``--runs-dir``/results.jsonl: a stopped run continues.
+``--schedule cosine`` decays the rate to 0 over the run on both sides (per step): the last
+the accuracy after a constant-rate run's last step is noisier than after a decayed rate has settled.
 
     python benchmarks/peers.py --quick
-    python benchmarks/peers.py --full --epochs 30 --seeds 2 --teacher-ckpt benchmarks/runs/cifar10_20k/teacher/teacher.pt
+    python benchmarks/peers.py --full --schedule cosine --epochs 10 --seeds 3 \
+        --teacher-ckpt benchmarks/runs/cifar10_20k/teacher/teacher.pt
     python benchmarks/peers.py st --quick    # sentence-transformers instead: benchmarks/peers_st.py
 
 Last line: ``torchdistill_step_ratio=X`` = kdkit step / torchdistill step (> 1: kdkit slower).
@@ -106,9 +109,16 @@ class SharedDataModule(L.LightningDataModule):
                           drop_last=True, generator=generator)
 
 
-def kdkit_task(student, teacher) -> ClassificationTask:
+def cosine(optimizer, total_steps: int):
+    """The learning rate of ``--schedule cosine``: cosine decay to 0 over the run, stepped after
+    every optimizer step (kdkit's scheduler interval; torchdistill's ``scheduling_step: 1``)."""
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+
+
+def kdkit_task(student, teacher, schedule: str = "constant") -> ClassificationTask:
     return ClassificationTask(student, teacher, distillers={"kd": KD(weight=1.0, temperature=TEMPERATURE)},
-                              num_classes=NUM_CLASSES, mean=CIFAR10_MEAN, std=CIFAR10_STD, optimizer=sgd)
+                              num_classes=NUM_CLASSES, mean=CIFAR10_MEAN, std=CIFAR10_STD, optimizer=sgd,
+                              scheduler=cosine if schedule == "cosine" else None)
 
 
 # ---------------------------------------------------------- torchdistill side
@@ -131,10 +141,12 @@ class NormalizedView(Dataset):
         return (sample["image"] - self.mean) / self.std, sample["label"]
 
 
-def train_config(batch_size: int, shuffle: bool, epochs: int) -> dict:
+def train_config(batch_size: int, shuffle: bool, epochs: int, total_steps: int | None = None) -> dict:
     """What torchdistill's YAML ``train:`` section loads into, for this run (structure from its
-    ``configs/sample/cifar10/kd/*.yaml``; no wrapper: one CPU process)."""
-    return {
+    ``configs/sample/cifar10/kd/*.yaml``; no wrapper: one CPU process). ``total_steps``: cosine
+    decay over that many optimizer steps (``--schedule cosine``); None: a constant rate."""
+    schedule = {"scheduler": {"key": "CosineAnnealingLR", "kwargs": {"T_max": total_steps}, "scheduling_step": 1}}
+    return {**(schedule if total_steps else {}),
         "num_epochs": epochs,
         "train_data_loader": {
             "dataset_id": "train",
@@ -159,11 +171,13 @@ def train_config(batch_size: int, shuffle: bool, epochs: int) -> dict:
 class TorchdistillLoop:
     """torchdistill's training loop, one step at a time (its example's ``train_one_epoch``)."""
 
-    def __init__(self, teacher, student, dataset, batch_size: int, shuffle: bool, epochs: int = 10**6):
+    def __init__(self, teacher, student, dataset, batch_size: int, shuffle: bool, epochs: int = 10**6,
+                 schedule: str = "constant"):
         from torchdistill.core.distillation import get_distillation_box
 
+        total = epochs * (len(dataset) // batch_size) if schedule == "cosine" else None
         self.box = get_distillation_box(teacher, student, {"train": NormalizedView(dataset)},
-                                        train_config(batch_size, shuffle, epochs), torch.device("cpu"),
+                                        train_config(batch_size, shuffle, epochs, total), torch.device("cpu"),
                                         None, False, 1)
         self.epoch, self.batches = 0, None
 
@@ -331,8 +345,8 @@ def step_time(args) -> float:
 
 
 def full_command_note() -> str:
-    return ("Accuracy at equal epochs: `peers_full.md` (about 2 x epochs x 156 steps per seed), from\n"
-            "`OMP_NUM_THREADS=1 python benchmarks/peers.py --full --epochs 30 --seeds 2 "
+    return ("Accuracy at equal epochs: `peers_full_cosine.md` (about 2 x epochs x 156 steps per seed), from\n"
+            "`OMP_NUM_THREADS=1 python benchmarks/peers.py --full --schedule cosine --epochs 10 --seeds 3 "
             "--teacher-ckpt benchmarks/runs/cifar10_20k/teacher/teacher.pt`\n")
 
 
@@ -366,10 +380,14 @@ def train_teacher(teacher, dataset, batch_size: int, epochs: int):
 def full(args) -> float:
     """Both toolkits train a copy of one student per seed; each (side, seed) is one row of
     ``<runs-dir>/results.jsonl``, so a stopped run continues where it stopped."""
-    runs = Path(args.runs_dir)
+    runs = Path(args.runs_dir or f"benchmarks/runs/peers_full_{args.schedule}")
     runs.mkdir(parents=True, exist_ok=True)
     log = runs / "results.jsonl"
     done = {(r["side"], r["seed"]): r for r in map(json.loads, log.read_text().splitlines())} if log.exists() else {}
+    other = {(r["epochs"], r.get("schedule", "constant")) for r in done.values()} - {(args.epochs, args.schedule)}
+    if other:
+        raise SystemExit(f"{log} holds rows of other runs (epochs, schedule) {sorted(other)}: rows compare at "
+                         f"equal epochs and schedule; give another --runs-dir")
     dm = CIFAR10DataModule(augment=True, val_size=0, batch_size=args.batch_size)
     dm.setup("fit")
     teacher, teacher_src = full_teacher(args, dm, runs)
@@ -383,7 +401,7 @@ def full(args) -> float:
             start = time.perf_counter()
             trained = train_side(side, copy.deepcopy(student), copy.deepcopy(teacher), dm.train_set, args, seed)
             row = {"side": side, "seed": seed, "acc": accuracy(trained, dm.test_set),
-                   "wall_s": time.perf_counter() - start, "epochs": args.epochs, "teacher": teacher_src,
+                   "wall_s": time.perf_counter() - start, "epochs": args.epochs, "schedule": args.schedule, "teacher": teacher_src,
                    "teacher_acc": teacher_acc, "machine": machine(), "command": command()}
             done[(side, seed)] = row
             with log.open("a") as f:
@@ -391,7 +409,8 @@ def full(args) -> float:
             print(f"{side} seed {seed}: {100 * row['acc']:.2f}% in {row['wall_s']:.0f} s", flush=True)
     text = full_report(done, args, teacher_src, teacher_acc, len(dm.test_set))
     print(text)
-    write(args.out.replace(".md", "_full.md"), header("kdkit vs torchdistill: accuracy at equal epochs") + text)
+    write(args.out.replace(".md", f"_full_{args.schedule}.md"),
+          header("kdkit vs torchdistill: accuracy at equal epochs") + text)
     times = {side: statistics.fmean(r["wall_s"] for (s, _), r in done.items() if s == side) for side in SIDES}
     return times["kdkit"] / times["torchdistill"]
 
@@ -430,9 +449,10 @@ def full_teacher(args, dm, runs: Path):
 def train_side(side: str, student, teacher, train_set, args, seed: int):
     if side == "kdkit":
         make_trainer(max_epochs=args.epochs).fit(
-            kdkit_task(student, teacher), datamodule=SharedDataModule(train_set, args.batch_size, True, seed=seed))
+            kdkit_task(student, teacher, args.schedule),
+            datamodule=SharedDataModule(train_set, args.batch_size, True, seed=seed))
     else:
-        loop = TorchdistillLoop(teacher, student, train_set, args.batch_size, True, args.epochs)
+        loop = TorchdistillLoop(teacher, student, train_set, args.batch_size, True, args.epochs, args.schedule)
         for _ in range(args.epochs):
             loop.epoch_()
     return student
@@ -443,7 +463,8 @@ def full_report(done: dict, args, teacher_src: str, teacher_acc: float, test_siz
     acc = {side: {seed: done[(side, seed)]["acc"] for s, seed in done if s == side} for side in SIDES}
     lines = [f"- versions: {versions()}",
              f"- teacher resnet20 ({teacher_src}): {100 * teacher_acc:.2f}% test accuracy",
-             f"- student resnet8, {args.epochs} epochs on each side, batch {args.batch_size}, constant lr {LR}, "
+             f"- student resnet8, {args.epochs} epochs on each side, batch {args.batch_size}, lr {LR} "
+             f"{'with cosine decay to 0 (per step)' if args.schedule == 'cosine' else 'constant'}, "
              f"CE + KD(T={TEMPERATURE}), random crop + flip (kdkit's `RandomCropFlip` on both sides); "
              f"one student initialisation per seed, copied to both; test set {test_size} images",
              "- the two sides of a seed ran one after the other in one process, one thread: wall times are "
@@ -487,8 +508,11 @@ def main() -> None:
     p.add_argument("--teacher-ckpt", default=None, help="trained teacher weights instead")
     p.add_argument("--teacher-layout", default=None, help="torchdistill | repdistiller | mdistiller")
     p.add_argument("--seeds", type=int, default=1, help="--full: student seeds (each trained on both sides)")
-    p.add_argument("--runs-dir", default="benchmarks/runs/peers_full",
-                   help="--full: one row per (side, seed) and the teacher it trained; a rerun continues")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                   help="--full: the learning rate over the run, the same on both sides")
+    p.add_argument("--runs-dir", default=None,
+                   help="--full: one row per (side, seed) and the teacher it trained; a rerun continues "
+                   "(default: benchmarks/runs/peers_full_<schedule>)")
     p.add_argument("--out", default="peers.md")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -189,8 +189,9 @@ def report(logs: dict[str, RunLog]) -> None:
             lines.append("Teacher: the checkpoint given by `--teacher-ckpt` (not trained by this benchmark).\n")
         lines += restored_note(rows)
         lines.append("Train times are wall seconds of one-thread runs on a shared 2-core machine (other runs "
-                     "alongside, and any time a run was paused or resumed), not a speed comparison: see the "
-                     "step times below for that.\n")
+                     "alongside, and any time a run was paused), counted by the fit that finished the run: a run "
+                     "resumed from its checkpoint counts only its last part. "
+                     "They are no speed comparison: see the step times below for that.\n")
         lines += ["| row | overrides | seeds | test acc (%) | Δ vs baseline | params | train time / run (s) |",
                   "|---|---|---|---|---|---|---|"]
         for method in [m for m in table if m in by_method]:
