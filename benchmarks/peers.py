@@ -32,8 +32,8 @@ layout), then for each of ``--seeds`` student initialisations each toolkit train
 the student for ``--epochs`` on the augmented train set (random crop + flip, kdkit's
 ``RandomCropFlip`` for both), and both students are scored on the test set by the same function.
 Each finished (side, seed) is a row of ``--runs-dir``/results.jsonl: a stopped run continues.
-``--schedule cosine`` decays the rate to 0 over the run on both sides (per step): the last
-the accuracy after a constant-rate run's last step is noisier than after a decayed rate has settled.
+``--schedule cosine`` decays the rate to 0 over the run on both sides (per step): the accuracy after
+a constant-rate run's last step is noisier than after a decayed rate has settled.
 
     python benchmarks/peers.py --quick
     python benchmarks/peers.py --full --schedule cosine --epochs 10 --seeds 3 \
