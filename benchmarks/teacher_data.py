@@ -337,8 +337,9 @@ def teachers_note(log: RunLog) -> list[str]:
         lines.append(f"- `{ckpt}`: {what}; parts: {', '.join(sorted(used, key=list(PARTS).index)) or 'none yet'}.")
     if len(trained) > 1:
         lines += ["", ("A checkpoint went with its machine before a later part ran, so that part's teacher was "
-                       "trained again by the same command and seed. On another CPU kind (other kernels) or at "
-                       "a later kdkit commit that is not the same teacher: compare rows within a part (each "
+                       "trained again by the same command and seed. On another CPU kind (other kernels), with "
+                       "another `--threads` (another summation order) or at a later kdkit commit that is not "
+                       "the same teacher: compare rows within a part (each "
                        "part names its teacher).")]
         same = same_teachers(trained)
         lines += ["", *same] if same else []
