@@ -197,10 +197,9 @@ def warn_if_oversubscribed(trainer) -> str | None:
 
 def _is_rank_zero(trainer) -> bool:
     """Rank 0 of the job; relaunched DDP ranks build their Trainer before ranks are assigned."""
-    import os
+    from kdkit.errors import launched_as_rank_zero
 
-    return (trainer.global_rank == 0 and os.environ.get("LOCAL_RANK", "0") == "0"
-            and os.environ.get("NODE_RANK", "0") == "0")
+    return trainer.global_rank == 0 and launched_as_rank_zero()
 
 
 def _plural(n: int, noun: str) -> str:

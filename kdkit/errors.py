@@ -57,11 +57,24 @@ def unreadable(path, what: str, err: BaseException | str, hint: str = "") -> Kdk
     return KdkitError(f"{message}; {hint}" if hint else message)
 
 
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+
+
+def launched_as_rank_zero() -> bool:
+    """Whether no launcher made this process anything but global rank 0, read from the
+    environment alone (it holds before ``torch.distributed`` starts, and in processes Lightning's
+    DDP relaunched): every rank variable a launcher sets (torchrun, Lightning, SLURM) is 0 or
+    unset. All of them count: a rank Lightning relaunched inside a one-task SLURM job has
+    ``SLURM_PROCID=0`` but ``LOCAL_RANK=1``."""
+    import os
+
+    return all(os.environ.get(key, "0").strip() in ("", "0") for key in RANK_VARIABLES)
+
+
 def say(message: str, warning: bool = False) -> None:
     """One line for the user on stderr (rank 0 only): ``kdkit: <message>`` or a warning."""
-    import os
     import sys
 
-    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+    if not launched_as_rank_zero():
         return
     print(f"kdkit: {'warning: ' if warning else ''}{message}", file=sys.stderr, flush=True)

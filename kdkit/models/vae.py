@@ -87,17 +87,19 @@ def check_vae_images(images: Tensor, where: str) -> None:
 def train_vae(vae: ConvVAE, batches, epochs: int, lr: float = 1e-3, beta: float = 1.0,
               recon_sigma: float = 0.1, seed: int = 0, desc: str = "VAE pre-training") -> list[float]:
     """Adam on ``vae_loss`` over ``epochs`` passes of ``batches`` (an iterable of image tensors, or
-    of dicts with an ``'image'``, re-iterated each epoch). Returns each epoch's mean loss."""
+    of dicts with an ``'image'``, re-iterated each epoch, e.g. a DataLoader), each moved to the
+    VAE's device. Returns each epoch's mean loss."""
     from tqdm.auto import tqdm
 
     g = torch.Generator().manual_seed(seed)
+    device = next(vae.parameters()).device
     opt = torch.optim.Adam(vae.parameters(), lr=lr)
     vae.train()
     history = []
     for epoch in range(epochs):
         total, count = 0.0, 0
         for batch in tqdm(batches, desc=f"{desc} {epoch + 1}/{epochs}", unit="batch", leave=False):
-            images = (batch["image"] if isinstance(batch, dict) else batch).float()
+            images = (batch["image"] if isinstance(batch, dict) else batch).to(device).float()
             if count == 0 and epoch == 0:
                 check_vae_images(images, desc)
             eps_g = g if images.device.type == "cpu" else None

@@ -33,14 +33,13 @@ process that is rank 0 trains it: any other rank that finds no file stops with a
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdkit.errors import KdkitError
+from kdkit.errors import KdkitError, launched_as_rank_zero
 from kdkit.models.vae import ConvVAE, check_vae_images, load_vae, save_vae, train_vae
 from kdkit.selection.learned_augment import LearnedAugment
 
@@ -138,22 +137,22 @@ class VAEAugment(LearnedAugment):
             self.vae = self._load_or_train(datamodule, images.shape[1])
 
     def _load_or_train(self, datamodule, channels: int) -> ConvVAE:
-        vae = ConvVAE(channels, self.latent_channels, self.vae_width)
-        if self.vae_path.is_file():
-            return load_vae(vae, self.vae_path)
         where = f"selection.{self.name}.vae={self.vae_path}"
-        if self.pretrain_epochs == 0:
+        train = not self.vae_path.is_file()
+        if train and self.pretrain_epochs == 0:
             raise KdkitError(f"{where}: no such file, and pretrain_epochs=0 forbids training one here")
-        if not _launched_as_rank_zero():
+        if train and not launched_as_rank_zero():
             raise KdkitError(f"{where}: no such file on this rank; rank 0 trains it before the other ranks "
                              "start, or train it once in one process (same command, one device)")
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda" if train and torch.cuda.is_available() else "cpu")
         # Its own random stream: a run that trains the VAE and one that loads it draw the same
         # numbers everywhere else (the student's initial weights, the data order).
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             torch.manual_seed(self.seed)  # the VAE's initial weights
             vae = ConvVAE(channels, self.latent_channels, self.vae_width).to(device)
-            self.pretrain_history = train_vae(vae, _Reiterable(datamodule, device), self.pretrain_epochs,
+            if not train:
+                return load_vae(vae, self.vae_path)
+            self.pretrain_history = train_vae(vae, datamodule.train_dataloader(), self.pretrain_epochs,
                                               self.pretrain_lr, self.beta, self.recon_sigma, self.seed,
                                               desc=f"{self.name}: VAE pre-training")
         save_vae(vae, self.vae_path)
@@ -190,26 +189,3 @@ def save_reconstructions(vae: ConvVAE, images: Tensor, path: Path) -> Path:
 def _sidecar(path: Path) -> Path:
     """``<vae>.json``: how the VAE at ``path`` was trained (epochs, loss per epoch)."""
     return path.with_name(path.name + ".json")
-
-
-class _Reiterable:
-    """The training loader's images on ``device``, a new pass each time it is iterated."""
-
-    def __init__(self, datamodule, device: torch.device):
-        self.datamodule, self.device = datamodule, device
-
-    def __iter__(self):
-        for batch in self.datamodule.train_dataloader():
-            yield batch["image"].to(self.device)
-
-    def __len__(self) -> int:
-        return len(self.datamodule.train_dataloader())
-
-
-def _launched_as_rank_zero() -> bool:
-    """Whether a launcher made this process global rank 0 (or nothing launched it): read from the
-    environment, since the VAE is needed before ``torch.distributed`` starts."""
-    for key in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(key, "").strip().isdigit():
-            return int(os.environ[key]) == 0
-    return all(os.environ.get(key, "0").strip() in ("", "0") for key in ("LOCAL_RANK", "NODE_RANK"))
