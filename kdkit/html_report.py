@@ -1,4 +1,4 @@
-"""``report.html``: one self-contained page per run (results, trade-offs, curves, config).
+"""``report.html``: one self-contained page per run (results, trade-offs, curves, config, environment).
 
 The page needs nothing but itself: styles are inline and every plot is a PNG embedded as a
 ``data:`` URI, so it opens offline, attaches to an e-mail and survives copying the run
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 from pathlib import Path
 
 from kdkit.checkpoint_io import write_atomically
@@ -16,6 +17,7 @@ from kdkit.report import fmt
 from kdkit.report_data import RunData, is_number, load_run
 from kdkit.report_plan import Plot, headline_key, metric_label, plan
 from kdkit.report_plots import render_png
+from kdkit.run_environment import describe, distinct_starts, read_starts, start_line
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;
@@ -58,7 +60,7 @@ def render_report(run_dir) -> str:
         _figures("Learning curves", "curves", [p for p in plots if p.kind == "curve"],
                  empty="no stage left a metrics.csv, so there are no learning curves"),
         _notes(run.notes),
-        "<h2>Configuration</h2>", _config(run),
+        "<h2>Configuration</h2>", _config(run), _environment(run),
     ]
     body = "\n".join(p for p in parts if p)
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
@@ -129,6 +131,21 @@ def _config(run: RunData) -> str:
     text = run.config_text if run.config_text is not None else "(no config.yaml in the run directory)"
     return (f"<details id='config'><summary>Resolved config (config.yaml)</summary>"
             f"<pre>{_e(text)}</pre></details>")
+
+
+def _environment(run: RunData) -> str:
+    """``environment.json``: versions, CPU kernels, threads and GPUs of each start of the run;
+    opened when a resume changed the arithmetic."""
+    starts = read_starts(run.directory)
+    if not starts:
+        return "<p>(no environment.json in the run directory: a run from before kdkit recorded it)</p>"
+    distinct = distinct_starts(starts)
+    items = "".join(f"<li>{_e(start_line(s))}</li>" for s in distinct)
+    changed = " open" if len(distinct) > 1 else ""
+    title = ("Environment: the arithmetic changed on resume" if changed
+             else f"Environment: {_e(describe(starts[0]))}")
+    return (f"<details id='environment'{changed}><summary>{title}</summary><ul>{items}</ul>"
+            f"<pre>{_e(json.dumps(starts, indent=2))}</pre></details>")
 
 
 def _e(value) -> str:

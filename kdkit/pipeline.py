@@ -33,6 +33,7 @@ from kdkit.divergence import check_finite
 from kdkit.errors import KdkitError, say
 from kdkit.report import markdown_table
 from kdkit.resume import check_resume_config
+from kdkit.run_environment import describe, distinct_starts, read_starts, record_start, start_line
 from kdkit.stage_views import baseline_epochs, is_transfer, use_view, view_facts
 from kdkit.stage_fit import fit_and_test, load_stage, stage_done, write_on_rank_zero
 from kdkit.student_init import make_student
@@ -46,9 +47,11 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     start_run(out)  # says where the run writes; Lightning's per-stage lines once per run
-    if cfg.get("ckpt_path") == "last":
+    resuming = cfg.get("ckpt_path") == "last"
+    if resuming:
         check_resume_config(out, cfg)
     write_on_rank_zero(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    env = record_start(out, resuming)  # environment.json: what the numbers depend on beyond the config
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
 
     L.seed_everything(cfg.seed, workers=True)  # data splits and the teacher's init depend on it
@@ -82,7 +85,8 @@ def run(cfg: DictConfig) -> dict[str, dict]:
                 init_from=models)
 
     write_on_rank_zero(out / "results.json", json.dumps(results, indent=2))
-    write_on_rank_zero(out / "results.md", markdown_table(results, cfg.get("name", "kdkit")))
+    write_on_rank_zero(out / "results.md", markdown_table(results, cfg.get("name", "kdkit"))
+                       + _environment_text(read_starts(out) or [env]))
     _write_html_report(out)
     _print_table(results, cfg.get("name", "kdkit"))
     say(f"run directory: {out} (results.json, results.md, report.html)")
@@ -352,6 +356,15 @@ def inputs_from_config(model_cfg) -> dict:
 # ---- helpers ------------------------------------------------------------------------------
 def _container(node):
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _environment_text(starts: list[dict]) -> str:
+    """The ``results.md`` lines on what the numbers depend on beyond the config."""
+    distinct = distinct_starts(starts)
+    if len(distinct) == 1:
+        return f"\nEnvironment (environment.json): {describe(distinct[0])}\n"
+    return "\nEnvironment (environment.json); the arithmetic changed on resume:\n\n" + "".join(
+        f"- {start_line(s)}\n" for s in distinct)
 
 
 @rank_zero_only

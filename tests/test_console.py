@@ -18,6 +18,7 @@ from kdkit.callbacks.progress import StageProgressBar
 from kdkit.compose import RunResults, compose, run
 from kdkit.console import tame_lightning_logs
 from kdkit.report import table_cells
+from kdkit.run_environment import describe, environment
 from kdkit.stage_fit import make_trainer
 
 
@@ -96,7 +97,8 @@ def test_run_returns_its_directory_and_writes_results_md(tmp_path, monkeypatch, 
     header, rows = table_cells(dict(results))
     md = (results.run_dir / "results.md").read_text().splitlines()
     assert md[2] == "| " + " | ".join(header) + " |"
-    assert md[4:] == ["| " + " | ".join(row) + " |" for row in rows]
+    assert md[4:4 + len(rows)] == ["| " + " | ".join(row) + " |" for row in rows]
+    assert md[4 + len(rows):] == ["", f"Environment (environment.json): {describe(environment())}"]
     # a second run in the same second gets its own directory instead of resuming this one
     cfg = compose([], output_dir=None)
     assert Path(cfg.paths.output_dir) != results.run_dir

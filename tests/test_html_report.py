@@ -69,6 +69,8 @@ def test_report_renders_in_a_browser(digits_run):
     assert page_path == digits_run / "report.html"
     results = json.loads((digits_run / "results.json").read_text())
     _check_static(page_path.read_text())
+    cpu = json.loads((digits_run / "environment.json").read_text())["starts"][0]["cpu_capability"]
+    assert f"({cpu}), " in html.unescape(page_path.read_text())  # one start: its line, shut
     sync_playwright, missing = _playwright()
     if sync_playwright is None:
         if os.environ.get("KDKIT_REQUIRE_BROWSER") == "1":
@@ -303,6 +305,7 @@ def test_a_run_without_logs_or_config_still_renders(tmp_path):
     assert "no logs/student/metrics.csv, so no learning curves" in page
     assert "no stages/student-gen2.json" in page
     assert "no config.yaml" in page
+    assert "no environment.json in the run directory" in page
     assert "id='curve-train-loss'" in page and "id='scatter-params'" in page
     (run / "logs" / "student").mkdir()
     (run / "logs" / "student" / "metrics.csv").write_bytes(b"epoch,step\n\x00\x00")  # a killed writer's

@@ -57,7 +57,7 @@ def test_teacher_mistakes_fail_in_seconds_before_any_stage(tmp_path, overrides, 
     assert time.perf_counter() - start < 30
     run_dir = tmp_path / "run"
     written = sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else []
-    assert set(written) <= {"config.yaml"}  # no teacher weights, checkpoints, logs or stage results
+    assert set(written) <= {"config.yaml", "environment.json"}  # no teacher weights, checkpoints, logs or stage results
 
 
 def test_two_teachers_each_get_a_stage_and_a_results_entry(tmp_path):

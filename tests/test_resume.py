@@ -10,6 +10,7 @@ import json
 import signal
 
 import pytest
+import torch
 
 from kdkit.compose import compose
 from kdkit.errors import KdkitError
@@ -63,6 +64,30 @@ def test_sigint_then_resume_equals_an_uninterrupted_run(tmp_path, straight, caps
     assert val_epochs == [0, 1, 2]  # epochs before the interruption kept, none logged twice
     steps = [int(r["step"]) for r in rows if r.get("train/loss")]
     assert steps == sorted(set(steps)) and steps[0] < 6 < steps[-1]
+    starts = json.loads((tmp_path / "run" / "environment.json").read_text())["starts"]
+    assert [s["resumed"] for s in starts] == [False, True]  # both starts on record
+    assert "other arithmetic" not in err  # same process, same kernels and threads
+
+
+def test_a_resume_with_other_arithmetic_warns_and_reports_both_starts(tmp_path, capsys):
+    """Another thread count is another summation order: the finished epochs were computed with
+    the old one, so the run says so rather than pass for an uninterrupted one."""
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    other = 1 if threads > 1 else 2
+    with pytest.raises(SystemExit):
+        run(compose([*BASE, *SIGINT_AFTER], output_dir=str(out)))
+    try:
+        torch.set_num_threads(other)
+        run(compose([*BASE, "ckpt_path=last", *ALLOW], output_dir=str(out)))
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert "kdkit: warning: resuming" in err and f"torch_threads: {threads} -> {other}" in err
+    summary = (out / "results.md").read_text()
+    assert "the arithmetic changed on resume" in summary
+    assert f"{threads} torch threads" in summary and f"{other} torch threads" in summary
+    assert "<details id='environment' open>" in (out / "report.html").read_text()
 
 
 def test_resume_with_other_settings_is_refused_with_the_differences(tmp_path, straight):
