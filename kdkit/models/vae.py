@@ -88,7 +88,8 @@ def train_vae(vae: ConvVAE, batches, epochs: int, lr: float = 1e-3, beta: float 
               recon_sigma: float = 0.1, seed: int = 0, desc: str = "VAE pre-training") -> list[float]:
     """Adam on ``vae_loss`` over ``epochs`` passes of ``batches`` (an iterable of image tensors, or
     of dicts with an ``'image'``, re-iterated each epoch, e.g. a DataLoader), each moved to the
-    VAE's device. Returns each epoch's mean loss."""
+    VAE's device. Returns each epoch's mean loss. The progress bar shows on a terminal only (a
+    log file of a batch job gets no carriage-return churn)."""
     from tqdm.auto import tqdm
 
     g = torch.Generator().manual_seed(seed)
@@ -98,7 +99,8 @@ def train_vae(vae: ConvVAE, batches, epochs: int, lr: float = 1e-3, beta: float 
     history = []
     for epoch in range(epochs):
         total, count = 0.0, 0
-        for batch in tqdm(batches, desc=f"{desc} {epoch + 1}/{epochs}", unit="batch", leave=False):
+        for batch in tqdm(batches, desc=f"{desc} {epoch + 1}/{epochs}", unit="batch", leave=False,
+                          disable=None):
             images = (batch["image"] if isinstance(batch, dict) else batch).to(device).float()
             if count == 0 and epoch == 0:
                 check_vae_images(images, desc)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdkit.errors import KdkitError, launched_as_rank_zero
+from kdkit.errors import KdkitError, launched_as_rank_zero, say
 from kdkit.models.vae import ConvVAE, check_vae_images, load_vae, save_vae, train_vae
 from kdkit.selection.learned_augment import LearnedAugment
 
@@ -152,10 +152,14 @@ class VAEAugment(LearnedAugment):
             vae = ConvVAE(channels, self.latent_channels, self.vae_width).to(device)
             if not train:
                 return load_vae(vae, self.vae_path)
+            say(f"selection.{self.name}: no VAE at {self.vae_path}; training one ({self.pretrain_epochs} "
+                "passes of the training loader) before any stage")
             self.pretrain_history = train_vae(vae, datamodule.train_dataloader(), self.pretrain_epochs,
                                               self.pretrain_lr, self.beta, self.recon_sigma, self.seed,
                                               desc=f"{self.name}: VAE pre-training")
         save_vae(vae, self.vae_path)
+        say(f"selection.{self.name}: VAE saved to {self.vae_path} (loss per pass "
+            f"{self.pretrain_history[0]:.4g} -> {self.pretrain_history[-1]:.4g})")
         _sidecar(self.vae_path).write_text(json.dumps({"epochs": self.pretrain_epochs, "loss": self.pretrain_history}))
         vae = vae.cpu().eval()
         save_reconstructions(vae, datamodule.example_batch(8)["image"], self.vae_path.with_name(self.vae_path.name + ".png"))

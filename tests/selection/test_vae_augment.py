@@ -119,7 +119,7 @@ def test_the_editor_climbs_the_teacher_student_disagreement(tmp_path):
     assert sum(b > a for a, b in zip([start, *curve], curve)) >= 10, (start, curve)  # mostly step by step
 
 
-def test_a_missing_vae_is_trained_once_saved_and_then_loaded(tmp_path):
+def test_a_missing_vae_is_trained_once_saved_and_then_loaded(tmp_path, capsys):
     path = tmp_path / "runs" / "vae.pt"
     dm = TinyImages(n=16, batch_size=8)
     torch.manual_seed(123)
@@ -127,6 +127,8 @@ def test_a_missing_vae_is_trained_once_saved_and_then_loaded(tmp_path):
     trained.check_data(dm)
     after_training = torch.rand(3)
     assert path.is_file() and len(trained.pretrain_history) == 2
+    err = capsys.readouterr().err  # said in lines, since the bar shows on a terminal only
+    assert f"no VAE at {path}; training one (2 passes" in err and f"VAE saved to {path}" in err
     from PIL import Image
 
     with Image.open(path.with_name("vae.pt.png")) as preview:  # 8 images over 8 reconstructions, 8x8 each
