@@ -17,17 +17,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> str:
+    """Host, cores, CPU model and the instruction set torch's kernels use (AVX2 and AVX-512
+    machines round differently, so one command's numbers differ between them), GPU, versions."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                     if line.startswith("model name"))
-        cpu = model
-    except (OSError, StopIteration):
-        pass
+    from kdkit.run_environment import cpu_model
+
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.node()}: {os.cpu_count()} cores ({cpu}), {gpu}; torch {torch.__version__}, "
+    return (f"{platform.node()}: {os.cpu_count()} cores ({cpu_model()}, "
+            f"{torch.backends.cpu.get_cpu_capability()}), {gpu}; torch {torch.__version__}, "
             f"{torch.get_num_threads()} torch threads; Python {platform.python_version()}")
 
 

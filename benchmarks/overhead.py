@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
 import time
 from datetime import datetime, timezone
@@ -39,13 +38,10 @@ TEMPERATURE, LR = 4.0, 0.05
 
 
 def machine() -> str:
-    """CPU model and core count, for the record."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model}, {os.cpu_count()} cores"
+    """CPU model, its kernel set and core count, for the record."""
+    from kdkit.run_environment import cpu_model
+
+    return f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores"
 
 
 def make_batches(n_batches: int, batch_size: int, num_classes: int, seed: int = 0) -> list[dict]:

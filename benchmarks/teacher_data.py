@@ -152,6 +152,9 @@ def main() -> None:
                    help="student epochs of a uniform row (default: 30 vision, 5 CLIP)")
     p.add_argument("--teacher-epochs", type=int, default=None, help="default: 30 vision, 15 CLIP")
     p.add_argument("--teacher-ckpt", default=None, help="a trained teacher.pt (else trained once here)")
+    p.add_argument("--retrain-teacher", action="store_true",
+                   help="train the teacher again under the next free name even when one is on record "
+                        "(does the same command give the same teacher? e.g. under ATEN_CPU_CAPABILITY=avx2)")
     p.add_argument("--methods", default=None, help="comma-separated rows (default: all of the part)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one torch thread each")
@@ -254,18 +257,21 @@ def train_teacher(args, common: list[str], out: Path, log: RunLog) -> str:
 
     from kdkit.compose import compose
     from kdkit.pipeline import run
+    from kdkit.run_environment import environment
 
     for n in itertools.count(1):
         path = (out if n == 1 else out.with_name(f"{out.name}_{n}")) / "teacher.pt"
         recorded = ("teacher", str(path), 0) in log.done
-        if recorded and path.exists():
+        if recorded and path.exists() and not args.retrain_teacher:
             return str(path)
         if not recorded:
             break
     torch.set_num_threads(args.threads)
     over = [*common, "stages.baseline=false", "stages.student=false", f"teacher.max_epochs={args.teacher_epochs}"]
     res = run(compose(over, output_dir=str(path.parent)))["teacher"]
-    log.record({"part": "teacher", "method": str(path), "seed": 0, **res, "machine": machine(), "command": command()})
+    env = environment()  # the kernel set and the variables capping it decide the teacher's digits
+    log.record({"part": "teacher", "method": str(path), "seed": 0, **res, "machine": machine(),
+                "cpu_capability": env["cpu_capability"], "variables": env["variables"], "command": command()})
     return str(path)
 
 
@@ -332,31 +338,46 @@ def teachers_note(log: RunLog) -> list[str]:
     for ckpt, used in parts.items():
         t = trained.get(ckpt)
         seen = f", {t['train_samples']} training images" if t and "train_samples" in t else ""
-        what = (f"{score_of(t)}{seen}{cpu_of(t)}"
+        what = (f"{score_of(t)}{seen}{cpu_of(t)}{kernels_of(t)}"
                 if t else "given by `--teacher-ckpt`, not trained by this benchmark")
         lines.append(f"- `{ckpt}`: {what}; parts: {', '.join(sorted(used, key=list(PARTS).index)) or 'none yet'}.")
     if len(trained) > 1:
         lines += ["", ("A checkpoint went with its machine before a later part ran, so that part's teacher was "
-                       "trained again by the same command and seed. On another CPU kind (other kernels), with "
-                       "another `--threads` (another summation order) or at a later kdkit commit that is not "
-                       "the same teacher: compare rows within a part (each "
-                       "part names its teacher).")]
+                       "trained again by the same command and seed. With other kernels (torch picks them by "
+                       "the CPU's instruction set: AVX2 and AVX-512 round differently), another `--threads` "
+                       "(another summation order) or at a later kdkit commit that is not the same teacher: "
+                       "compare rows within a part (each part names its teacher).")]
         same = same_teachers(trained)
         lines += ["", *same] if same else []
     return [*lines, ""]
 
 
+def kernels_of(row: dict) -> str:
+    """``", AVX2 kernels (capped: ATEN_CPU_CAPABILITY=avx2, ...)"`` from a teacher row that
+    recorded its kernel set; "" for rows from before it was recorded."""
+    if not row.get("cpu_capability"):
+        return ""
+    capped = ", ".join(f"{k}={v}" for k, v in (row.get("variables") or {}).items())
+    note = f" ({row['cpu_capability_note']})" if row.get("cpu_capability_note") else ""
+    return f", {row['cpu_capability']} kernels" + (f" (capped: {capped})" if capped else "") + note
+
+
 def same_teachers(trained: dict[str, dict]) -> list[str]:
     """A line per group of retrained teachers whose test and validation scores agree to every
-    digit on the same CPU: the retrain reproduced the teacher."""
+    digit: the retrain reproduced the teacher."""
     groups: dict[tuple, list[str]] = {}
     for ckpt, row in trained.items():
         scores = tuple(row.get(k) for k in ("test/acc", "val/acc", "test/zeroshot_acc", "val/zeroshot_acc"))
         if "val/acc" in row or "val/zeroshot_acc" in row:
-            groups.setdefault((scores, cpu_of(row)), []).append(ckpt)
-    return [f"{' and '.join(f'`{c}`' for c in ckpts)}: the same test and validation accuracy to every digit"
-            f"{cpu_of(trained[ckpts[0]])}: retrained by the same command, the teacher came back the same."
-            for ckpts in groups.values() if len(ckpts) > 1]
+            groups.setdefault(scores, []).append(ckpt)
+    lines = []
+    for ckpts in (c for c in groups.values() if len(c) > 1):
+        where = list(dict.fromkeys(f"{cpu_of(trained[c])}{kernels_of(trained[c])}".removeprefix(", on ")
+                                   for c in ckpts))
+        lines.append(f"{' and '.join(f'`{c}`' for c in ckpts)}: the same test and validation accuracy to "
+                     f"every digit (trained on {'; '.join(where)}): retrained by the same command, the "
+                     "teacher came back the same.")
+    return lines
 
 
 def score_of(row: dict) -> str:

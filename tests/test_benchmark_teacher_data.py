@@ -42,6 +42,8 @@ def test_a_teacher_lost_with_its_machine_is_trained_again_under_a_fresh_name(tmp
     """The rows a lost teacher taught keep naming it; the retrained one gets its own key."""
     import argparse
 
+    import torch
+
     import kdkit.pipeline
     from benchmarks._common import RunLog
     from benchmarks.teacher_data import train_teacher
@@ -57,7 +59,7 @@ def test_a_teacher_lost_with_its_machine_is_trained_again_under_a_fresh_name(tmp
 
     monkeypatch.setattr(kdkit.pipeline, "run", fake_run)
     log = RunLog(tmp_path / "results.jsonl", key=lambda r: (r["part"], r["method"], r["seed"]), archive=False)
-    args = argparse.Namespace(threads=1, teacher_epochs=1)
+    args = argparse.Namespace(threads=1, teacher_epochs=1, retrain_teacher=False)
     first = train_teacher(args, [], tmp_path / "teacher", log)
     assert first == str(tmp_path / "teacher" / "teacher.pt") and len(trained) == 1
     assert train_teacher(args, [], tmp_path / "teacher", log) == first and len(trained) == 1  # present: reused
@@ -65,6 +67,10 @@ def test_a_teacher_lost_with_its_machine_is_trained_again_under_a_fresh_name(tmp
     second = train_teacher(args, [], tmp_path / "teacher", log)
     assert second == str(tmp_path / "teacher_2" / "teacher.pt") and len(trained) == 2
     assert {k[1] for k in log.done} == {first, second}
+    args.retrain_teacher = True  # present, but asked again: a third name, its kernel set on record
+    third = train_teacher(args, [], tmp_path / "teacher", log)
+    assert third == str(tmp_path / "teacher_3" / "teacher.pt") and len(trained) == 3
+    assert log.done[("teacher", third, 0)]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_augment_reading_states_gain_and_cost():
@@ -100,19 +106,32 @@ def test_select_reading_at_equal_steps_and_equal_time():
     assert select_reading(rows[2:4], "test/zeroshot_acc") == []  # no uniform row: nothing to read
 
 
-def test_a_retrain_that_reproduced_its_teacher_is_named():
-    from benchmarks.teacher_data import same_teachers
+def test_a_retrain_that_reproduced_its_teacher_is_named_with_its_kernels():
+    import argparse
+
+    from benchmarks.teacher_data import same_teachers, teachers_note
 
     epyc = "vm: 2 cores (AMD EPYC), no GPU"
+    capped = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
     trained = {"t/teacher.pt": {"test/acc": 0.8125, "val/acc": 0.819, "machine": epyc},
                "t_2/teacher.pt": {"test/acc": 0.8125, "val/acc": 0.819, "machine": epyc + "; torch"},
-               "x/teacher.pt": {"test/acc": 0.8125, "val/acc": 0.8191, "machine": epyc},
+               "t_3/teacher.pt": {"test/acc": 0.8125, "val/acc": 0.819, "machine": epyc,
+                                  "cpu_capability": "AVX2", "variables": capped},
+               "x/teacher.pt": {"test/acc": 0.8111, "val/acc": 0.799, "machine": epyc,
+                                "cpu_capability": "AVX512", "variables": {}},
                "old/teacher.pt": {"test/acc": 0.806}}  # restored: no validation score to compare
     assert same_teachers(trained) == [
-        "`t/teacher.pt` and `t_2/teacher.pt`: the same test and validation accuracy to every digit, on AMD "
-        "EPYC: retrained by the same command, the teacher came back the same."]
-    trained["t_2/teacher.pt"]["machine"] = "vm: 2 cores (Intel Xeon), no GPU"
-    assert same_teachers(trained) == []  # another CPU: not claimed
+        "`t/teacher.pt` and `t_2/teacher.pt` and `t_3/teacher.pt`: the same test and validation accuracy "
+        "to every digit (trained on AMD EPYC; AMD EPYC, AVX2 kernels (capped: ATEN_CPU_CAPABILITY=avx2, "
+        "ONEDNN_MAX_CPU_ISA=AVX2)): retrained by the same command, the teacher came back the same."]
+    trained["t_2/teacher.pt"]["val/acc"] = 0.8191
+    trained["t_3/teacher.pt"]["test/acc"] = 0.8124
+    assert same_teachers(trained) == []  # a digit apart: not claimed
+
+    log = argparse.Namespace(done={("teacher", c, 0): {"part": "teacher", "method": c, **r}
+                                   for c, r in trained.items()})
+    note = "\n".join(teachers_note(log))
+    assert "- `x/teacher.pt`: 81.11% test accuracy, on AMD EPYC, AVX512 kernels; parts: none yet." in note
 
 
 def test_gap_reading_says_when_transfer_data_fell_below_the_labelled_part():
