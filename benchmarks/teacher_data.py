@@ -139,6 +139,8 @@ class Setting:
     pair: str
 
 
+NOTES = Path(__file__).resolve().parent / "teacher_data_notes.md"  # findings written by hand
+
 VISION = Setting("cifar10_transfer", "test/acc", "test acc", 30, 30, "teacher", "resnet20 -> resnet8, KD")
 CLIP = Setting("cifar10_clip", "test/zeroshot_acc", "zero-shot acc", 5, 15, "clip_teacher",
                "CLIP ViT d128 -> d64, CRD + ICL")
@@ -280,6 +282,8 @@ def report(log: RunLog) -> None:
     lines = [header("Data chosen and shaped by the teacher (CIFAR-10: resnet20 -> resnet8, KD; CLIP on its "
                     "captions: ViT d128 -> d64, CRD + ICL)"), ""]
     lines += teachers_note(log)
+    if NOTES.exists():
+        lines += [NOTES.read_text()]
     commands = sorted({c for r in log.done.values() for c in ([r["command"]] if r.get("command")
                                                              else r.get("source_commands", []))})
     lines += ["Runs came from these commands (the script resumes: each records what it finished):", "",
