@@ -393,17 +393,30 @@ def score_of(row: dict) -> str:
 
 def augment_cost(rows: list[dict]) -> list[str]:
     """What disagreement-driven augmentation gained over crop+flip and what it cost (mean of the
-    seeds each row has)."""
+    seeds each row has); then each learned augmentation against crop+flip at the seeds both ran."""
     by = {m: [r for r in rows if r["method"] == m] for m in ("crop_flip", "disagreement_aug")}
-    if not all(by.values()):
+    if not by["crop_flip"]:
         return []
-    acc = {m: statistics.mean(r["test/acc"] for r in rs) for m, rs in by.items()}
-    secs = {m: statistics.mean(r["fit_seconds"] for r in rs) for m, rs in by.items()}
-    k = by["disagreement_aug"][0].get("selection/augment_select/candidates", "K")
-    return [f"- disagreement_aug - crop_flip: {(acc['disagreement_aug'] - acc['crop_flip']) * 100:+.2f} points "
-            f"({len(by['crop_flip'])} / {len(by['disagreement_aug'])} seeds), at the same student steps, "
-            f"{secs['disagreement_aug'] / secs['crop_flip']:.1f}x the training time and {k}x the teacher "
-            f"forwards ({k} live teacher and {k} no-grad student forwards per image to pick its candidate).", ""]
+    lines = []
+    if by["disagreement_aug"]:
+        acc = {m: statistics.mean(r["test/acc"] for r in rs) for m, rs in by.items()}
+        secs = {m: statistics.mean(r["fit_seconds"] for r in rs) for m, rs in by.items()}
+        k = by["disagreement_aug"][0].get("selection/augment_select/candidates", "K")
+        lines.append(f"- disagreement_aug - crop_flip: {(acc['disagreement_aug'] - acc['crop_flip']) * 100:+.2f} "
+                     f"points ({len(by['crop_flip'])} / {len(by['disagreement_aug'])} seeds), at the same student "
+                     f"steps, {secs['disagreement_aug'] / secs['crop_flip']:.1f}x the training time and {k}x the "
+                     f"teacher forwards ({k} live teacher and {k} no-grad student forwards per image to pick its "
+                     "candidate).")
+    control = {r["seed"]: r["test/acc"] for r in by["crop_flip"] if "seed" in r}
+    for method in ("learned_aug", "vae_aug"):
+        paired = [(r["test/acc"], control[r["seed"]]) for r in rows
+                  if r["method"] == method and r.get("seed") in control]
+        if paired:
+            gain = statistics.mean(a - b for a, b in paired) * 100
+            lines.append(f"- {method} - crop_flip: {gain:+.2f} points ({len(paired)} paired seed"
+                         f"{'s' if len(paired) > 1 else ''}), at the same student steps, 2 teacher forwards "
+                         "per row (one through autograd to the augmentation).")
+    return [*lines, ""] if lines else []
 
 
 def epochs_of(row: dict, default: int = 30) -> int:

@@ -84,6 +84,14 @@ def test_augment_reading_states_gain_and_cost():
     assert line.startswith("- disagreement_aug - crop_flip: -0.06 points (2 / 1 seeds)")
     assert "5.0x the training time and 4x the teacher forwards" in line
     assert augment_cost(rows[:2]) == []
+    seeded = [{**r, "seed": i} for i, r in enumerate(rows[:2])]
+    learned = [{"method": "vae_aug", "test/acc": 0.6561, "seed": 0}, {"method": "learned_aug", "test/acc": 0.70, "seed": 1},
+               {"method": "learned_aug", "test/acc": 0.66, "seed": 5}]  # seed 5: no crop_flip to pair with
+    assert augment_cost(seeded + learned) == [
+        "- learned_aug - crop_flip: +1.50 points (1 paired seed), at the same student steps, 2 teacher "
+        "forwards per row (one through autograd to the augmentation).",
+        "- vae_aug - crop_flip: -1.89 points (1 paired seed), at the same student steps, 2 teacher "
+        "forwards per row (one through autograd to the augmentation).", ""]
 
 
 def test_select_reading_at_equal_steps_and_equal_time():
