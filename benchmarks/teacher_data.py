@@ -358,12 +358,17 @@ def teachers_note(log: RunLog) -> list[str]:
 
 def kernels_of(row: dict) -> str:
     """``", AVX2 kernels (capped: ATEN_CPU_CAPABILITY=avx2, ...)"`` from a teacher row that
-    recorded its kernel set; "" for rows from before it was recorded."""
-    if not row.get("cpu_capability"):
+    recorded its kernel set (left out where the machine line names it already); "" for rows from
+    before it was recorded."""
+    from kdkit.run_environment import ARITHMETIC_VARIABLES
+
+    cap = row.get("cpu_capability")
+    if not cap:
         return ""
-    capped = ", ".join(f"{k}={v}" for k, v in (row.get("variables") or {}).items())
+    capped = ", ".join(f"{k}={v}" for k, v in (row.get("variables") or {}).items() if k in ARITHMETIC_VARIABLES)
     note = f" ({row['cpu_capability_note']})" if row.get("cpu_capability_note") else ""
-    return f", {row['cpu_capability']} kernels" + (f" (capped: {capped})" if capped else "") + note
+    named = f", {cap}" in cpu_of(row)
+    return ("" if named else f", {cap} kernels") + (f" (capped: {capped})" if capped else "") + note
 
 
 def same_teachers(trained: dict[str, dict]) -> list[str]:
