@@ -4,8 +4,10 @@ The same config and seed give the same numbers to the last digit only with the s
 the same kernels (torch picks its CPU kernels by instruction set, so an AVX-512 machine and an
 AVX2-only one round differently from the first step), the same number of torch threads (another
 summation order), the same library versions, the same GPU. kdkit measured this on its own
-benchmark teacher: retrained by one command it came back identical three times on AVX2-only CPUs
-and 0.14 points away on an AVX-512 one (``benchmarks/results/teacher_data.md``).
+benchmark teacher: retrained by one command it came back identical three times on AVX2-only CPUs,
+0.14 points away on an AVX-512 one, and identical again on that AVX-512 CPU with its kernels
+capped to AVX2 (``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA``, ``MKL_ENABLE_INSTRUCTIONS``;
+``benchmarks/results/teacher_data.md``).
 
 ``environment.json`` keeps one record per start of the run directory (the first, then each
 ``ckpt_path=last`` resume), so a run finished on another machine than it began says so; a resume
