@@ -55,6 +55,10 @@ CNN_METHODS = {
     "deit_hard": [],  # the experiment as it is
     "deit_soft": ["distiller.deit.mode=soft", "distiller.deit.weight=0.1", "task.task_loss_weight=0.9"],
     "hard_class_token": [*PLAIN, "distiller.deit.student_feature=head"],
+    # KD's loss weights and temperature on the distillation token: differs from `kd` only in the
+    # head the teacher's distribution trains (deit_soft keeps the paper's lambda = 0.1, tau = 3)
+    "deit_soft_kd_weights": ["distiller.deit.mode=soft", "distiller.deit.weight=1.0", "distiller.deit.temperature=4.0",
+                             "task.task_loss_weight=1.0"],
     "cskd": ["distiller=[cskd]"],
     "trg": [*PLAIN, "distiller=[trg]", "task.task_loss_weight=1.0", "distiller.trg.student_feature=blocks.3",
             "distiller.trg.student_prefix_tokens=1", "distiller.trg.teacher_feature=layer3"],
