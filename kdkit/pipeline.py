@@ -10,7 +10,8 @@ directory skips finished stages and resumes the interrupted one from its newest 
 
 Before any stage trains, the run is checked: impossible config values, a resumed run's settings
 against the interrupted one's, and every stage's task built and run on one example batch (models,
-feature taps, adapters, distillers). Everything is seeded from ``cfg.seed``, the teacher included.
+feature taps, adapters, distillers). Everything is seeded from ``cfg.seed``, the teacher included;
+``environment.json`` records what else the numbers depend on (``kdkit.run_environment``).
 """
 
 from __future__ import annotations
