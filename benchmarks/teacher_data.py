@@ -259,7 +259,7 @@ def train_teacher(args, common: list[str], out: Path, log: RunLog) -> str:
 
     from kdkit.compose import compose
     from kdkit.pipeline import run
-    from kdkit.run_environment import environment
+    from kdkit.run_environment import last_start
 
     for n in itertools.count(1):
         path = (out if n == 1 else out.with_name(f"{out.name}_{n}")) / "teacher.pt"
@@ -271,7 +271,7 @@ def train_teacher(args, common: list[str], out: Path, log: RunLog) -> str:
     torch.set_num_threads(args.threads)
     over = [*common, "stages.baseline=false", "stages.student=false", f"teacher.max_epochs={args.teacher_epochs}"]
     res = run(compose(over, output_dir=str(path.parent)))["teacher"]
-    env = environment()  # the kernel set and the variables capping it decide the teacher's digits
+    env = last_start(path.parent)  # the run's own record: its kernel set and capping variables decide its digits
     log.record({"part": "teacher", "method": str(path), "seed": 0, **res, "machine": machine(),
                 "cpu_capability": env["cpu_capability"], "variables": env["variables"], "command": command()})
     return str(path)
@@ -414,13 +414,13 @@ def augment_cost(rows: list[dict]) -> list[str]:
                      "candidate).")
     control = {r["seed"]: r["test/acc"] for r in by["crop_flip"] if "seed" in r}
     for method in ("learned_aug", "vae_aug"):
-        paired = [(r["test/acc"], control[r["seed"]]) for r in rows
-                  if r["method"] == method and r.get("seed") in control]
-        if paired:
-            gain = statistics.mean(a - b for a, b in paired) * 100
-            lines.append(f"- {method} - crop_flip: {gain:+.2f} points ({len(paired)} paired seed"
-                         f"{'s' if len(paired) > 1 else ''}), at the same student steps, 2 teacher forwards "
-                         "per row (one through autograd to the augmentation).")
+        runs = [r for r in rows if r["method"] == method and r.get("seed") in control]
+        if runs:
+            gain = statistics.mean(r["test/acc"] - control[r["seed"]] for r in runs) * 100
+            forwards = next((v for k, v in runs[0].items() if k.endswith("/teacher_forwards")), None)
+            cost = f", {forwards:,} teacher forwards counted by its policy" if forwards is not None else ""
+            lines.append(f"- {method} - crop_flip: {gain:+.2f} points ({len(runs)} paired seed"
+                         f"{'s' if len(runs) > 1 else ''}), at the same student steps{cost}.")
     return [*lines, ""] if lines else []
 
 

@@ -4,9 +4,9 @@ The same config and seed give the same numbers to the last digit only with the s
 the same kernels (torch picks its CPU kernels by instruction set, so an AVX-512 machine and an
 AVX2-only one round differently from the first step), the same number of torch threads (another
 summation order), the same library versions, the same GPU. kdkit measured this on its own
-benchmark teacher: retrained by one command it came back identical three times on AVX2-only CPUs,
-0.14 points away on an AVX-512 one, and identical again on that AVX-512 CPU with its kernels
-capped to AVX2 (``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA``, ``MKL_ENABLE_INSTRUCTIONS``;
+benchmark teacher: retrained by one command it came back identical three times on earlier EPYC VMs
+(AVX2 kernels, we infer: their kernel set was not recorded then), 0.14 points away on an AVX-512
+one, and identical again on that AVX-512 CPU with its kernels capped to AVX2 (``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA``, ``MKL_ENABLE_INSTRUCTIONS``;
 ``benchmarks/results/teacher_data.md``).
 
 ``environment.json`` keeps one record per start of the run directory (the first, then each
@@ -107,6 +107,13 @@ def _show(value) -> str:
     return str(value)
 
 
+def last_start(out: Path) -> dict:
+    """The run's newest record (what ``record_start`` wrote for this process), or this process's
+    facts where the run directory has none."""
+    starts = read_starts(out)
+    return starts[-1] if starts else environment()
+
+
 def read_starts(out: Path) -> list[dict]:
     """The records of ``out/environment.json``, oldest first; [] when absent or unreadable (an
     old run directory, or a file cut short: the record is provenance, never a reason to stop)."""
@@ -123,7 +130,7 @@ def record_start(out: Path, resuming: bool) -> dict:
     A fresh run replaces the file; a resume (``ckpt_path=last``) appends, and warns when its
     arithmetic differs from the last start's, since the finished part was computed with the old one.
     """
-    from kdkit.errors import launched_as_rank_zero
+    from lightning.pytorch.utilities import rank_zero_only  # here: kdkit-report reads records without lightning
 
     now = {"started": dt.datetime.now().isoformat(timespec="seconds"), "resumed": resuming, **environment()}
     starts = read_starts(out) if resuming else []
@@ -133,7 +140,7 @@ def record_start(out: Path, resuming: bool) -> dict:
             say(f"resuming {out} with other arithmetic than its last start ({'; '.join(changes)}): the "
                 "finished part was computed with the old, so the numbers will not match an "
                 "uninterrupted run's to the last digit (environment.json keeps both)", warning=True)
-    if launched_as_rank_zero():
+    if rank_zero_only.rank == 0:  # as ``stage_fit.write_on_rank_zero`` writes the run's other files
         write_atomically(Path(out) / FILE, json.dumps({"starts": [*starts, now]}, indent=2))
     return now
 
@@ -148,7 +155,6 @@ def describe(record: dict) -> str:
     if record.get("kdkit_commit"):
         text += f"; kdkit {record['kdkit_commit']}"
     return text
-
 
 
 def distinct_starts(starts: list[dict]) -> list[dict]:

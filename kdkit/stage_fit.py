@@ -27,7 +27,7 @@ from kdkit.checkpointing import ResumePoint, find_resume_point
 from kdkit.distributed import refuse_relaunch_in_sweep, warn_if_oversubscribed
 from kdkit.divergence import DivergenceError
 from kdkit.errors import KdkitError, say, unreadable
-from kdkit.run_environment import environment
+from kdkit.run_environment import last_start
 
 
 def make_trainer(cfg, out: Path, stage: str, max_epochs=None, resume_at=None) -> L.Trainer:
@@ -66,7 +66,7 @@ def make_trainer(cfg, out: Path, stage: str, max_epochs=None, resume_at=None) ->
     warn_if_oversubscribed(trainer)
     # W&B and CSV get the whole resolved config once per stage, and what the numbers depend on
     # beyond it (kdkit.run_environment), so runs compared on a dashboard show their kernels too
-    hparams = {**OmegaConf.to_container(cfg, resolve=True), "environment": environment()} if loggers else {}
+    hparams = {**OmegaConf.to_container(cfg, resolve=True), "environment": last_start(out)} if loggers else {}
     for logger in loggers:
         logger.log_hyperparams(hparams)
     return trainer

@@ -47,6 +47,7 @@ def test_a_teacher_lost_with_its_machine_is_trained_again_under_a_fresh_name(tmp
     import kdkit.pipeline
     from benchmarks._common import RunLog
     from benchmarks.teacher_data import train_teacher
+    from kdkit.run_environment import record_start
 
     trained = []
 
@@ -54,6 +55,7 @@ def test_a_teacher_lost_with_its_machine_is_trained_again_under_a_fresh_name(tmp
         out = Path(cfg.paths.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "teacher.pt").write_bytes(b"weights")
+        record_start(out, resuming=False)  # as run does: the row reads the run's own record
         trained.append(out)
         return {"teacher": {"test/acc": 0.81}}
 
@@ -85,13 +87,13 @@ def test_augment_reading_states_gain_and_cost():
     assert "5.0x the training time and 4x the teacher forwards" in line
     assert augment_cost(rows[:2]) == []
     seeded = [{**r, "seed": i} for i, r in enumerate(rows[:2])]
-    learned = [{"method": "vae_aug", "test/acc": 0.6561, "seed": 0}, {"method": "learned_aug", "test/acc": 0.70, "seed": 1},
+    learned = [{"method": "vae_aug", "test/acc": 0.6561, "seed": 0, "selection/vae_augment/teacher_forwards": 227328},
+               {"method": "learned_aug", "test/acc": 0.70, "seed": 1},  # a restored row: no count recorded
                {"method": "learned_aug", "test/acc": 0.66, "seed": 5}]  # seed 5: no crop_flip to pair with
     assert augment_cost(seeded + learned) == [
-        "- learned_aug - crop_flip: +1.50 points (1 paired seed), at the same student steps, 2 teacher "
-        "forwards per row (one through autograd to the augmentation).",
-        "- vae_aug - crop_flip: -1.89 points (1 paired seed), at the same student steps, 2 teacher "
-        "forwards per row (one through autograd to the augmentation).", ""]
+        "- learned_aug - crop_flip: +1.50 points (1 paired seed), at the same student steps.",
+        "- vae_aug - crop_flip: -1.89 points (1 paired seed), at the same student steps, 227,328 teacher "
+        "forwards counted by its policy.", ""]
 
 
 def test_select_reading_at_equal_steps_and_equal_time():
