@@ -99,6 +99,11 @@ class ImageDataModule(L.LightningDataModule, ClassificationData):
             this many labelled samples, drawn from a labelled stream apart from the unlabelled
             one (``kdkit.datamodules.labeled_share``); None: uniform batches, whose labelled
             share is the data's.
+        mixup_alpha, cutmix_alpha: Mixup / CutMix on training batches
+            (``kdkit.datamodules.batch_mix``): the Beta parameter of each, 0 = off. Labels
+            become soft ``[B, num_classes]``; teacher and student see the same mixed images.
+        mix_prob: probability that a training batch is mixed.
+        mix_switch_prob: with both on, the probability of CutMix rather than Mixup for a batch.
     """
 
     augment: bool = False  # random augmentation of training images (subclasses' option)
@@ -113,7 +118,8 @@ class ImageDataModule(L.LightningDataModule, ClassificationData):
                  std: Sequence[float] | None = None, labeled_fraction: float | None = None,
                  labeled_count: int | None = None, unlabeled: str | None = None,
                  teacher_view: str = "all", student_view: str = "transfer",
-                 labeled_per_batch: int | None = None):
+                 labeled_per_batch: int | None = None, mixup_alpha: float = 0.0,
+                 cutmix_alpha: float = 0.0, mix_prob: float = 1.0, mix_switch_prob: float = 0.5):
         super().__init__()
         if teacher_view not in ("all", "labeled"):
             raise KdkitError(f"data.teacher_view={teacher_view!r} must be 'all' or 'labeled'")
@@ -128,6 +134,14 @@ class ImageDataModule(L.LightningDataModule, ClassificationData):
             raise KdkitError(f"data.labeled_per_batch={labeled_per_batch} mixes labelled and unlabelled "
                              "samples: set data.labeled_fraction, labeled_count or unlabeled too")
         self.labeled_per_batch = None if labeled_per_batch is None else int(labeled_per_batch)
+        self.batch_mix = None
+        if mixup_alpha or cutmix_alpha:
+            from kdkit.datamodules.batch_mix import BatchMix
+
+            if self.is_transfer:
+                raise KdkitError("data.mixup_alpha / cutmix_alpha mix two samples' labels, but the transfer "
+                                 "options leave samples without one: drop one or the other")
+            self.batch_mix = BatchMix(mixup_alpha, cutmix_alpha, mix_prob, mix_switch_prob)
         self.train_view = "all"
         self._views: dict[str, tuple] = {}
         check_loader_options(batch_size, eval_batch_size, num_workers)
@@ -218,7 +232,13 @@ class ImageDataModule(L.LightningDataModule, ClassificationData):
     @property
     def static_for_teacher(self) -> bool:
         """True when a train sample is the same every epoch (teacher outputs can be cached)."""
-        return not self.augment
+        return not self.augment and self.batch_mix is None
+
+    @property
+    def mixes_samples(self) -> bool:
+        """Whether training rows are mixtures of two samples with soft labels (Mixup / CutMix):
+        a row is then neither one sample (``index``) nor one class."""
+        return self.batch_mix is not None
 
     def use_fixed_shards(self) -> None:
         """Keep every DDP rank on a fixed training shard (a per-rank teacher cache asks)."""
@@ -266,6 +286,7 @@ def build_loader(dm, dataset: Dataset, train: bool) -> DataLoader:
     """The loader every kdkit datamodule uses, reading ``batch_size``, ``eval_batch_size``,
     ``seed``, ``num_workers``, ``pin_memory`` and ``fixed_shards`` off ``dm``.
 
+    Training batches are mixed (Mixup / CutMix) when ``dm.batch_mix`` is set.
     Under DDP: eval shards without repeated samples (exact metrics over the full set), and fixed
     training shards when a per-rank teacher cache asks for them (Lightning keeps a
     DistributedSampler it finds instead of injecting its own). Train batches drop the remainder:
@@ -285,6 +306,11 @@ def build_loader(dm, dataset: Dataset, train: bool) -> DataLoader:
         sampler = FixedShardSampler(dataset, seed=dm.seed)
     if train and sampler is None:
         sampler = EpochShuffleSampler(dataset, seed=dm.seed)  # same order when resumed mid-run
+    collate = None
+    if train and getattr(dm, "batch_mix", None) is not None:
+        from kdkit.datamodules.batch_mix import MixingCollate
+
+        collate = MixingCollate(dm.batch_mix, dm.num_classes)
     return DataLoader(
         dataset,
         batch_size=dm.batch_size if train else dm.eval_batch_size,
@@ -293,6 +319,7 @@ def build_loader(dm, dataset: Dataset, train: bool) -> DataLoader:
         num_workers=dm.num_workers,
         pin_memory=dm.pin_memory,
         persistent_workers=dm.num_workers > 0,
+        collate_fn=collate,
     )
 
 

@@ -20,6 +20,7 @@ from torch import Tensor
 from kdkit.datamodules.archives import file_error, fingerprint, iter_members, warn_cached
 from kdkit.checkpoint_io import save_atomically
 from kdkit.datamodules.base import ImageDataModule, TensorImageDataset
+from kdkit.datamodules.strong_augment import Chain
 from kdkit.errors import KdkitError
 
 ARCHIVE = "CIFAR-10 archive"
@@ -200,6 +201,11 @@ class CIFAR10DataModule(ImageDataModule):
             ``$KDKIT_CACHE_DIR/cifar10-jpeg`` or ``~/.cache/kdkit/cifar10-jpeg``).
         download: without archives, download the original CIFAR-10 with torchvision.
         augment: random crop (pad 4) + horizontal flip on the train set.
+        randaugment_ops, randaugment_magnitude: RandAugment after the crop and flip, this many
+            ops of this magnitude (DeiT: 2 and 9); 0 ops = off
+            (``kdkit.datamodules.strong_augment``).
+        random_erasing: probability of erasing a random box of each train image with noise
+            (DeiT: 0.25).
         val_size: train images held out for validation (0: validate on the test set).
         train_limit: keep only this many (stratified) train images, for quick runs.
         split_seed: seed of the val split and of ``train_limit``.
@@ -210,12 +216,17 @@ class CIFAR10DataModule(ImageDataModule):
                  cache_dir: str | os.PathLike | None = None, download: bool = False,
                  augment: bool = True, val_size: int = 1000, train_limit: int | None = None,
                  split_seed: int = 0, mean: Sequence[float] = CIFAR10_MEAN,
-                 std: Sequence[float] = CIFAR10_STD, **kwargs):
+                 std: Sequence[float] = CIFAR10_STD, randaugment_ops: int = 0,
+                 randaugment_magnitude: int = 9, random_erasing: float = 0.0, **kwargs):
+        from kdkit.datamodules.strong_augment import strong_augment
+
         super().__init__(mean=mean, std=std, **kwargs)
+        self.strong_steps = strong_augment(randaugment_ops, randaugment_magnitude, random_erasing, mean, std)
         self.archive_dir = Path(archive_dir or _default_dir("KDKIT_DATA_DIR", "data") / "cifar10-jpeg")
         self.cache_dir = Path(cache_dir or _default_dir("KDKIT_CACHE_DIR", "~/.cache/kdkit") / "cifar10-jpeg")
         self.download = bool(download)
-        self.augment = bool(augment)
+        self.crop_flip = bool(augment)
+        self.augment = self.crop_flip or bool(self.strong_steps)  # any random per-image change
         self.val_size = int(val_size)
         self.train_limit = train_limit
         self.split_seed = int(split_seed)
@@ -237,7 +248,9 @@ class CIFAR10DataModule(ImageDataModule):
         images, labels = arrays["train_images"], arrays["train_labels"]
         train_idx, val_idx = self._split(labels.numpy())
         self.split_indices = {"train": train_idx, "val": val_idx}  # positions in the train archives
-        transform = RandomCropFlip(4) if self.augment else None
+        steps = [RandomCropFlip(4)] if self.crop_flip else []
+        steps += self.strong_steps
+        transform = Chain(steps) if len(steps) > 1 else (steps[0] if steps else None)
         self.train_set = TensorImageDataset(images[train_idx], labels[train_idx], transform)
         self.plain_train_set = TensorImageDataset(self.train_set.images, self.train_set.labels)
         test = _mixed_order(np.arange(len(arrays["test_labels"])))

@@ -47,8 +47,9 @@ class _DictImageFolder(Dataset):
         return {"image": image, "label": torch.tensor(label), "index": torch.tensor(index)}
 
 
-def train_transform(size: int):
-    """Inception-style crop (Szegedy et al. 2015) + flip, as in the ImageNet training recipes."""
+def train_transform(size: int, strong_steps: Sequence = ()):
+    """Inception-style crop (Szegedy et al. 2015) + flip, as in the ImageNet training recipes,
+    then ``strong_steps`` (``kdkit.datamodules.strong_augment``) on the float image."""
     from torchvision.transforms import v2
 
     return v2.Compose([
@@ -56,6 +57,7 @@ def train_transform(size: int):
         v2.RandomResizedCrop(size, antialias=True),
         v2.RandomHorizontalFlip(),
         v2.ToDtype(torch.float32, scale=True),
+        *strong_steps,
     ])
 
 
@@ -81,6 +83,8 @@ class ImageFolderDataModule(ImageDataModule):
         train_dir, val_dir: split folder names under ``root``.
         test_dir: test split folder (default: ``val_dir``, as ImageNet has no public test labels).
         augment: random-resized crop + flip for training (else the eval transform).
+        randaugment_ops, randaugment_magnitude, random_erasing: DeiT's strong augmentation after
+            the crop and flip (``augment`` must be on), as ``CIFAR10DataModule``'s.
         mean, std: per-channel statistics for the task's normalisation (ImageNet by default).
         **kwargs: loader and dataset options of ``ImageDataModule`` (``num_classes`` is checked
             against the number of class folders).
@@ -89,8 +93,15 @@ class ImageFolderDataModule(ImageDataModule):
     def __init__(self, root: str | os.PathLike, image_size: int = 224, train_dir: str = "train",
                  val_dir: str = "val", test_dir: str | None = None, augment: bool = True,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 randaugment_ops: int = 0, randaugment_magnitude: int = 9, random_erasing: float = 0.0,
                  **kwargs):
+        from kdkit.datamodules.strong_augment import strong_augment
+
         super().__init__(mean=mean, std=std, **kwargs)
+        self.strong_steps = strong_augment(randaugment_ops, randaugment_magnitude, random_erasing, mean, std)
+        if self.strong_steps and not augment:
+            raise KdkitError("data.randaugment_ops / random_erasing add to the training crop and flip: "
+                             "set data.augment=true too")
         self.root = Path(root).expanduser()
         self.image_size = int(image_size)
         self.split_dirs = {"train": train_dir, "val": val_dir, "test": test_dir or val_dir}
@@ -119,7 +130,7 @@ class ImageFolderDataModule(ImageDataModule):
         if self.train_set is not None:
             return
         size = self.image_size
-        train = self._folder("train", train_transform(size) if self.augment else eval_transform(size))
+        train = self._folder("train", train_transform(size, self.strong_steps) if self.augment else eval_transform(size))
         self.classes = list(train.classes)
         self.check_num_classes()
         val = self._folder("val", eval_transform(size))

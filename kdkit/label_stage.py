@@ -98,3 +98,7 @@ def _require_pool(datamodule) -> None:
     if not hasattr(datamodule, "plain_train_view"):
         raise KdkitError(f"teacher labels need an image-classification datamodule (plain_train_view); "
                          f"{type(datamodule).__name__} has none")
+    if getattr(datamodule, "mixes_samples", False):
+        raise KdkitError("teacher labels hold one output per sample, but data.mixup_alpha / cutmix_alpha "
+                         "make each training row a mixture of two: the teacher must see the mixed image "
+                         "(drop teacher.labels / stages.teacher_labels, or the mixing)")

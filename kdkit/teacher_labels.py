@@ -145,7 +145,9 @@ def data_description(cfg, datamodule) -> dict:
     from omegaconf import OmegaConf
 
     data = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") is not None else {}
-    where = ("augment", "data_dir", "root", "archive_dir")  # how the data is augmented or where it lives
+    # how the data is augmented or where it lives (the teacher labels plain images)
+    where = ("augment", "randaugment_ops", "randaugment_magnitude", "random_erasing",
+             "data_dir", "root", "archive_dir")
     keep = {k: v for k, v in data.items() if k not in LOADER_KEYS and k not in where}
     return {"datamodule": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}",
             "config": json.loads(json.dumps(keep, sort_keys=True, default=str)),

@@ -65,6 +65,12 @@ class Distiller(nn.Module):
     # True when ``forward`` reads ``batch["label"]``: such a distiller cannot train on transfer
     # data whose unlabelled rows carry ``kdkit.labels.UNLABELED`` (refused when the task is built)
     reads_labels = False
+    # True when a distiller that reads labels also takes soft ones, float ``[B, num_classes]``
+    # (Mixup / CutMix batches); label readers without it are refused on mixed data
+    handles_soft_labels = False
+    # True when ``forward`` keeps per-sample state keyed by ``batch["index"]`` (CRD's memory
+    # banks): refused on Mixup / CutMix batches, whose rows are mixtures of two samples
+    reads_sample_index = False
     # True when ``forward`` honours ``batch["captioned"]`` (image-text transfer data, where an
     # image without caption carries padding as its text): others are refused on such data
     handles_uncaptioned = False

@@ -75,6 +75,8 @@ class CRD(Distiller):
         loss: "nce" (the paper's loss) or "infonce".
     """
 
+    reads_sample_index = True  # a memory-bank row per training sample
+
     def __init__(self, weight: float = 0.8, feat_dim: int = 128, nce_k: int = 16384,
                  temperature: float = 0.07, momentum: float = 0.5, loss: str = "nce"):
         super().__init__(weight)

@@ -120,6 +120,7 @@ class OFA(Distiller):
     """
 
     reads_labels = True  # the target class of each row
+    handles_soft_labels = True  # their argmax, as the authors do
 
     def __init__(self, weight: float = 1.0, stages: Sequence[str] = ("layer1", "layer2", "layer3"),
                  student_prefix_tokens: int | None = None, gamma=1.0, temperature: float = 1.0,

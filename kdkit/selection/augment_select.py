@@ -70,9 +70,10 @@ class AugmentSelect(SelectionPolicy):
         self.teacher_forwards = 0
 
     def check_data(self, datamodule) -> None:
-        if getattr(datamodule, "augment", False):
+        if getattr(datamodule, "augment", False) or getattr(datamodule, "mixes_samples", False):
             raise KdkitError("selection.augment_select draws its own crop+flip candidates from plain "
-                             "images: set data.augment=false")
+                             "images: set data.augment=false (and no randaugment_ops, random_erasing, "
+                             "mixup_alpha or cutmix_alpha)")
 
     def plan(self, task, plan: StepPlan) -> StepPlan:
         if plan.distill_rows is not None or plan.teacher:

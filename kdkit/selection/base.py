@@ -140,9 +140,12 @@ def teacher_on_rows(task, plan: StepPlan, name: str) -> Outputs:
 
 
 def target_labels(labels: Tensor, teacher_logits: Tensor) -> Tensor:
-    """The label of each row, or the teacher's argmax where there is none (transfer rows)."""
+    """The label of each row, or the teacher's argmax where there is none (transfer rows); soft
+    labels ``[B, C]`` (Mixup / CutMix) as they are, a target ``cross_entropy`` takes too."""
     from kdkit.labels import labeled
 
+    if labels.dim() == 2:
+        return labels
     return torch.where(labeled(labels), labels, teacher_logits.argmax(-1))
 
 

@@ -68,6 +68,12 @@ class TeacherBudget(SelectionPolicy):
         self.rounds_done = 0
         self.teacher_forwards = 0
 
+    def check_data(self, datamodule) -> None:
+        if getattr(datamodule, "mixes_samples", False):
+            raise KdkitError("selection.teacher_budget buys teacher outputs per sample, but with "
+                             "data.mixup_alpha / cutmix_alpha a training row mixes two samples: "
+                             "switch the mixing off")
+
     # ---- buying --------------------------------------------------------------------------------
     def on_epoch_start(self, task) -> None:
         trainer = task.trainer

@@ -89,6 +89,18 @@ class ClassificationTask(ImageInputs, DistillationTask):
         return out
 
     def check_data(self, datamodule) -> None:
+        if getattr(datamodule, "mixes_samples", False):
+            hard = [name for name, d in self.distillers.items() if d.reads_labels and not d.handles_soft_labels]
+            if hard:
+                raise KdkitError(
+                    f"distillers {hard} read each row's class, but data.mixup_alpha / cutmix_alpha make "
+                    "every training row a mixture of two samples with a soft label: switch the mixing "
+                    "off or use distillers that read teacher outputs alone (e.g. kd)")
+            banked = [name for name, d in self.distillers.items() if d.reads_sample_index]
+            if banked:
+                raise KdkitError(
+                    f"distillers {banked} keep a memory row per training sample, but data.mixup_alpha / "
+                    "cutmix_alpha make every training row a mixture of two samples: switch the mixing off")
         if not getattr(datamodule, "has_unlabeled", False):  # a datamodule without transfer options
             return
         readers = [name for name, d in self.distillers.items() if d.reads_labels]

@@ -114,7 +114,11 @@ class ImageTextTask(ImageInputs, DistillationTask):
 
     def check_data(self, datamodule) -> None:
         """On transfer data (images without captions) every distiller must honour
-        ``batch["captioned"]``, and no selection policy runs (they score pairs by caption)."""
+        ``batch["captioned"]``, and no selection policy runs (they score pairs by caption).
+        Mixup / CutMix are refused: a mixed image has no caption of its own."""
+        if getattr(datamodule, "mixes_samples", False):
+            raise KdkitError("data.mixup_alpha / cutmix_alpha mix images but not their captions: image-text "
+                             "training needs them at 0")
         if not getattr(datamodule, "has_unlabeled", False):
             return
         blind = [name for name, d in self.distillers.items() if not d.handles_uncaptioned]

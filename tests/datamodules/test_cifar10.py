@@ -429,3 +429,18 @@ def test_bad_loader_options_are_refused_up_front(tmp_path, option, value):
         CIFAR10DataModule(archive_dir=tmp_path, cache_dir=tmp_path, **{option: value})
     shown = repr(value) if isinstance(value, str) else value
     one_line(err, f"data.{option}={shown} must be a whole number >=")
+
+
+def test_deits_strong_augmentation_follows_the_crop_and_flip(real):
+    archive_dir, cache, _ = real
+    strong = CIFAR10DataModule(archive_dir=archive_dir, cache_dir=cache, randaugment_ops=2, random_erasing=0.25)
+    strong.setup()
+    steps = strong.train_set.transform.steps
+    assert [type(s).__name__ for s in steps] == ["RandomCropFlip", "RandAugment", "RandomErasingNoise"]
+    assert strong.plain_train_set.transform is None and not strong.static_for_teacher
+    torch.manual_seed(0)
+    image = strong.train_set[0]["image"]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+    alone = CIFAR10DataModule(archive_dir=archive_dir, cache_dir=cache, augment=False, randaugment_ops=1)
+    alone.setup()
+    assert type(alone.train_set.transform).__name__ == "RandAugment" and not alone.static_for_teacher

@@ -170,3 +170,22 @@ def test_batch_size_zero_is_refused(root):
     with pytest.raises(KdkitError) as err:
         ImageFolderDataModule(root, batch_size=0)
     one_line(err, "data.batch_size=0 must be a whole number >= 1")
+
+
+def test_strong_augmentation_and_mixing_on_folders(root):
+    """Erasing every image (p=1) leaves one box of noise in the flat class colour; Mixup soft
+    labels come through the same loader."""
+    dm = ImageFolderDataModule(root, image_size=16, batch_size=4, num_classes=3, random_erasing=1.0,
+                               randaugment_ops=0, mixup_alpha=0.8)
+    dm.setup()
+    torch.manual_seed(0)
+    sample = dm.train_set[0]
+    color = torch.tensor(COLORS[dm.classes[int(sample["label"])]], dtype=torch.float32).view(3, 1, 1) / 255
+    off = ((sample["image"] - color).abs() > 2 / 255).any(0)
+    ys, xs = off.nonzero(as_tuple=True)
+    assert 0 < int(off.sum()) == int((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["label"].shape == (4, 3)
+    torch.testing.assert_close(batch["label"].sum(1), torch.ones(4))
+    with pytest.raises(KdkitError, match="set data.augment=true too"):
+        ImageFolderDataModule(root, augment=False, randaugment_ops=2)
