@@ -116,6 +116,13 @@ class ClassificationData(DistillationData, Protocol):
         (``label = kdkit.labels.UNLABELED``); read by ``DistillationTask.build``, which refuses
         distillers that read labels on such data."""
 
+    @property
+    def mixes_samples(self) -> bool:
+        """Whether training rows are mixtures of two samples with soft labels ``float [B,
+        num_classes]`` (Mixup / CutMix, ``kdkit.datamodules.batch_mix``); read by
+        ``ClassificationTask.check_data`` (label and sample-index readers), the selection
+        policies and the teacher-labels stage, which refuse what needs one sample per row."""
+
     def use_train_view(self, view: str) -> None:
         """Serve training view ``view`` (``all``, ``labeled`` or ``transfer``,
         ``kdkit.datamodules.transfer``) from now on; called by the pipeline before each stage."""

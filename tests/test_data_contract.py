@@ -123,6 +123,7 @@ class _Complete(L.LightningDataModule, ClassificationData):
     fixed_shards = False
     is_transfer = False
     has_unlabeled = False
+    mixes_samples = False
     teacher_view = "all"
     student_view = "transfer"
     plain_train_view = ()
