@@ -263,10 +263,18 @@ def teacher_labels(args) -> None:
     print("\n".join(lines))
 
 
+def endless(loader):
+    """The loader's batches, epoch after epoch."""
+    while True:
+        yield from loader
+
+
 def step_times(args) -> None:
-    """Median time of one training step (teacher forward, student forward/backward, optimizer
-    step) of every ``cnn`` row, relative to KD's: the rows take turns, a few steps each, on the
-    same batch of 128 CIFAR images, so machine noise hits them alike."""
+    """Median time of one training step (drawing the batch from the row's own train loader,
+    teacher forward, student forward/backward, optimizer step) of every ``cnn`` row, relative to
+    KD's: the rows take turns, a few steps each, so machine noise hits them alike. The loader is
+    in the step because the ``*_strong_aug`` rows differ only there (RandAugment, erasing, Mixup /
+    CutMix); rows with the same data config share one loader."""
     import torch
     from hydra.utils import instantiate
 
@@ -281,17 +289,22 @@ def step_times(args) -> None:
     unknown = sorted((set(rows) - set(CNN_METHODS)) | ({"baseline"} & set(rows)))
     if unknown:
         raise SystemExit(f"steps: unknown or untimed rows {unknown}; rows: {', '.join(m for m in CNN_METHODS if m != 'baseline')}")
-    dm = instantiate(compose(["experiment=cifar10_deit"]).data)
-    dm.prepare_data()
-    dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))
-    tasks, optimizers = {}, {}
+    from omegaconf import OmegaConf
+
+    tasks, optimizers, loaders, batches = {}, {}, {}, {}
     for method in rows:
         cfg = compose(["experiment=cifar10_deit", *CNN_METHODS[method]])
+        data_key = OmegaConf.to_yaml(cfg.data)
+        if data_key not in loaders:
+            dm = instantiate(cfg.data)
+            dm.prepare_data()
+            dm.setup("fit")
+            loaders[data_key] = (dm, endless(dm.train_dataloader()))
+        dm, batches[method] = loaders[data_key]
         teacher = instantiate(cfg.teacher.model)
         task = make_task(cfg, student=make_student(cfg), teachers={"teacher": teacher},
                          distillers=make_distillers(cfg), teacher_cfgs={"teacher": cfg.teacher}, probe=True)
-        task.build(batch, dm.num_train_samples, dm.num_classes)
+        task.build(dm.example_batch(), dm.num_train_samples, dm.num_classes)
         tasks[method], optimizers[method] = task, task.optimizer_factory(task.param_groups())
     times: dict[str, list[float]] = {m: [] for m in rows}
     for rnd in range(args.rounds):
@@ -299,7 +312,7 @@ def step_times(args) -> None:
             task, opt = tasks[method], optimizers[method]
             for step in range(3):
                 start = time.perf_counter()
-                losses, _ = task.losses(batch)
+                losses, _ = task.losses(next(batches[method]))
                 torch.stack([v.float() for v in losses.values()]).sum().backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -308,8 +321,8 @@ def step_times(args) -> None:
     kd = statistics.median(times["kd"])
     subset = f" --methods {args.methods}" if chosen else ""
     lines = [f"## Time per training step relative to KD (`cnn` rows{': ' + ', '.join(rows[1:]) if chosen else ''})", "",
-             f"`python benchmarks/vit.py steps --threads {args.threads} --rounds {args.rounds}{subset}`: batch 128, "
-             "resnet20 teacher -> "
+             f"`python benchmarks/vit.py steps --threads {args.threads} --rounds {args.rounds}{subset}`: batch 128 "
+             "drawn from the row's own train loader (in the step's time), resnet20 teacher -> "
              f"vit_tiny(_distilled), {len(times['kd'])} timed steps per row taken in turns of 3; "
              f"{machine()}, {dt.date.today()}; 1-minute load average at the end {os.getloadavg()[0]:.1f} "
              "(other processes on the cores slow every row alike, since the rows take turns).", "",

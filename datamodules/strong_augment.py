@@ -72,7 +72,9 @@ def strong_augment(randaugment_ops: int, randaugment_magnitude: int, random_eras
                          "(torchvision's 31 magnitude bins; DeiT uses 9)")
     steps: list[Callable[[Tensor], Tensor]] = []
     if randaugment_ops:
-        steps.append(v2.RandAugment(num_ops=int(randaugment_ops), magnitude=int(randaugment_magnitude)))
+        # bilinear for the geometric ops, as timm's (torchvision's default is nearest)
+        steps.append(v2.RandAugment(num_ops=int(randaugment_ops), magnitude=int(randaugment_magnitude),
+                                    interpolation=v2.InterpolationMode.BILINEAR))
     if random_erasing:
         steps.append(RandomErasingNoise(random_erasing, mean, std))
     return steps

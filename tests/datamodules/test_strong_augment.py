@@ -42,6 +42,7 @@ def test_options_build_the_steps_in_deits_order():
     steps = strong_augment(2, 9, 0.25, MEAN, STD)
     assert [type(s).__name__ for s in steps] == ["RandAugment", "RandomErasingNoise"]
     assert (steps[0].num_ops, steps[0].magnitude, steps[1].p) == (2, 9, 0.25)
+    assert steps[0].interpolation.value == "bilinear"
     torch.manual_seed(0)
     image = torch.rand(3, 32, 32)
     out = Chain(steps)(image)
