@@ -185,9 +185,32 @@ def run_all_jobs(jobs: list[tuple], n_jobs: int, threads: int):
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     jobs = [(*job, 1 if n_jobs > 1 else threads) for job in jobs]
+    failed: list[str] = []
+
+    def failure(job: tuple, err: BaseException) -> None:
+        # one failing run (e.g. a resume refused) must not hold back the others' rows: they are
+        # yielded as they finish, the failures are said at once and raised together at the end
+        failed.append(f"{job[0]} seed {job[1]} ({job[3]}): {type(err).__name__}: {err}")
+        print(f"[benchmark] run failed: {failed[-1]}", file=sys.stderr, flush=True)
+
     if n_jobs <= 1:
-        yield from map(run_student, jobs)
-        return
-    with ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for future in as_completed([pool.submit(run_student, job) for job in jobs]):
-            yield future.result()
+        for job in jobs:
+            try:
+                row = run_student(job)
+            except Exception as err:  # noqa: BLE001 - reported, and raised after the other jobs
+                failure(job, err)
+                continue
+            yield row
+    else:
+        with ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(run_student, job): job for job in jobs}
+            for future in as_completed(futures):
+                try:
+                    row = future.result()
+                except Exception as err:  # noqa: BLE001 - as above
+                    failure(futures[future], err)
+                    continue
+                yield row
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(jobs)} runs failed (the others are recorded):\n  "
+                           + "\n  ".join(failed))

@@ -66,7 +66,11 @@ def check_resume_config(out: Path, cfg: DictConfig) -> None:
     changes = config_changes(saved, OmegaConf.to_container(cfg, resolve=True), allowed)
     if changes:
         shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
-        keys = ",".join(c.split(":")[0] for c in changes[:3])
+        keys = [c.split(":")[0] for c in changes]
+        new = [k for k, c in zip(keys, changes) if ": <absent> -> " in c]
+        added = (f" {len(new)} of them are absent from config.yaml: settings kdkit added after this run "
+                 "started, unless a '+' override added them; at their defaults they keep what the run "
+                 "computed." if new else "")
         raise KdkitError(
-            f"resuming {out} with settings that differ from its config.yaml: {shown}. Repeat the "
-            f"original overrides, or let them through with resume.allow_changes=[{keys}]")
+            f"resuming {out} with settings that differ from its config.yaml: {shown}.{added} Repeat "
+            f"the original overrides, or let them through with resume.allow_changes=[{','.join(keys)}]")

@@ -76,3 +76,20 @@ def test_restored_rows_name_their_source_and_commands():
     assert _common.restored_note(rows, commands=True) == [
         "Rows restored from X.", "Their commands: `cmd 1`; `cmd 2`.", ""]
     assert _common.restored_note(rows[2:], commands=True) == []
+
+
+def test_a_failing_run_does_not_hold_back_the_others_rows(monkeypatch, capsys):
+    def fake_run(job):
+        if job[0] == "bad":
+            raise ValueError("resume refused")
+        return {"method": job[0], "seed": job[1]}
+
+    monkeypatch.setattr(_common, "run_student", fake_run)
+    jobs = [("bad", 0, [], "runs/bad_s0"), ("good", 0, [], "runs/good_s0"), ("also", 1, [], "runs/also_s1")]
+    rows = []
+    with pytest.raises(RuntimeError, match=r"1 of 3 runs failed") as err:
+        for row in _common.run_all_jobs(jobs, 1, 1):
+            rows.append(row)
+    assert rows == [{"method": "good", "seed": 0}, {"method": "also", "seed": 1}]
+    assert "bad seed 0 (runs/bad_s0): ValueError: resume refused" in str(err.value)
+    assert "run failed: bad seed 0" in capsys.readouterr().err  # said when it happens, not only at the end

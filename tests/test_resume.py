@@ -151,3 +151,24 @@ def test_a_damaged_metrics_csv_is_set_aside_and_the_stage_resumes(tmp_path, caps
     assert "metrics.csv is unreadable" in capsys.readouterr().err
     with open(log) as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f) if r.get("val/acc")] == [2]  # after resume
+
+
+def test_settings_added_since_the_run_started_are_named_and_all_listed(tmp_path):
+    """A kdkit upgrade adds settings the interrupted run's config.yaml lacks: the error says so and
+    its allow_changes list holds every key, so one retry with it resumes."""
+    from omegaconf import OmegaConf
+
+    from kdkit.resume import check_resume_config
+
+    OmegaConf.save(OmegaConf.create({"data": {"augment": True}, "trainer": {"max_epochs": 3}}), tmp_path / "config.yaml")
+    cfg = OmegaConf.create({"data": {"augment": True, "mixup_alpha": 0.0, "mix_prob": 1.0, "a": 1, "b": 2,
+                                     "c": 3, "d": 4}, "trainer": {"max_epochs": 5}})
+    with pytest.raises(KdkitError) as err:
+        check_resume_config(tmp_path, cfg)
+    message = str(err.value)
+    assert "6 of them are absent from config.yaml: settings kdkit added after this run started" in message
+    assert ("resume.allow_changes=[data.a,data.b,data.c,data.d,data.mix_prob,data.mixup_alpha,"
+            "trainer.max_epochs]") in message
+    allowed = OmegaConf.merge(cfg, {"resume": {"allow_changes": [
+        "data.a", "data.b", "data.c", "data.d", "data.mix_prob", "data.mixup_alpha", "trainer.max_epochs"]}})
+    check_resume_config(tmp_path, allowed)  # the suggested list lets it through
