@@ -89,7 +89,7 @@ class ClassificationTask(ImageInputs, DistillationTask):
         return out
 
     def check_data(self, datamodule) -> None:
-        if datamodule.mixes_samples:
+        if getattr(datamodule, "mixes_samples", False):  # a user's own datamodule may not have it
             hard = [name for name, d in self.distillers.items() if d.reads_labels and not d.handles_soft_labels]
             if hard:
                 raise KdkitError(
