@@ -177,12 +177,38 @@ def epoch_means(metrics_csv: Path, column: str = "train/loss") -> list[float]:
     return [round(statistics.mean(by_epoch[e]), 4) for e in sorted(by_epoch)]
 
 
+def die_with_parent() -> None:
+    """Worker initializer: the kernel sends this process SIGTERM when the process that started it
+    dies. A benchmark killed by ``kill`` or a cluster's time limit would otherwise leave its
+    workers training on: they hold the cores, and a rerun of the same command resumes the same
+    run directories while the orphans still write into them. Linux only (``prctl``); elsewhere
+    a no-op."""
+    import ctypes
+    import signal
+
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def worker_pool(n_jobs: int):
+    """``n_jobs`` spawned worker processes that end with the process that started them."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=die_with_parent)
+
+
 def run_all_jobs(jobs: list[tuple], n_jobs: int, threads: int):
     """Rows of the ``(method, seed, overrides, output_dir)`` jobs, yielded as each finishes (so
     an interrupted benchmark can record them and resume): in this process with ``threads``
     torch threads when ``n_jobs`` is 1, else in ``n_jobs`` spawned workers of one thread each."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import as_completed
 
     jobs = [(*job, 1 if n_jobs > 1 else threads) for job in jobs]
     failed: list[str] = []
@@ -202,7 +228,7 @@ def run_all_jobs(jobs: list[tuple], n_jobs: int, threads: int):
                 continue
             yield row
     else:
-        with ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with worker_pool(n_jobs) as pool:
             futures = {pool.submit(run_student, job): job for job in jobs}
             for future in as_completed(futures):
                 try:

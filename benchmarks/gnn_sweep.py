@@ -16,16 +16,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
-import multiprocessing
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RunLog, command, header, mean_std, write  # noqa: E402
+from benchmarks._common import RunLog, command, header, mean_std, worker_pool, write  # noqa: E402
 from benchmarks.gnn import EXPERIMENTS, QUIET  # noqa: E402
 
 
@@ -129,8 +128,7 @@ def main() -> None:
         with (out / "commands.txt").open("a") as f:  # the report lists every grid that fed the cache
             f.write(command() + "\n")
         print(f"{len(jobs)} runs, {args.jobs} at a time")
-        pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
-        with pool:
+        with worker_pool(args.jobs) as pool:
             for i, future in enumerate(as_completed([pool.submit(run_student, j) for j in jobs])):
                 row = log.record(future.result())
                 print(f"[{i + 1}/{len(jobs)}] seed {row['seed']} {row['config'] or '(experiment)'}: "

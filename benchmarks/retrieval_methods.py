@@ -40,7 +40,7 @@ import lightning as L
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RunLog, command, header, raw_rows, write  # noqa: E402
+from benchmarks._common import RunLog, command, header, raw_rows, worker_pool, write  # noqa: E402
 
 RECIPE = ["experiment=scifact_minilm_sentences"]
 TUPLES = ["data.stream=tuples", "data.batch_size=16", "data.group_by_length=false"]  # grouping: text only
@@ -259,11 +259,10 @@ def main() -> None:
         # one at a time: also fills the teacher caches the rows share
         print(f"== clock {base}: {clock(base, ALL[base][1], out, args):.2f} s/step", flush=True)
     if args.jobs > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import as_completed
 
         args.threads = 1
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with worker_pool(args.jobs) as pool:
             for future in as_completed([pool.submit(run_row, job) for job in todo]):
                 log.record(future.result())
                 write("retrieval_methods.md", report(log, args))
