@@ -3,7 +3,8 @@
 Protocol (all knobs are flags; defaults fit a 2-core CPU in about two hours):
   1. train the teacher once (or load --teacher-ckpt),
   2. train the baseline and one student per method with seed 0, the same epochs and init,
-  3. repeat baseline, KD and the best method with more seeds,
+  3. repeat baseline, KD (and --more-seeds) with more seeds, queued behind step 2 so no worker
+     idles, then the best method of seed 0,
   4. write mean ± std of final test accuracy to benchmarks/results/cifar10.md.
 
     python benchmarks/cifar10.py --experiment cifar10_resnet56_resnet8 --epochs 30 --seeds 3
@@ -148,13 +149,16 @@ def main() -> None:
             print(f"[cifar10] {row['method']} seed {row['seed']}: test/acc {row['test/acc']:.4f} "
                   f"({row['wall_s']:.0f} s)", flush=True)
 
-    run_all([(m, 0) for m in ["baseline", *methods]])
+    def repeats(ms: list[str | None]) -> list[tuple[str, int]]:
+        ms = [m for m in dict.fromkeys(ms) if m and (m == "baseline" or m in methods)]
+        return [(m, seed) for seed in range(1, args.seeds) for m in ms]
+
+    # the repeats known before seed 0 finishes queue behind it, so a worker freed by a short row
+    # takes one instead of idling until the slowest seed 0 has named the best method
+    known = ["baseline", *methods] if args.all_seeds else ["baseline", "kd", *args.more_seeds.split(",")]
+    run_all([(m, 0) for m in ["baseline", *methods]] + repeats(known))
     best = best_method(done, methods)
-    extra = [m for m in args.more_seeds.split(",") if m]
-    more = [m for m in dict.fromkeys(["baseline", "kd", best, *extra]) if m and (m == "baseline" or m in methods)]
-    if args.all_seeds:
-        more = ["baseline", *methods]
-    run_all([(m, seed) for seed in range(1, args.seeds) for m in more])
+    run_all(repeats([best]))
     report(args, done, best)
 
 

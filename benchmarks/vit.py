@@ -130,9 +130,11 @@ def main() -> None:
         over = {m: [*common, f"teacher.ckpt_path={teacher_ckpt}", "stages.teacher=false",
                     *([] if m.startswith("baseline") else ["stages.baseline=false"]), *table[m]]
                 for m in methods}
-        more = lambda: [m for m in ("baseline", "kd", *best(log, args.part, methods, 2)) if m in methods]  # noqa: E731
-        for todo in (lambda: [(m, 0) for m in methods],
-                     lambda: [(m, s) for s in range(1, args.seeds) for m in more()]):
+        repeats = lambda ms: [(m, s) for s in range(1, args.seeds) for m in ms if m in methods]  # noqa: E731
+        # the baseline's and KD's repeats queue behind every seed 0, so a worker freed by a short
+        # row takes one instead of idling until the slowest seed 0 has picked the best two
+        for todo in (lambda: [(m, 0) for m in methods] + repeats(["baseline", "kd"]),
+                     lambda: repeats(best(log, args.part, methods, 2))):
             jobs = [(m, s, [*over[m], f"seed={s}"], str(out / f"{m}_s{s}"))
                     for m, s in todo() if (args.part, m, s) not in log.done]
             for row in run_all_jobs(jobs, args.jobs, args.threads):

@@ -41,3 +41,30 @@ def test_convergence_is_the_last_epoch_and_its_change_over_the_last_tenth():
     assert convergence([{"train_loss_by_epoch": falling}]) == "1.000 (-2.000)"
     assert convergence([{"train_loss_by_epoch": falling}, {"train_loss_by_epoch": flat}]) == "1.000 (-1.000)"
     assert convergence([{"test/acc": 0.5}]) == "-"  # rows recorded before the losses were
+
+
+def test_repeats_known_in_advance_queue_with_seed_0_and_the_best_method_follows(tmp_path, monkeypatch):
+    """Seed 0 of every method, then the repeats that do not depend on it (baseline, KD, the
+    --more-seeds methods) in the same queue; once seed 0 is in, the best method's repeats."""
+    from benchmarks import cifar10
+
+    acc = {"baseline": 0.78, "kd": 0.81, "dkd": 0.80, "at": 0.78, "sp": 0.82}
+    queued: list[list[tuple[str, int]]] = []
+
+    def fake_jobs(jobs, n_jobs, threads):
+        queued.append([(m, s) for m, s, _over, _dir in jobs])
+        for m, s, _over, _dir in jobs:
+            yield {"method": m, "seed": s, "test/acc": acc[m], "wall_s": 1.0}
+
+    monkeypatch.setattr(cifar10, "run_all_jobs", fake_jobs)
+    monkeypatch.setattr(cifar10, "report", lambda *a: None)
+    monkeypatch.setattr(cifar10, "machine", lambda: "test")
+    monkeypatch.setattr(cifar10, "steps_per_epoch", lambda common: 148)
+    monkeypatch.setattr("sys.argv", ["cifar10.py", "--teacher-ckpt", str(tmp_path / "teacher.pt"), "--seeds", "3",
+                                     "--methods", "kd,dkd,at,sp", "--more-seeds", "dkd,crd",
+                                     "--out", str(tmp_path / "runs")])
+    cifar10.main()
+    assert queued == [
+        [(m, 0) for m in acc] + [("baseline", 1), ("kd", 1), ("dkd", 1), ("baseline", 2), ("kd", 2), ("dkd", 2)],
+        [("sp", 1), ("sp", 2)],  # crd was not asked for: no repeats of it
+    ]
