@@ -177,31 +177,62 @@ def epoch_means(metrics_csv: Path, column: str = "train/loss") -> list[float]:
     return [round(statistics.mean(by_epoch[e]), 4) for e in sorted(by_epoch)]
 
 
+_in_job = False  # in a worker: whether a job is running (the orphan watchdog waits for it)
+_parent: int | None = None  # in a worker: the pid of the process that started it
+
+
 def die_with_parent() -> None:
-    """Worker initializer: the kernel sends this process SIGTERM when the process that started it
-    dies. A benchmark killed by ``kill`` or a cluster's time limit would otherwise leave its
-    workers training on: they hold the cores, and a rerun of the same command resumes the same
-    run directories while the orphans still write into them. Linux only (``prctl``); elsewhere
-    a no-op."""
+    """Worker initializer: a worker ends with the process that started it. A benchmark killed by
+    ``kill -9`` or a cluster's time limit would otherwise leave its workers training on: they
+    hold the cores, and a rerun of the same command resumes the same run folders while the
+    orphans still write into them.
+
+    The kernel sends the worker SIGTERM when its parent dies (``prctl``, Linux), which a kdkit
+    run answers by stopping at the next batch and writing its checkpoint; a watchdog thread then
+    ends the process once no job is running (the pool's loop would wait forever for a next one)."""
     import ctypes
     import signal
+    import threading
 
-    if not sys.platform.startswith("linux"):
-        return
-    parent = os.getppid()
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+    global _parent
+    parent = _parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True, name="orphan-watchdog").start()
+
+
+def _exit_when_orphaned(parent: int, poll_s: float = 0.5) -> None:
+    while os.getppid() == parent:
+        time.sleep(poll_s)
+    while _in_job:  # the job got SIGTERM: let it write its checkpoint and return
+        time.sleep(poll_s)
+    os._exit(1)
+
+
+def _job(fn, *args, **kwargs):
+    """Runs one pool job, marked as running for the orphan watchdog."""
+    global _in_job
+    if _parent is not None and os.getppid() != _parent:
+        os._exit(1)  # a job still queued in the pipe when the benchmark died: not started
+    _in_job = True
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _in_job = False
 
 
 def worker_pool(n_jobs: int):
-    """``n_jobs`` spawned worker processes that end with the process that started them."""
+    """``n_jobs`` spawned worker processes that end with the process that started them
+    (``die_with_parent``)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    return ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=die_with_parent)
+    class OrphanSafePool(ProcessPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):
+            return super().submit(_job, fn, *args, **kwargs)
+
+    return OrphanSafePool(n_jobs, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent)
 
 
 def run_all_jobs(jobs: list[tuple], n_jobs: int, threads: int):

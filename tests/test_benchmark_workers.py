@@ -1,12 +1,15 @@
 """A benchmark killed outright (``kill -9``, a cluster's time limit) must not leave its worker
-processes training on: they would hold the cores and write into the run directories a rerun
-resumes. benchmarks._common.worker_pool's workers end with the process that started them."""
+processes training on: they would hold the cores and write into the run folders a rerun resumes.
+benchmarks._common.worker_pool's workers get SIGTERM when the benchmark dies (a kdkit run then
+stops at its next batch and writes its checkpoint), exit once their job has returned, and start
+no job still queued. Each test SIGKILLs a real driver process."""
 
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -17,17 +20,35 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
 
 DRIVER = textwrap.dedent("""
-    import os, sys, time
+    import multiprocessing, os, sys, time
+    from concurrent.futures import ProcessPoolExecutor
     sys.path.insert(0, {root!r})
     from benchmarks._common import worker_pool
-    from concurrent.futures import ProcessPoolExecutor
-    import multiprocessing
-    pool = worker_pool(1) if {guarded} else ProcessPoolExecutor(
-        1, mp_context=multiprocessing.get_context("spawn"))
-    print(pool.submit(os.getpid).result(), flush=True)  # the one worker's pid
-    pool.submit(time.sleep, 120)  # a long run in flight when the benchmark is killed
+    from tests.test_benchmark_workers import stop_on_sigterm
+    pool = worker_pool(1) if {guarded} else ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    worker = pool.submit(os.getpid).result()
+    if {graceful}:
+        pool.submit(stop_on_sigterm, {tmp!r} + "/first")
+        pool.submit(stop_on_sigterm, {tmp!r} + "/second")  # queued behind the first
+        while not os.path.exists({tmp!r} + "/first.started"):
+            time.sleep(0.05)
+    else:
+        pool.submit(time.sleep, 120)
+        time.sleep(0.5)  # the job has reached the worker
+    print(worker, flush=True)
     time.sleep(120)
 """)
+
+
+def stop_on_sigterm(marker: str) -> str:
+    """A job that answers SIGTERM as a kdkit run does: finish the step, write a checkpoint, return."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    Path(marker + ".started").touch()
+    while not stop.wait(0.05):
+        pass
+    Path(marker).write_text("checkpoint")
+    return "stopped"
 
 
 def alive(pid: int) -> bool:
@@ -35,19 +56,17 @@ def alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    # a zombie (dead, not yet reaped by init) counts as gone
-    status = Path(f"/proc/{pid}/status")
+    status = Path(f"/proc/{pid}/status")  # a zombie (dead, not yet reaped) counts as gone
     return status.exists() and "zombie" not in status.read_text().lower()
 
 
-def worker_after_parent_killed(guarded: bool) -> tuple[int, bool]:
-    """Start a benchmark-like driver, SIGKILL it while its worker runs a job, and say whether the
-    worker is still alive a few seconds later."""
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER.format(root=str(ROOT), guarded=guarded)],
-                              stdout=subprocess.PIPE, text=True)
+def kill_driver(tmp_path, guarded: bool, graceful: bool) -> tuple[int, bool]:
+    """Start a benchmark-like driver, SIGKILL it while its worker runs a job (no handler, no
+    cleanup: what a time limit does), and say whether the worker is alive 10 s later."""
+    code = DRIVER.format(root=str(ROOT), tmp=str(tmp_path), guarded=guarded, graceful=graceful)
+    driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     worker = int(driver.stdout.readline())
-    time.sleep(0.5)  # the sleep job has reached the worker
-    driver.send_signal(signal.SIGKILL)  # no handler, no cleanup: what a time limit does
+    driver.send_signal(signal.SIGKILL)
     driver.wait()
     deadline = time.monotonic() + 10
     while alive(worker) and time.monotonic() < deadline:
@@ -55,14 +74,21 @@ def worker_after_parent_killed(guarded: bool) -> tuple[int, bool]:
     return worker, alive(worker)
 
 
-def test_workers_end_with_a_killed_benchmark():
-    worker, survived = worker_after_parent_killed(guarded=True)
+def test_a_worker_dies_with_its_killed_benchmark(tmp_path):
+    worker, survived = kill_driver(tmp_path, guarded=True, graceful=False)
     assert not survived, f"worker {worker} outlived its killed benchmark"
 
 
-def test_an_unguarded_pool_leaves_its_worker_running():
+def test_a_job_that_stops_on_sigterm_saves_and_its_worker_exits_without_starting_the_next(tmp_path):
+    worker, survived = kill_driver(tmp_path, guarded=True, graceful=True)
+    assert not survived, f"worker {worker} outlived its killed benchmark"
+    assert (tmp_path / "first").read_text() == "checkpoint"  # stopped by SIGTERM, cleanly
+    assert not (tmp_path / "second.started").exists()  # queued job never started orphaned
+
+
+def test_an_unguarded_pool_leaves_its_worker_running(tmp_path):
     """The control: the fault the guard is for is real (a plain spawn pool's worker survives)."""
-    worker, survived = worker_after_parent_killed(guarded=False)
+    worker, survived = kill_driver(tmp_path, guarded=False, graceful=False)
     try:
         assert survived
     finally:
