@@ -8,11 +8,12 @@ import torch
 from hydra.utils import instantiate
 
 from benchmarks._common import RunLog
-from benchmarks.vit import CNN_METHODS, record_given_teacher
+from benchmarks.vit import CNN_METHODS, TIMED, record_given_teacher
 
 
-@pytest.mark.parametrize("method", [m for m in CNN_METHODS if not m.startswith("baseline")])
+@pytest.mark.parametrize("method", TIMED)
 def test_every_cnn_row_builds_and_takes_a_training_step(method):
+    """Every distilling row (the rows ``vit.py steps`` times) builds and trains a step."""
     from kdkit.compose import compose
     from kdkit.pipeline import make_task
     from kdkit.student_init import make_student
@@ -79,3 +80,12 @@ def test_repeats_fill_free_workers_and_go_to_the_best_two_besides_kd(tmp_path, m
     queued.clear()
     vit.main()  # a rerun finds every row done and queues nothing
     assert queued == [[], []]
+
+
+def test_steps_refuses_a_baseline_row_before_building_anything(monkeypatch):
+    from benchmarks import vit
+
+    assert set(CNN_METHODS) - set(TIMED) == {"baseline", "baseline_strong_aug"}
+    monkeypatch.setattr("sys.argv", ["vit.py", "steps", "--methods", "baseline_strong_aug"])
+    with pytest.raises(SystemExit, match="untimed rows.*baseline_strong_aug"):
+        vit.main()
