@@ -145,8 +145,8 @@ def write(name: str, text: str) -> Path:
 
 
 def run_student(job: tuple) -> dict:
-    """One run of ``job`` = (method, seed, overrides, output_dir, threads): the metrics of its
-    baseline stage (``method == "baseline"``) or its student stage, with ``wall_s``. Runs with
+    """One run of ``job`` = (method, seed, overrides, output_dir, threads): the metrics of the
+    stage the row trains (``row_stage``), with ``wall_s``. Runs with
     ``ckpt_path=last``, so a run interrupted in an earlier session (a killed benchmark) continues
     from its last epoch's checkpoint instead of from scratch. Top level, so that spawned workers
     can import it."""
@@ -159,9 +159,20 @@ def run_student(job: tuple) -> dict:
     torch.set_num_threads(threads)
     start = time.time()
     res = run(compose([*over, "ckpt_path=last"], output_dir=output_dir))
-    stage = "baseline" if method == "baseline" else "student"
+    stage = row_stage(res)
     return {"method": method, "seed": seed, **res[stage], "wall_s": round(time.time() - start, 1),
             "train_loss_by_epoch": epoch_means(Path(output_dir) / "logs" / stage / "metrics.csv")}
+
+
+def row_stage(results: dict) -> str:
+    """The stage a benchmark row measures, from a run's results: its distilled student, or for a
+    row that trains none (``stages.student=false``: the baselines, whatever their row is named)
+    its baseline."""
+    if "student" in results:
+        return "student"
+    if "baseline" in results:
+        return "baseline"
+    raise KeyError(f"a benchmark row trains a student or a baseline; this run has only {sorted(results)}")
 
 
 def epoch_means(metrics_csv: Path, column: str = "train/loss") -> list[float]:

@@ -93,3 +93,14 @@ def test_a_failing_run_does_not_hold_back_the_others_rows(monkeypatch, capsys):
     assert rows == [{"method": "good", "seed": 0}, {"method": "also", "seed": 1}]
     assert "bad seed 0 (runs/bad_s0): ValueError: resume refused" in str(err.value)
     assert "run failed: bad seed 0" in capsys.readouterr().err  # said when it happens, not only at the end
+
+
+def test_a_row_measures_its_student_or_else_its_baseline_whatever_the_row_is_called():
+    from benchmarks._common import row_stage
+
+    teacher, base, student = {"test/acc": 0.81}, {"test/acc": 0.6}, {"test/acc": 0.7}
+    assert row_stage({"teacher": teacher, "student": student}) == "student"
+    assert row_stage({"teacher": teacher, "baseline": base}) == "baseline"  # e.g. baseline_strong_aug
+    assert row_stage({"baseline": base, "student": student}) == "student"
+    with pytest.raises(KeyError, match="only.*teacher"):
+        row_stage({"teacher": teacher})
