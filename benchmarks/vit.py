@@ -15,7 +15,8 @@ a smaller ViT that inherits its weights (issue #15). Resumable: every finished r
 
 Rows of ``cnn``: the ViT alone, KD (class token), DeiT hard / soft (distillation token), DeiT's
 hard label on the class token (no distillation token), CSKD, TRG, FitNet and AT through the
-token <-> map adapter, OFA-KD's branch heads, masked feature distillation; the ViT alone, KD and
+token <-> map adapter, OFA-KD's branch heads, masked feature distillation (also at FitNet's loss
+weight, so that it differs from FitNet only by the mask); the ViT alone, KD and
 DeiT hard again with DeiT's strong augmentation (``*_strong_aug``). Seeds 1.. for the baseline,
 KD and the best two.
 """
@@ -84,6 +85,11 @@ CNN_METHODS = {
     "mfd_tokens": [*PLAIN, "distiller=[mfd]", "task.task_loss_weight=1.0", "distiller.mfd.student_feature=blocks.3",
                    "distiller.mfd.student_prefix_tokens=1", "distiller.mfd.teacher_feature=layer3",
                    "distiller.mfd.masking=tokens"],
+    # MFD at FitNet's loss weight (100, RepDistiller's; MFD's yaml keeps DMAE / CLIP-KD's 1.0): the
+    # same taps, adapter and weight as `fitnet`, so it differs from it only by the masking
+    "mfd_fitnet_weight": [*PLAIN, "distiller=[mfd]", "task.task_loss_weight=1.0", "distiller.mfd.student_feature=blocks.3",
+                          "distiller.mfd.student_prefix_tokens=1", "distiller.mfd.teacher_feature=layer3",
+                          "distiller.mfd.weight=100.0"],
 }
 VIT_METHODS = {
     "baseline": ["stages.student=false"],
