@@ -246,14 +246,19 @@ def worker_pool(n_jobs: int):
     return OrphanSafePool(n_jobs, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent)
 
 
-def run_all_jobs(jobs: list[tuple], n_jobs: int, threads: int):
+def run_all_jobs(jobs: list[tuple], n_jobs: int, threads: int, failed: list[str] | None = None):
     """Rows of the ``(method, seed, overrides, output_dir)`` jobs, yielded as each finishes (so
     an interrupted benchmark can record them and resume): in this process with ``threads``
-    torch threads when ``n_jobs`` is 1, else in ``n_jobs`` spawned workers of one thread each."""
+    torch threads when ``n_jobs`` is 1, else in ``n_jobs`` spawned workers of one thread each.
+
+    A failing run is said at once and the others go on; the failures are raised together at the
+    end, or, given a ``failed`` list, appended to it (a benchmark with later phases runs them
+    first and raises after its report)."""
     from concurrent.futures import as_completed
 
     jobs = [(*job, 1 if n_jobs > 1 else threads) for job in jobs]
-    failed: list[str] = []
+    raise_at_end = failed is None
+    failed = [] if failed is None else failed
 
     def failure(job: tuple, err: BaseException) -> None:
         # one failing run (e.g. a resume refused) must not hold back the others' rows: they are
@@ -279,6 +284,13 @@ def run_all_jobs(jobs: list[tuple], n_jobs: int, threads: int):
                     failure(futures[future], err)
                     continue
                 yield row
+    if raise_at_end and failed:
+        raise_failures(failed, len(jobs))
+
+
+def raise_failures(failed: list[str], total: int | None = None) -> None:
+    """One error naming every failed run (``failed``: what ``run_all_jobs`` collected)."""
     if failed:
-        raise RuntimeError(f"{len(failed)} of {len(jobs)} runs failed (the others are recorded):\n  "
-                           + "\n  ".join(failed))
+        counted = f"{len(failed)} of {total} runs" if total is not None else \
+            f"{len(failed)} run{'s' if len(failed) > 1 else ''}"
+        raise RuntimeError(f"{counted} failed (the others are recorded):\n  " + "\n  ".join(failed))

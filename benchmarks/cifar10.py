@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (  # noqa: E402
-    RunLog, command, cpu_of, epoch_means, header, machine, mean_std, run_all_jobs, write)
+    RunLog, command, cpu_of, epoch_means, header, machine, mean_std, raise_failures, run_all_jobs, write)
 
 METHODS = ["kd", "dkd", "dist", "fitnet", "at", "rkd", "sp", "crd",
            # issue #16: the peers' classic distillers and the seed papers' logit methods
@@ -142,9 +142,11 @@ def main() -> None:
         return over + ["stages.baseline=false", f"distiller=[{method.replace('+', ',')}]",
                        *method_overrides(method, args.epochs, args.steps_per_epoch)]
 
+    failed: list[str] = []  # runs that failed: the other rows and the report go on, then they are raised
+
     def run_all(todo: list[tuple[str, int]]) -> None:
         jobs = [(m, s, overrides(m, s), str(out / f"{m}_s{s}")) for m, s in dict.fromkeys(todo) if (m, s) not in done]
-        for row in run_all_jobs(jobs, args.jobs, args.threads):  # recorded as each finishes: resumable
+        for row in run_all_jobs(jobs, args.jobs, args.threads, failed):  # recorded as each finishes: resumable
             record({**row, "machine": machine(), "command": command()})
             print(f"[cifar10] {row['method']} seed {row['seed']}: test/acc {row['test/acc']:.4f} "
                   f"({row['wall_s']:.0f} s)", flush=True)
@@ -160,6 +162,7 @@ def main() -> None:
     best = best_method(done, methods)
     run_all(repeats([best]))
     report(args, done, best)
+    raise_failures(failed)
 
 
 def report(args, done: dict, best: str | None) -> None:

@@ -42,6 +42,7 @@ from benchmarks._common import (  # noqa: E402
     header,
     machine,
     mean_std,
+    raise_failures,
     restored_note,
     run_all_jobs,
     write,
@@ -132,6 +133,7 @@ def main() -> None:
     log = RunLog(out / "results.jsonl", key=lambda row: (row["part"], row["method"], row["seed"]))
     if args.teacher_ckpt:
         record_given_teacher(args.part, Path(args.teacher_ckpt), log)
+    failed: list[str] = []  # runs that failed: the other rows and the report go on, then they are raised
     if not args.report_only:
         teacher_ckpt = args.teacher_ckpt or train_teacher(args, common, out, log)
         over = {m: [*common, f"teacher.ckpt_path={teacher_ckpt}", "stages.teacher=false",
@@ -144,13 +146,14 @@ def main() -> None:
                      lambda: repeats(best(log, args.part, methods, 2))):
             jobs = [(m, s, [*over[m], f"seed={s}"], str(out / f"{m}_s{s}"))
                     for m, s in todo() if (args.part, m, s) not in log.done]
-            for row in run_all_jobs(jobs, args.jobs, args.threads):
+            for row in run_all_jobs(jobs, args.jobs, args.threads, failed):
                 log.record({"part": args.part, **row, "machine": machine(), "command": command()})
                 print(f"[vit {args.part}] {row['method']} seed {row['seed']}: test/acc "
                       f"{row['test/acc']:.4f} ({row['wall_s']:.0f} s)", flush=True)
     logs = {part: RunLog(Path(f"benchmarks/runs/vit_{part}") / "results.jsonl", key=log.key) for part in PARTS}
     logs[args.part] = log
     report(logs)
+    raise_failures(failed)
 
 
 def record_given_teacher(part: str, ckpt: Path, log: RunLog) -> None:

@@ -51,7 +51,7 @@ def test_repeats_known_in_advance_queue_with_seed_0_and_the_best_method_follows(
     acc = {"baseline": 0.78, "kd": 0.81, "dkd": 0.80, "at": 0.78, "sp": 0.82}
     queued: list[list[tuple[str, int]]] = []
 
-    def fake_jobs(jobs, n_jobs, threads):
+    def fake_jobs(jobs, n_jobs, threads, failed=None):
         queued.append([(m, s) for m, s, _over, _dir in jobs])
         for m, s, _over, _dir in jobs:
             yield {"method": m, "seed": s, "test/acc": acc[m], "wall_s": 1.0}
