@@ -35,8 +35,10 @@ ARITHMETIC_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_C
                         "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
 
 # Facts whose change changes the arithmetic, so a resumed run no longer matches an uninterrupted
-# one bit for bit; the rest (host, date, Python) are kept for the record only.
-ARITHMETIC_FACTS = ("kdkit_commit", "torch", "lightning", "cuda", "cudnn", "cpu", "cpu_capability",
+# one bit for bit; the rest (host, date, Python, the commit) are kept for the record only. kdkit's
+# own code counts by its source hash, not its commit: a commit that touched only benchmarks or docs
+# changes no number, and two different uncommitted edits share one "<commit>+dirty".
+ARITHMETIC_FACTS = ("kdkit_source", "torch", "lightning", "cuda", "cudnn", "cpu", "cpu_capability",
                     "torch_threads", "gpus", "variables")
 
 
@@ -65,6 +67,27 @@ def kdkit_commit() -> str | None:
     return (rev + ("+dirty" if dirty else "")) or None
 
 
+def kdkit_source(roots: dict[str, Path] | None = None) -> str | None:
+    """A 16-hex-digit hash of the Python source kdkit runs: every ``*.py`` file (path and bytes)
+    of the ``kdkit`` package and its datamodules (``kdkit.datamodules``: the repository's
+    ``datamodules/`` in a checkout). ``roots`` (name -> folder) replaces the installed ones."""
+    import hashlib
+    import importlib.util
+
+    if roots is None:
+        roots = {}
+        for name in ("kdkit", "kdkit.datamodules"):
+            spec = importlib.util.find_spec(name)
+            for folder in (spec.submodule_search_locations or []) if spec else []:
+                roots.setdefault(name, Path(folder))
+    digest = hashlib.blake2b(digest_size=8)
+    for name, folder in sorted(roots.items()):
+        for path in sorted(Path(folder).rglob("*.py")):
+            digest.update(f"{name}/{path.relative_to(folder).as_posix()}\0".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest() if roots else None
+
+
 def environment() -> dict:
     """This process's facts: versions, CPU and its kernel set, threads, GPUs, capping variables."""
     import lightning
@@ -76,6 +99,7 @@ def environment() -> dict:
     return {
         "kdkit": kdkit.__version__,
         "kdkit_commit": kdkit_commit(),
+        "kdkit_source": kdkit_source(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "lightning": lightning.__version__,
@@ -92,9 +116,19 @@ def environment() -> dict:
 
 
 def arithmetic_changes(before: dict, after: dict) -> list[str]:
-    """``"fact: old -> new"`` for every arithmetic fact that differs between two records."""
-    return [f"{k}: {_show(before.get(k))} -> {_show(after.get(k))}"
-            for k in ARITHMETIC_FACTS if before.get(k) != after.get(k)]
+    """``"fact: old -> new"`` for every arithmetic fact that differs between two records. A record
+    written before kdkit hashed its source is compared by its commit instead."""
+    changes = []
+    for k in ARITHMETIC_FACTS:
+        if k == "kdkit_source":
+            if "kdkit_source" not in before and before.get("kdkit_commit") != after.get("kdkit_commit"):
+                changes.append(f"kdkit_commit: {_show(before.get('kdkit_commit'))} -> {_show(after.get('kdkit_commit'))}")
+            elif "kdkit_source" in before and before[k] != after.get(k):
+                changes.append(f"kdkit source: {_show(before[k])} -> {_show(after.get(k))} (commit "
+                               f"{_show(before.get('kdkit_commit'))} -> {_show(after.get('kdkit_commit'))})")
+        elif before.get(k) != after.get(k):
+            changes.append(f"{k}: {_show(before.get(k))} -> {_show(after.get(k))}")
+    return changes
 
 
 def _show(value) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from kdkit.run_environment import (ARITHMETIC_VARIABLES, arithmetic_changes, describe, distinct_starts, environment,
-                                   read_starts, record_start)
+                                   kdkit_source, read_starts, record_start)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,3 +78,40 @@ def test_a_missing_or_damaged_file_is_no_record(tmp_path):
     assert read_starts(tmp_path) == []
     record_start(tmp_path, resuming=True)  # a resume of a run from before the record: starts one
     assert len(read_starts(tmp_path)) == 1
+
+
+def test_the_source_hash_follows_python_files_only(tmp_path):
+    pkg, data = tmp_path / "kdkit", tmp_path / "datamodules"
+    (pkg / "losses").mkdir(parents=True)
+    data.mkdir()
+    (pkg / "losses" / "kd.py").write_text("T = 4\n")
+    (data / "cifar.py").write_text("MEAN = 0.5\n")
+    (pkg / "notes.md").write_text("a")
+    roots = {"kdkit": pkg, "kdkit.datamodules": data}
+    first = kdkit_source(roots)
+    assert len(first) == 16 and first == kdkit_source(roots)
+    (pkg / "notes.md").write_text("b")  # not code: no other arithmetic
+    assert kdkit_source(roots) == first
+    (pkg / "losses" / "kd.py").write_text("T = 2\n")
+    changed = kdkit_source(roots)
+    assert changed != first
+    (data / "cifar.py").rename(data / "svhn.py")  # same bytes, other module
+    assert kdkit_source(roots) not in (first, changed)
+
+
+def test_the_running_checkout_hashes_kdkit_and_its_datamodules():
+    import importlib.util
+
+    installed = Path(importlib.util.find_spec("kdkit").submodule_search_locations[0]).resolve()
+    if installed != ROOT / "kdkit":
+        return  # a non-editable install hashes its own copy (kdkit/datamodules inside kdkit/)
+    assert environment()["kdkit_source"] == kdkit_source({"kdkit": ROOT / "kdkit", "kdkit.datamodules": ROOT / "datamodules"})
+
+
+def test_a_new_commit_with_the_same_source_is_the_same_arithmetic():
+    a = {**environment(), "kdkit_commit": "abc1234", "kdkit_source": "00ff"}
+    assert arithmetic_changes(a, {**a, "kdkit_commit": "def5678"}) == []  # e.g. a benchmarks-only commit
+    assert arithmetic_changes(a, {**a, "kdkit_source": "11ee"}) == ["kdkit source: 00ff -> 11ee (commit abc1234 -> abc1234)"]
+    old = {k: v for k, v in a.items() if k != "kdkit_source"}  # written before kdkit hashed its source
+    assert arithmetic_changes(old, {**a, "kdkit_commit": "def5678"}) == ["kdkit_commit: abc1234 -> def5678"]
+    assert arithmetic_changes(old, a) == []
