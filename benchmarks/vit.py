@@ -204,7 +204,7 @@ def report(logs: dict[str, RunLog]) -> None:
         for row in sorted(rows, key=lambda r: r["seed"]):
             by_method.setdefault(row["method"], []).append(row)
         teacher = by_method.pop("teacher", [None])[0]
-        base = statistics.mean(r["test/acc"] for r in by_method.get("baseline", [{"test/acc": float("nan")}]))
+        base = {r["seed"]: r["test/acc"] for r in by_method.get("baseline", [])}
         lines += [f"## `{experiment}` on every shared training image", ""]
         if teacher:
             given = f" (`{teacher['teacher_ckpt']}`, given by `--teacher-ckpt`)" if "teacher_ckpt" in teacher else ""
@@ -217,6 +217,8 @@ def report(logs: dict[str, RunLog]) -> None:
                      "alongside, and any time a run was paused), counted by the fit that finished the run: a run "
                      "resumed from its checkpoint counts only its last part. "
                      "They are no speed comparison: see the step times below for that.\n")
+        lines.append("Δ vs baseline: the row's mean minus the baseline's mean over the same seeds (each seed shares "
+                     "the student's init and data order), or over all of the baseline's seeds where it lacks one.\n")
         lines += ["| row | overrides | seeds | test acc (%) | Δ vs baseline | params | train time / run (s) |",
                   "|---|---|---|---|---|---|---|"]
         for method in [m for m in table if m in by_method]:
@@ -224,7 +226,7 @@ def report(logs: dict[str, RunLog]) -> None:
             fit = statistics.mean(r.get("fit_seconds", 0) for r in by_method[method])
             over = ", ".join(f"`{o}`" for o in table[method]) or "(the experiment)"
             lines.append(f"| {method} | {over} | {len(accs)} | {mean_std(accs)} | "
-                         f"{(statistics.mean(accs) - base) * 100:+.2f} | {by_method[method][0]['params']:,} | {fit:.0f} |")
+                         f"{paired_delta(by_method[method], base) * 100:+.2f} | {by_method[method][0]['params']:,} | {fit:.0f} |")
         lines.append("")
     if not any(log.done for log in logs.values()):
         lines += ["No full-data row has finished yet: the rows run in pieces (each run resumes from its "
@@ -233,6 +235,19 @@ def report(logs: dict[str, RunLog]) -> None:
         if extra.exists():
             lines += [extra.read_text()]
     write("vit.md", "\n".join(lines) + "\n")
+
+
+def paired_delta(rows: list[dict], baseline: dict[int, float]) -> float:
+    """The rows' mean test accuracy minus the baseline's over the same seeds (``baseline``: seed ->
+    accuracy), so a row run at seed 0 only is compared with the baseline's seed 0, not with a mean
+    that includes seeds the row never ran; over all of the baseline's seeds where one is missing
+    (NaN without a baseline)."""
+    seeds = [r["seed"] for r in rows]
+    paired = [baseline[s] for s in seeds if s in baseline]
+    reference = paired if len(paired) == len(seeds) else list(baseline.values())
+    if not reference:
+        return float("nan")
+    return statistics.mean(r["test/acc"] for r in rows) - statistics.mean(reference)
 
 
 def teacher_labels(args) -> None:
