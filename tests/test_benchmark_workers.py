@@ -24,20 +24,23 @@ DRIVER = textwrap.dedent("""
     from concurrent.futures import ProcessPoolExecutor
     sys.path.insert(0, {root!r})
     from benchmarks._common import worker_pool
-    from tests.test_benchmark_workers import stop_on_sigterm
+    from tests.test_benchmark_workers import sleep_on, stop_on_sigterm
     pool = worker_pool(1) if {guarded} else ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     worker = pool.submit(os.getpid).result()
-    if {graceful}:
-        pool.submit(stop_on_sigterm, {tmp!r} + "/first")
-        pool.submit(stop_on_sigterm, {tmp!r} + "/second")  # queued behind the first
-        while not os.path.exists({tmp!r} + "/first.started"):
-            time.sleep(0.05)
-    else:
-        pool.submit(time.sleep, 120)
-        time.sleep(0.5)  # the job has reached the worker
+    job = stop_on_sigterm if {graceful} else sleep_on
+    pool.submit(job, {tmp!r} + "/first")
+    pool.submit(job, {tmp!r} + "/second")  # queued behind the first
+    while not os.path.exists({tmp!r} + "/first.started"):  # the job is running in the worker
+        time.sleep(0.05)
     print(worker, flush=True)
     time.sleep(120)
 """)
+
+
+def sleep_on(marker: str) -> None:
+    """A job that does not handle SIGTERM (the default action ends the process)."""
+    Path(marker + ".started").touch()
+    time.sleep(120)
 
 
 def stop_on_sigterm(marker: str) -> str:
