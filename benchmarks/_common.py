@@ -225,7 +225,7 @@ def _job(fn, *args, **kwargs):
     """Runs one pool job, marked as running for the orphan watchdog."""
     global _in_job
     if _parent is not None and os.getppid() != _parent:
-        os._exit(1)  # a job still queued in the pipe when the benchmark died: not started
+        os._exit(1)  # a job still queued in the pipe when the benchmark died: not started (see the test)
     _in_job = True
     try:
         return fn(*args, **kwargs)
