@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import multiprocessing
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -206,15 +208,19 @@ def die_with_parent() -> None:
     import threading
 
     global _parent
-    parent = _parent = os.getppid()
+    _parent = os.getppid()
     if sys.platform.startswith("linux"):
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
-    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True, name="orphan-watchdog").start()
+    threading.Thread(target=_exit_when_orphaned, daemon=True, name="orphan-watchdog").start()
 
 
-def _exit_when_orphaned(parent: int, poll_s: float = 0.5) -> None:
-    while os.getppid() == parent:
+def _orphaned() -> bool:
+    return _parent is not None and os.getppid() != _parent
+
+
+def _exit_when_orphaned(poll_s: float = 0.5) -> None:
+    while not _orphaned():
         time.sleep(poll_s)
     while _in_job:  # the job got SIGTERM: let it write its checkpoint and return
         time.sleep(poll_s)
@@ -224,7 +230,7 @@ def _exit_when_orphaned(parent: int, poll_s: float = 0.5) -> None:
 def _job(fn, *args, **kwargs):
     """Runs one pool job, marked as running for the orphan watchdog."""
     global _in_job
-    if _parent is not None and os.getppid() != _parent:
+    if _orphaned():
         os._exit(1)  # a job still queued in the pipe when the benchmark died: not started (see the test)
     _in_job = True
     try:
@@ -233,17 +239,20 @@ def _job(fn, *args, **kwargs):
         _in_job = False
 
 
-def worker_pool(n_jobs: int):
-    """``n_jobs`` spawned worker processes that end with the process that started them
-    (``die_with_parent``)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+class OrphanSafePool(ProcessPoolExecutor):
+    """A spawn-context process pool whose workers end with the process that started them
+    (``die_with_parent``; each job marked running through ``_job``)."""
 
-    class OrphanSafePool(ProcessPoolExecutor):
-        def submit(self, fn, /, *args, **kwargs):
-            return super().submit(_job, fn, *args, **kwargs)
+    def __init__(self, n_jobs: int):
+        super().__init__(n_jobs, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent)
 
-    return OrphanSafePool(n_jobs, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent)
+    def submit(self, fn, /, *args, **kwargs):
+        return super().submit(_job, fn, *args, **kwargs)
+
+
+def worker_pool(n_jobs: int) -> OrphanSafePool:
+    """``n_jobs`` spawned worker processes that end with the process that started them."""
+    return OrphanSafePool(n_jobs)
 
 
 def run_all_jobs(jobs: list[tuple], n_jobs: int, threads: int, failed: list[str] | None = None):

@@ -118,17 +118,9 @@ def environment() -> dict:
 def arithmetic_changes(before: dict, after: dict) -> list[str]:
     """``"fact: old -> new"`` for every arithmetic fact that differs between two records. A record
     written before kdkit hashed its source is compared by its commit instead."""
-    changes = []
-    for k in ARITHMETIC_FACTS:
-        if k == "kdkit_source":
-            if "kdkit_source" not in before and before.get("kdkit_commit") != after.get("kdkit_commit"):
-                changes.append(f"kdkit_commit: {_show(before.get('kdkit_commit'))} -> {_show(after.get('kdkit_commit'))}")
-            elif "kdkit_source" in before and before[k] != after.get(k):
-                changes.append(f"kdkit source: {_show(before[k])} -> {_show(after.get(k))} (commit "
-                               f"{_show(before.get('kdkit_commit'))} -> {_show(after.get('kdkit_commit'))})")
-        elif before.get(k) != after.get(k):
-            changes.append(f"{k}: {_show(before.get(k))} -> {_show(after.get(k))}")
-    return changes
+    facts = ARITHMETIC_FACTS if "kdkit_source" in before else \
+        tuple("kdkit_commit" if k == "kdkit_source" else k for k in ARITHMETIC_FACTS)
+    return [f"{k}: {_show(before.get(k))} -> {_show(after.get(k))}" for k in facts if before.get(k) != after.get(k)]
 
 
 def _show(value) -> str:
