@@ -303,3 +303,16 @@ def raise_failures(failed: list[str], total: int | None = None) -> None:
         counted = f"{len(failed)} of {total} runs" if total is not None else \
             f"{len(failed)} run{'s' if len(failed) > 1 else ''}"
         raise RuntimeError(f"{counted} failed (the others are recorded):\n  " + "\n  ".join(failed))
+
+
+def paired_delta(rows: list[dict], baseline: dict[int, float]) -> float:
+    """The rows' mean test accuracy minus the baseline's over the same seeds (``baseline``: seed ->
+    accuracy), so a row run at seed 0 only is compared with the baseline's seed 0, not with a mean
+    that includes seeds the row never ran; over all of the baseline's seeds where one is missing
+    (NaN without a baseline)."""
+    seeds = [r["seed"] for r in rows]
+    paired = [baseline[s] for s in seeds if s in baseline]
+    reference = paired if len(paired) == len(seeds) else list(baseline.values())
+    if not reference:
+        return float("nan")
+    return statistics.mean(r["test/acc"] for r in rows) - statistics.mean(reference)

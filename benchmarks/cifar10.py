@@ -20,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (  # noqa: E402
-    RunLog, command, cpu_of, epoch_means, header, machine, mean_std, raise_failures, run_all_jobs, write)
+    RunLog, command, cpu_of, epoch_means, header, machine, mean_std, paired_delta, raise_failures, run_all_jobs,
+    write)
 
 METHODS = ["kd", "dkd", "dist", "fitnet", "at", "rkd", "sp", "crd",
            # issue #16: the peers' classic distillers and the seed papers' logit methods
@@ -171,7 +172,7 @@ def report(args, done: dict, best: str | None) -> None:
     for (method, _seed), row in sorted(done.items(), key=lambda kv: kv[0][1]):
         if method != "teacher":
             by_method.setdefault(method, []).append(row)
-    base = statistics.mean(r["test/acc"] for r in by_method.get("baseline", [{"test/acc": 0}]))
+    base = {r["seed"]: r["test/acc"] for r in by_method.get("baseline", [])}
     lines = [header("CIFAR-10 distillation benchmark"), "",
              f"Experiment `{args.experiment}`, student epochs {args.epochs}; final-epoch test accuracy "
              "on the 10,000 CIFAR-10 test images (%). Same init and data order for every student of a seed.",
@@ -190,6 +191,8 @@ def report(args, done: dict, best: str | None) -> None:
     if args.extra:
         lines.append(f"Overrides of every student run: {', '.join(f'`{o}`' for o in args.extra)}.")
     lines += ["Every other hyper-parameter is the distiller's yaml default (the papers' CIFAR values).", ""]
+    lines += ["Δ vs baseline: the method's mean minus the baseline's over the same seeds (a seed fixes the "
+              "student's init and data order), or over all of the baseline's seeds where it lacks one.", ""]
     lines += ["Train loss: the mean training loss of the last epoch (task loss plus every distiller's "
               "weighted loss, so compare it within a row), and its change over the last tenth of the "
               "epochs: near 0 when the student has reached its floor.", ""]
@@ -201,7 +204,7 @@ def report(args, done: dict, best: str | None) -> None:
         if not rows:
             continue
         accs = [r["test/acc"] for r in rows]
-        delta = (statistics.mean(accs) - base) * 100
+        delta = paired_delta(rows, base) * 100
         fit = statistics.mean(r.get("fit_seconds", 0) for r in rows)
         lines.append(f"| {method} | {len(rows)} | {mean_std(accs)} | {delta:+.2f} | {convergence(rows)} | "
                      f"{rows[0]['params']:,} | {fit:.0f} |")

@@ -42,6 +42,7 @@ from benchmarks._common import (  # noqa: E402
     header,
     machine,
     mean_std,
+    paired_delta,
     raise_failures,
     restored_note,
     run_all_jobs,
@@ -213,6 +214,9 @@ def report(logs: dict[str, RunLog]) -> None:
         else:
             lines.append("Teacher: the checkpoint given by `--teacher-ckpt` (not trained by this benchmark).\n")
         lines += restored_note(rows)
+        ran = dict.fromkeys(r["command"] for r in rows if "command" in r)
+        if ran:  # the epochs and overrides every row ran with
+            lines += ["Rows measured by: " + "; ".join(f"`{c}`" for c in ran) + ".", ""]
         lines.append("Train times are wall seconds of one-thread runs on a shared 2-core machine (other runs "
                      "alongside, and any time a run was paused), counted by the fit that finished the run: a run "
                      "resumed from its checkpoint counts only its last part. "
@@ -235,19 +239,6 @@ def report(logs: dict[str, RunLog]) -> None:
         if extra.exists():
             lines += [extra.read_text()]
     write("vit.md", "\n".join(lines) + "\n")
-
-
-def paired_delta(rows: list[dict], baseline: dict[int, float]) -> float:
-    """The rows' mean test accuracy minus the baseline's over the same seeds (``baseline``: seed ->
-    accuracy), so a row run at seed 0 only is compared with the baseline's seed 0, not with a mean
-    that includes seeds the row never ran; over all of the baseline's seeds where one is missing
-    (NaN without a baseline)."""
-    seeds = [r["seed"] for r in rows]
-    paired = [baseline[s] for s in seeds if s in baseline]
-    reference = paired if len(paired) == len(seeds) else list(baseline.values())
-    if not reference:
-        return float("nan")
-    return statistics.mean(r["test/acc"] for r in rows) - statistics.mean(reference)
 
 
 def teacher_labels(args) -> None:

@@ -68,3 +68,25 @@ def test_repeats_known_in_advance_queue_with_seed_0_and_the_best_method_follows(
         [(m, 0) for m in acc] + [("baseline", 1), ("kd", 1), ("dkd", 1), ("baseline", 2), ("kd", 2), ("dkd", 2)],
         [("sp", 1), ("sp", 2)],  # crd was not asked for: no repeats of it
     ]
+
+
+def test_the_report_compares_each_method_with_the_baseline_at_its_own_seeds(tmp_path, monkeypatch):
+    """A method run at seed 0 only is compared with the baseline's seed 0, not with a mean over
+    baseline seeds it never ran (they share the student's init and data order seed by seed)."""
+    import argparse
+
+    from benchmarks import cifar10
+
+    written = {}
+    monkeypatch.setattr(cifar10, "write", lambda name, text: written.update({name: text}))
+    row = lambda m, s, acc: {"method": m, "seed": s, "test/acc": acc, "params": 78042}  # noqa: E731
+    done = {("baseline", 0): row("baseline", 0, 0.70), ("baseline", 1): row("baseline", 1, 0.74),
+            ("kd", 0): row("kd", 0, 0.73), ("at", 0): row("at", 0, 0.71), ("at", 1): row("at", 1, 0.73),
+            ("sp", 2): row("sp", 2, 0.75)}
+    args = argparse.Namespace(experiment="cifar10_resnet20_resnet8", epochs=60, teacher_epochs=40, extra=[],
+                              steps_per_epoch=148, notes=str(tmp_path / "none.md"), out=str(tmp_path / "cifar10_x"))
+    cifar10.report(args, done, "kd")
+    table = {line.split(" | ")[0].strip("| "): line.split(" | ")[3] for line in written["cifar10_x.md"].splitlines()
+             if line.startswith("| ") and not line.startswith("| method")}
+    assert table == {"baseline": "+0.00", "kd": "+3.00", "at": "+0.00",
+                     "sp": "+3.00"}  # sp's seed 2 has no baseline: the baseline's mean, 0.72

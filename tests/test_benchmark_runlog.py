@@ -2,12 +2,13 @@
 fresh machine (an empty benchmarks/runs/) resumes instead of rewriting results without rows."""
 
 import json
+import math
 import shutil
 
 import pytest
 
 from benchmarks import _common
-from benchmarks._common import RunLog, archive_of
+from benchmarks._common import RunLog, archive_of, paired_delta
 
 
 @pytest.fixture
@@ -104,3 +105,13 @@ def test_a_row_measures_its_student_or_else_its_baseline_whatever_the_row_is_cal
     assert row_stage({"baseline": base, "student": student}) == "student"
     with pytest.raises(KeyError, match="only.*teacher"):
         row_stage({"teacher": teacher})
+
+
+def test_a_row_is_compared_with_the_baseline_at_its_own_seeds():
+    baseline = {0: 0.6541, 1: 0.6619}
+    assert paired_delta([{"seed": 0, "test/acc": 0.7606}], baseline) == pytest.approx(0.7606 - 0.6541)
+    assert paired_delta([{"seed": 0, "test/acc": 0.68}, {"seed": 1, "test/acc": 0.70}], baseline) == \
+        pytest.approx(0.69 - (0.6541 + 0.6619) / 2)
+    # a seed the baseline lacks: against all of the baseline's seeds
+    assert paired_delta([{"seed": 2, "test/acc": 0.70}], baseline) == pytest.approx(0.70 - (0.6541 + 0.6619) / 2)
+    assert math.isnan(paired_delta([{"seed": 0, "test/acc": 0.70}], {}))  # no baseline at all

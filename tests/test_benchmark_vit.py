@@ -2,7 +2,6 @@
 a teacher given by checkpoint is named in the results with the accuracy its own run measured."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -97,15 +96,3 @@ def test_steps_refuses_a_baseline_row_before_building_anything(monkeypatch):
     monkeypatch.setattr("sys.argv", ["vit.py", "steps", "--methods", "baseline_strong_aug"])
     with pytest.raises(SystemExit, match="untimed rows.*baseline_strong_aug"):
         vit.main()
-
-
-def test_a_row_is_compared_with_the_baseline_at_its_own_seeds():
-    from benchmarks.vit import paired_delta
-
-    baseline = {0: 0.6541, 1: 0.6619}
-    assert paired_delta([{"seed": 0, "test/acc": 0.7606}], baseline) == pytest.approx(0.7606 - 0.6541)
-    assert paired_delta([{"seed": 0, "test/acc": 0.68}, {"seed": 1, "test/acc": 0.70}], baseline) == \
-        pytest.approx(0.69 - (0.6541 + 0.6619) / 2)
-    # a seed the baseline lacks: against all of the baseline's seeds
-    assert paired_delta([{"seed": 2, "test/acc": 0.70}], baseline) == pytest.approx(0.70 - (0.6541 + 0.6619) / 2)
-    assert math.isnan(paired_delta([{"seed": 0, "test/acc": 0.70}], {}))  # no baseline at all
