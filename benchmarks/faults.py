@@ -96,9 +96,10 @@ def report(outcomes: list[Outcome], workdir: Path, seconds: float) -> str:
         "**Data lost**: a resumed run's `results.json` (every `test/*` and `val/*` value) and saved "
         f"weights (`teacher.pt`, `export/student.pt`) against a straight run of the same overrides "
         f"and seed (equal to {TOL:g}: none lost), and each epoch's validation row once in the "
-        "resumed stages' `metrics.csv`; a resume from an epoch-end checkpoint must be exact, one "
-        "from the middle of an epoch (Ctrl-C / SIGTERM from outside, step checkpoints) repeats "
-        "that epoch's batches from its start and its measured difference is shown. For a refused "
+        "resumed stages' `metrics.csv`; a resume from an epoch-end checkpoint must be exact, and so "
+        "must one from the middle of an epoch written after a finished step (SIGTERM, step "
+        "checkpoints: the epoch goes on at its next batch); Ctrl-C from outside lands inside a step, "
+        "which trains again with other random draws, and its measured difference is shown. For a refused "
         "run: whether anything was written. **Seconds**: the whole case, including the one-time "
         "shared preparation (a straight run, a trained teacher, the decoded CIFAR-10 cache) of the "
         "first case that needs it.",

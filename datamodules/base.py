@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from kdkit.data_contract import ClassificationData
 from kdkit.distributed import FixedShardSampler, eval_sampler, world
 from kdkit.errors import KdkitError
+from kdkit.resumable_loader import ResumableLoader
 from kdkit.sampling import EpochShuffleSampler
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -311,7 +312,7 @@ def build_loader(dm, dataset: Dataset, train: bool) -> DataLoader:
         from kdkit.datamodules.batch_mix import MixingCollate
 
         collate = MixingCollate(dm.batch_mix, dm.num_classes)
-    return DataLoader(
+    return (ResumableLoader if train else DataLoader)(  # a training epoch resumes at its next batch
         dataset,
         batch_size=dm.batch_size if train else dm.eval_batch_size,
         sampler=sampler,

@@ -48,6 +48,7 @@ from kdkit.datamodules.beir_streams import (BothStreams, Collate, EvalStream, Te
 from kdkit.datamodules.length_grouping import LengthGroupedBatchSampler
 from kdkit.distributed import FixedShardSampler, world
 from kdkit.errors import KdkitError
+from kdkit.resumable_loader import ResumableLoader
 from kdkit.sampling import EpochShuffleSampler
 
 __all__ = ["BEIRDataModule", "BEIRData", "BEIR_URL", "BothStreams", "Collate", "EvalStream", "TextStream",
@@ -359,8 +360,8 @@ class BEIRDataModule(L.LightningDataModule, RetrievalData):
                                                              max_length=self.max_length)["input_ids"]]
             batches = LengthGroupedBatchSampler(order, self.batch_size,
                                                 drop_last=True, lengths=lengths, seed=self.seed)
-            return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, **workers)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=order,
+            return ResumableLoader(dataset, batch_sampler=batches, collate_fn=collate, **workers)
+        return ResumableLoader(dataset, batch_size=self.batch_size, sampler=order,
                           drop_last=True,  # equal shapes on every rank for cross-rank gathers
                           collate_fn=collate, **workers)
 

@@ -5,7 +5,8 @@ fit *ends*, so a killed stage had nothing to resume from. ``StageCheckpoint`` wr
 ``last.ckpt`` every epoch (and optionally every N steps or minutes), keeps the one before as
 ``previous.ckpt``, writes one more when the run is interrupted (Ctrl-C, or SIGTERM from a
 cluster's pre-emption), and stores the global random state so a resumed stage draws the same
-dropout masks and augmentations as an uninterrupted one.
+dropout masks and augmentations as an uninterrupted one (and, through the training loader's
+state, continues an interrupted epoch at its next batch: ``kdkit.resumable_loader``).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class StageCheckpoint(Checkpoint):
         self.save_on_interrupt = save_on_interrupt
         self._last_saved_step: int | None = None
         self._last_saved_time = time.monotonic()
+        self._loader_states: list[dict] | None = None  # loader positions of the checkpoint resumed from
 
     @property
     def last_path(self) -> Path:
@@ -68,9 +70,18 @@ class StageCheckpoint(Checkpoint):
         return Path(self.dirpath) / LAST
 
     # ---- when to write ---------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer  # state_dict() is called without it
+
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_saved_step = trainer.global_step  # a resumed stage has its checkpoint already
         self._last_saved_time = time.monotonic()
+        # Lightning hands loaders their state only when it builds them after the restore; a
+        # scheduler that asks for the epoch's length builds them before. The first batch is
+        # drawn after this hook, so the loaders learn their place here either way.
+        states, self._loader_states = self._loader_states, None
+        for loader, state in zip(resumable_loaders(trainer), states or []):
+            loader.load_state_dict(state)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -99,6 +110,8 @@ class StageCheckpoint(Checkpoint):
         """Write ``last.ckpt`` now (moving the one before to ``previous.ckpt``)."""
         if self._last_saved_step == trainer.global_step and self.last_path.exists():
             return
+        for loader in resumable_loaders(trainer):  # where the epoch resumes: after the batches the loop finished
+            loader.trained(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         if trainer.is_global_zero:
             if self.keep_previous:
@@ -111,11 +124,22 @@ class StageCheckpoint(Checkpoint):
 
     # ---- random state travels with the checkpoint ---------------------------------------------
     def state_dict(self) -> dict:
-        return {"rng": rng_state()}
+        trainer = getattr(self, "_trainer", None)
+        loaders = [dl.state_dict() for dl in resumable_loaders(trainer)] if trainer is not None else []
+        return {"rng": rng_state(), "loaders": loaders}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if "rng" in state_dict:
             set_rng_state(state_dict["rng"])
+        self._loader_states = state_dict.get("loaders")
+
+
+def resumable_loaders(trainer) -> list:
+    """The training loaders of ``trainer``'s fit that know their place in an epoch."""
+    from kdkit.resumable_loader import ResumableLoader
+
+    combined = trainer.fit_loop._combined_loader
+    return [dl for dl in (combined.flattened if combined is not None else []) if isinstance(dl, ResumableLoader)]
 
 
 def _keep_as_previous(last: Path) -> None:

@@ -40,8 +40,19 @@ def _metrics(results: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    return run(compose(BASE, output_dir=str(tmp_path_factory.mktemp("straight"))))
+def straight_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    return run(compose(BASE, output_dir=str(out))), out
+
+
+@pytest.fixture(scope="module")
+def straight(straight_run):
+    return straight_run[0]
+
+
+def _train_losses(run_dir) -> dict[int, str]:
+    with open(run_dir / "logs" / "student" / "metrics.csv") as f:
+        return {int(r["step"]): r["train/loss"] for r in csv.DictReader(f) if r.get("train/loss")}
 
 
 def test_sigint_then_resume_equals_an_uninterrupted_run(tmp_path, straight, capsys):
@@ -67,6 +78,24 @@ def test_sigint_then_resume_equals_an_uninterrupted_run(tmp_path, straight, caps
     starts = json.loads((tmp_path / "run" / "environment.json").read_text())["starts"]
     assert [s["resumed"] for s in starts] == [False, True]  # both starts on record
     assert "other arithmetic" not in err  # same process, same kernels and threads
+
+
+def test_sigterm_mid_epoch_then_resume_continues_the_epoch_exactly(tmp_path, straight_run, capsys):
+    """SIGTERM (a cluster's pre-emption) after 3 of epoch 1's 6 batches: the checkpoint is
+    written mid-epoch, and the resumed stage trains the epoch's other 3 batches, not its first 3
+    again (kdkit.resumable_loader), with the same dropout draws: the same numbers to the last
+    digit, and the same training loss at every logged step."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        run(compose([*BASE, *SIGINT_AFTER, "+callbacks.interrupt.signal_name=SIGTERM",
+                     "+callbacks.interrupt.after_batches=3"], output_dir=str(out)))
+    assert exit_info.value.code == 143
+    assert "interrupted at epoch 1, step 9" in capsys.readouterr().err  # 6 + 3 batches
+
+    resumed = run(compose([*BASE, "ckpt_path=last", *ALLOW], output_dir=str(out)))
+    assert "resuming stage 'student' from" in capsys.readouterr().err
+    assert _metrics(resumed) == _metrics(straight_run[0])
+    assert _train_losses(out) == _train_losses(straight_run[1])  # step by step
 
 
 def test_a_resume_with_other_arithmetic_warns_and_reports_both_starts(tmp_path, capsys):
