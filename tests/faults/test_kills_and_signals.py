@@ -1,6 +1,6 @@
 """kill -9 mid-stage and during checkpoint writes, Ctrl-C and SIGTERM: real signals to a real
 ``python -m kdkit.train``, then ``ckpt_path=last``; the resumed run is compared with a straight
-run of the same overrides and seed (exact when resumed from an epoch end)."""
+run of the same overrides and seed (exact, except after a Ctrl-C that landed inside a step)."""
 
 import pytest
 
