@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import OmegaConf
 
+from kdkit.callbacks.agreed_sigterm import AgreedSigterm
 from kdkit.callbacks.progress import StageProgressBar
 from kdkit.checkpoint_io import AtomicCheckpointIO, safe_load, write_atomically
 from kdkit.checkpointing import ResumePoint, find_resume_point
@@ -38,6 +39,7 @@ def make_trainer(cfg, out: Path, stage: str, max_epochs=None, resume_at=None) ->
     loggers that continue their files (``kdkit.csv_logger``).
     """
     callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
+    callbacks.append(AgreedSigterm())  # DDP ranks stop together on SIGTERM (Lightning's handler can hang them)
     if not cfg.trainer.get("enable_progress_bar", True):  # one switch turns every bar off
         callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
     for cb in callbacks:

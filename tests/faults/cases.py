@@ -982,7 +982,8 @@ def _ddp_sigterm(ctx: Ctx, target: str) -> Outcome:
     text = " / ".join(res.kdkit_lines)
     out.check("checkpoint written" in text, "no 'checkpoint written' line")
     out.check("Traceback" not in res.stderr, "a traceback was printed")
-    resumed = resume_and_compare(ctx, out, run_dir, DDP, exact=False, epochs=6)
+    # every rank stops after the same finished step (kdkit.callbacks.agreed_sigterm): exact
+    resumed = resume_and_compare(ctx, out, run_dir, DDP, exact=True, epochs=6)
     if left:
         out.data_lost = f"job SIGKILLed after the {SLURM_GRACE_S:.0f} s grace; final results: {out.data_lost}"
     out.exit_code = f"rank 0: {res.rc} -> {resumed.rc} (resume)"
@@ -1288,13 +1289,6 @@ BY_NAME = {case.name: case for case in CASES}
 # Cases that fail because of a kdkit bug found by this suite (see the benchmark's notes):
 # name -> (reason, strict). The tests mark them xfail; remove an entry once the bug is fixed.
 KNOWN_BUGS: dict[str, tuple[str, bool]] = {
-    "DDP: SIGTERM to the job (SLURM)": (
-        "intermittent hang (most runs here): Lightning 2.6's SIGTERM handler calls "
-        "dist.broadcast inside the signal handler, so the ranks' collectives mismatch when they "
-        "handle the signal at different points (e.g. rank 0 blocked in DDP's gradient all-reduce); "
-        "the job waits until SIGKILL (rank 0 may or may not have written the SIGTERM checkpoint)", False),
-    "DDP: SIGTERM to rank 0 only": (
-        "intermittent hang (some runs here), as for SIGTERM to the whole job", False),
 }
 assert len(BY_NAME) == len(CASES), "case names must be unique"
 
