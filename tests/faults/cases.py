@@ -157,6 +157,14 @@ def command(run_dir: Path, overrides: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "kdkit.train", f"hydra.run.dir={run_dir}", *overrides]
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """In the child before it runs: SIGINT back to its default action. A suite started in the
+    background of a non-interactive shell (``cmd &``, as a CI script or a batch job may) has SIGINT
+    ignored, its children inherit that, Python then installs no KeyboardInterrupt handler, and
+    the Ctrl-C cases would see a run that simply goes on: a harness artefact, not kdkit's."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Running:
     """A ``python -m kdkit.train`` started in its own session (process group = its pid)."""
 
@@ -171,7 +179,8 @@ class Running:
         self._out, self._err = open(self.out_path, "wb"), open(self.err_path, "wb")
         self.start = time.monotonic()
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=env_for(env), stdout=self._out,
-                                     stderr=self._err, start_new_session=True)
+                                     stderr=self._err, start_new_session=True,
+                                     preexec_fn=_ctrl_c_as_in_a_terminal)
         self.pid = self.proc.pid
 
     def alive(self) -> bool:
