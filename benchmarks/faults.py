@@ -7,7 +7,10 @@ row: the exit code, the one-line message kdkit printed, the data lost (a resumed
 with a straight run of the same overrides and seed) and the seconds the case took.
 
     python benchmarks/faults.py [--cases SUBSTRING,...] [--out benchmarks/results/faults.md]
-                                [--workdir DIR] [--list]
+                                [--workdir DIR] [--list] [--merge EARLIER_WORKDIR/outcomes.jsonl]
+
+``--merge`` reruns only ``--cases`` (after a fix) and rewrites the table with the earlier full
+run's other rows, naming that run in the header.
 
 Run it alone (it starts training processes; DDP cases start two). Subprocesses use
 ``OMP_NUM_THREADS=1``.
@@ -65,8 +68,23 @@ def selected(filters: str | None) -> list:
     return [c for c in CASES if any(w in c.name.lower() or w == c.group.lower() for w in wanted)]
 
 
-def report(outcomes: list[Outcome], workdir: Path, seconds: float) -> str:
+def earlier_run(outcomes_file: Path, table: Path) -> tuple[list[Outcome], list[str]]:
+    """The outcomes of an earlier run (its work dir's ``outcomes.jsonl``) and the header lines
+    (command, date, machine, commit) of the table it wrote, for ``--merge``."""
+    rows = [json.loads(line) for line in outcomes_file.read_text().splitlines() if line.strip()]
+    outcomes = [Outcome(**{k: v for k, v in row.items() if k in Outcome.__dataclass_fields__}) for row in rows]
+    keys = ("- command:", "- date:", "- machine:", "- kdkit commit:")
+    header = [line for line in table.read_text().splitlines() if line.startswith(keys)] if table.exists() else []
+    return outcomes, header
+
+
+def report(outcomes: list[Outcome], workdir: Path, seconds: float, rerun: list[str] | None = None,
+           earlier: list[str] | None = None) -> str:
     passed = sum(o.ok for o in outcomes)
+    merged = []
+    if rerun is not None:  # --merge: say which rows this command ran and where the others come from
+        merged = [f"- rows measured by this command: {', '.join(rerun)}; every other row is from the "
+                  "earlier full run:", *(f"  {line}" for line in earlier or [])]
     lines = [
         "# Fault injection: kill -9, signals, DDP rank death, damaged files, bad config values",
         "",
@@ -74,6 +92,7 @@ def report(outcomes: list[Outcome], workdir: Path, seconds: float) -> str:
         f"- date: {dt.datetime.now():%Y-%m-%d %H:%M}",
         f"- machine: {machine()}",
         f"- kdkit commit: {commit()}",
+        *merged,
         f"- cases: {len(outcomes)}, {passed} pass every check, {len(outcomes) - passed} fail some "
         f"(listed below the table); {seconds / 60:.1f} min in all; `<work>` = {workdir}",
         "",
@@ -138,6 +157,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "faults.md"), help="the markdown table")
     parser.add_argument("--workdir", help="scratch directory (default: a new temporary one, kept)")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument("--merge", help="an earlier run's outcomes.jsonl (in its work dir): rerun only the "
+                                        "--cases and write the table with that run's other rows")
     args = parser.parse_args()
     cases = selected(args.cases)
     if args.list:
@@ -163,7 +184,16 @@ def main() -> None:
             log.flush()
             verdict = "pass" if out.ok else "FAIL: " + "; ".join(out.failures)
             print(f"    exit {out.exit_code} | {out.data_lost} | {out.seconds:.1f} s | {verdict}", flush=True)
-    text = report(outcomes, workdir, time.monotonic() - start)
+    seconds = time.monotonic() - start
+    if args.merge:
+        earlier, header = earlier_run(Path(args.merge), Path(args.out))
+        fresh = {o.case: o for o in outcomes}
+        merged = [fresh.pop(o.case, o) for o in earlier] + list(fresh.values())
+        seconds += sum(o.seconds for o in merged if o.case not in {c.name for c in cases})
+        text = report(merged, workdir, seconds, rerun=[c.name for c in cases], earlier=header)
+        outcomes = merged
+    else:
+        text = report(outcomes, workdir, seconds)
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(text)

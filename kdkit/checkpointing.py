@@ -38,7 +38,8 @@ class StageCheckpoint(Checkpoint):
     Args:
         dirpath: the stage's checkpoint directory (the pipeline sets ``checkpoints/<stage>``).
         every_n_epochs: write at the end of every N-th epoch (0: never at epoch ends).
-        every_n_train_steps: also write every N optimizer steps (null: off).
+        every_n_train_steps: also write every N optimizer steps (null: off); one that falls on
+            an epoch's last batch is written at the epoch's end, after its validation.
         train_time_interval: also write when this many minutes passed since the last write.
         keep_previous: keep the checkpoint before ``last.ckpt`` as ``previous.ckpt``, the
             fallback when ``last.ckpt`` is found corrupt.
@@ -62,6 +63,7 @@ class StageCheckpoint(Checkpoint):
         self._last_saved_step: int | None = None
         self._last_saved_time = time.monotonic()
         self._loader_states: list[dict] | None = None  # loader positions of the checkpoint resumed from
+        self._due_at_epoch_end = False  # a step checkpoint fell on the epoch's last batch
 
     @property
     def last_path(self) -> Path:
@@ -89,11 +91,16 @@ class StageCheckpoint(Checkpoint):
         if self.interval_s is not None:
             elapsed = time.monotonic() - self._last_saved_time >= self.interval_s
             due = due or trainer.strategy.broadcast(elapsed)  # rank 0's clock decides for all
-        if due:
+        if due and batch_idx + 1 >= trainer.num_training_batches:
+            # The epoch's last batch: Lightning resumes a checkpoint written here past the
+            # epoch's validation, which would then never run. Written after it, at the epoch end.
+            self._due_at_epoch_end = True
+        elif due:
             self.save(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        due, self._due_at_epoch_end = self._due_at_epoch_end, False
+        if due or (self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0):
             self.save(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:

@@ -1,14 +1,19 @@
 """kdkit.checkpointing: a checkpoint every epoch, the previous one kept, and the resume choice."""
 
+import csv
 import random
 
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 
 from kdkit.checkpoint_io import save_atomically
 from kdkit.checkpointing import LAST, PREVIOUS, find_resume_point, rng_state, set_rng_state
+from kdkit.compose import compose
 from kdkit.errors import KdkitError
+from kdkit.pipeline import run
 
 
 def _ckpt(epoch: int) -> dict:
@@ -84,3 +89,37 @@ def test_resuming_removes_every_temporary_of_a_killed_writer(tmp_path):
         (tmp_path / name).write_bytes(b"half")
     assert find_resume_point(tmp_path).epoch == 1
     assert [p.name for p in tmp_path.iterdir()] == [LAST]
+
+
+class DieBeforeValidation(Callback):
+    """Raises as ``epoch``'s validation starts: the run dies between the epoch's last training
+    step and its validation (a crash, or a kill at that moment)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and trainer.current_epoch == self.epoch:
+            raise RuntimeError("died before validation")
+
+
+def test_a_step_checkpoint_on_an_epochs_last_batch_waits_for_its_validation(tmp_path):
+    """Lightning resumes a checkpoint written at an epoch's last batch past that epoch's
+    validation, which then never runs (found by the fault suite: a kill -9 right after such a
+    checkpoint lost epoch 0's validation row). So that checkpoint is written after validation."""
+    over = ["callbacks=default", "~callbacks.progress_bar", "callbacks.checkpoint.every_n_epochs=0",
+            "callbacks.checkpoint.every_n_train_steps=3", "trainer.max_epochs=3", "trainer.limit_train_batches=6",
+            "trainer.enable_progress_bar=false", "report.latency_batch_size=8", "export.programs=[]",
+            "stages.baseline=false", "stages.student=false"]
+    straight = run(compose(over, output_dir=str(tmp_path / "straight")))
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="died before validation"):
+        run(compose([*over, "+callbacks.die._target_=tests.test_checkpointing.DieBeforeValidation",
+                     "+callbacks.die.epoch=1"], output_dir=str(out)))
+    # step 12 ends epoch 1: its checkpoint was due but waits for the validation that never came
+    assert torch.load(out / "checkpoints" / "teacher" / LAST, weights_only=True)["global_step"] == 9
+    resumed = run(compose([*over, "ckpt_path=last", "resume.allow_changes=[callbacks.die]"], output_dir=str(out)))
+    with open(out / "logs" / "teacher" / "metrics.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f) if r.get("val/acc")] == [0, 1, 2]
+    assert resumed["teacher"]["test/acc"] == straight["teacher"]["test/acc"]
+    assert resumed["teacher"]["val/acc"] == straight["teacher"]["val/acc"]
