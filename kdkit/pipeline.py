@@ -67,7 +67,9 @@ def run(cfg: DictConfig) -> dict[str, dict]:
         raise KdkitError("the student stage needs a teacher: set teacher=<one of conf/teacher> or "
                          "+teacher@teachers.<name>=<...>, or stages.student=false")
     teachers: dict[str, tuple] = {}  # name -> (model, has trained weights)
-    if cfg.stages.teacher or cfg.stages.student:
+    # a baseline that inherits a teacher's weights (student.init) needs that teacher too
+    inherits = bool(cfg.stages.baseline and (cfg.get("student") or {}).get("init"))
+    if cfg.stages.teacher or cfg.stages.student or inherits:
         teachers = {name: load_teacher(cfg, tcfg, out, name) for name, tcfg in teacher_cfgs.items()}
     check_before_training(cfg, datamodule, teachers, teacher_cfgs)
     for name, (model, trained) in teachers.items():

@@ -141,3 +141,18 @@ def test_the_probe_leaves_the_teacher_trainable_and_in_train_mode(tmp_path):
     assert all(p.requires_grad for p in teacher.parameters())
     assert all(m.training for m in teacher.modules())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in teacher.modules())  # taps gone
+
+
+def test_a_baseline_alone_inherits_from_a_given_teacher(tmp_path, data_dir, capsys):
+    """`stages.student=false` with a trained teacher given: the baseline still starts from the
+    teacher's weights (student.init). It failed with "this run has no teacher" before, because
+    the teacher was only loaded for the teacher and student stages."""
+    from tests.conftest import SMOKE
+
+    common = [*SMOKE, "experiment=cifar10_vit_vit", "data.train_limit=256", "data.val_size=32"]
+    run(compose([*common, "stages.baseline=false", "stages.student=false"], output_dir=str(tmp_path / "t")))
+    ckpt = tmp_path / "t" / "teacher.pt"
+    results = run(compose([*common, f"teacher.ckpt_path={ckpt}", "stages.teacher=false", "stages.student=false"],
+                          output_dir=str(tmp_path / "b")))
+    assert set(results) == {"baseline"}
+    assert "student.init: inherited 56 of 56 tensors from teacher blocks [1, 2, 4, 5]" in capsys.readouterr().err
