@@ -64,6 +64,7 @@ class StageCheckpoint(Checkpoint):
         self._last_saved_time = time.monotonic()
         self._loader_states: list[dict] | None = None  # loader positions of the checkpoint resumed from
         self._due_at_epoch_end = False  # a step checkpoint fell on the epoch's last batch
+        self._trainer = None  # set in setup(): state_dict() is called without it
 
     @property
     def last_path(self) -> Path:
@@ -73,7 +74,7 @@ class StageCheckpoint(Checkpoint):
 
     # ---- when to write ---------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
-        self._trainer = trainer  # state_dict() is called without it
+        self._trainer = trainer
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_saved_step = trainer.global_step  # a resumed stage has its checkpoint already
@@ -131,7 +132,7 @@ class StageCheckpoint(Checkpoint):
 
     # ---- random state travels with the checkpoint ---------------------------------------------
     def state_dict(self) -> dict:
-        trainer = getattr(self, "_trainer", None)
+        trainer = self._trainer
         loaders = [dl.state_dict() for dl in resumable_loaders(trainer)] if trainer is not None else []
         return {"rng": rng_state(), "loaders": loaders}
 
