@@ -152,7 +152,7 @@ def main() -> None:
                 print(f"[vit {args.part}] {row['method']} seed {row['seed']}: test/acc "
                       f"{row['test/acc']:.4f} ({row['wall_s']:.0f} s)", flush=True)
     logs = {part: RunLog(Path(f"benchmarks/runs/vit_{part}") / "results.jsonl", key=log.key) for part in PARTS}
-    logs[args.part] = log
+    logs[args.part] = RunLog(out / "results.jsonl", key=log.key)  # read again: another runner may have added rows
     report(logs)
     raise_failures(failed)
 
@@ -183,7 +183,8 @@ def train_teacher(args, common: list[str], out: Path, log: RunLog) -> str:
         torch.set_num_threads(args.threads)
         over = [*common, "stages.baseline=false", "stages.student=false", f"teacher.max_epochs={args.teacher_epochs}"]
         res = run(compose(over, output_dir=str(path.parent)))["teacher"]
-        log.record({"part": args.part, "method": "teacher", "seed": 0, **res})
+        log.record({"part": args.part, "method": "teacher", "seed": 0, **res, "machine": machine(),
+                    "command": command()})
     return str(path)
 
 
