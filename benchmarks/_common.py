@@ -305,6 +305,10 @@ def raise_failures(failed: list[str], total: int | None = None) -> None:
         raise RuntimeError(f"{counted} failed (the others are recorded):\n  " + "\n  ".join(failed))
 
 
+PAIRED_DELTA_NOTE = ("Δ vs baseline: the row's mean minus the baseline's mean over the same seeds (a seed fixes "
+                     "the student's init and data order), or over all of the baseline's seeds where it lacks one.")
+
+
 def paired_delta(rows: list[dict], baseline: dict[int, float]) -> float:
     """The rows' mean test accuracy minus the baseline's over the same seeds (``baseline``: seed ->
     accuracy), so a row run at seed 0 only is compared with the baseline's seed 0, not with a mean

@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (  # noqa: E402
-    RunLog, command, cpu_of, epoch_means, header, machine, mean_std, paired_delta, raise_failures, run_all_jobs,
-    write)
+    PAIRED_DELTA_NOTE, RunLog, command, cpu_of, epoch_means, header, machine, mean_std, paired_delta, raise_failures,
+    run_all_jobs, write)
 
 METHODS = ["kd", "dkd", "dist", "fitnet", "at", "rkd", "sp", "crd",
            # issue #16: the peers' classic distillers and the seed papers' logit methods
@@ -191,8 +191,7 @@ def report(args, done: dict, best: str | None) -> None:
     if args.extra:
         lines.append(f"Overrides of every student run: {', '.join(f'`{o}`' for o in args.extra)}.")
     lines += ["Every other hyper-parameter is the distiller's yaml default (the papers' CIFAR values).", ""]
-    lines += ["Δ vs baseline: the method's mean minus the baseline's over the same seeds (a seed fixes the "
-              "student's init and data order), or over all of the baseline's seeds where it lacks one.", ""]
+    lines += [PAIRED_DELTA_NOTE, ""]
     lines += ["Train loss: the mean training loss of the last epoch (task loss plus every distiller's "
               "weighted loss, so compare it within a row), and its change over the last tenth of the "
               "epochs: near 0 when the student has reached its floor.", ""]

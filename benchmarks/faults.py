@@ -55,9 +55,12 @@ def commit() -> str:
     return rev + (" + uncommitted changes" if git("status", "--porcelain") else "")
 
 
-def cell(text: str, workdir: Path) -> str:
-    """A table cell: the work dir shortened to ``<work>``, pipes and backticks escaped."""
-    text = str(text).replace(str(workdir), "<work>").replace("\n", " ")
+def cell(text: str, workdirs: dict[Path, str]) -> str:
+    """A table cell: each work dir shortened to its name (``<work>``), pipes and backticks escaped."""
+    text = str(text)
+    for path, name in workdirs.items():
+        text = text.replace(str(path), name)
+    text = text.replace("\n", " ")
     return text.replace("|", "\\|").replace("`", "\\`")
 
 
@@ -70,21 +73,25 @@ def selected(filters: str | None) -> list:
 
 def earlier_run(outcomes_file: Path, table: Path) -> tuple[list[Outcome], list[str]]:
     """The outcomes of an earlier run (its work dir's ``outcomes.jsonl``) and the header lines
-    (command, date, machine, commit) of the table it wrote, for ``--merge``."""
+    (command, date, machine, commit) of the full run behind ``table``, for ``--merge``: its own
+    header, or, when ``table`` was itself merged, the full run that header names."""
     rows = [json.loads(line) for line in outcomes_file.read_text().splitlines() if line.strip()]
     outcomes = [Outcome(**{k: v for k, v in row.items() if k in Outcome.__dataclass_fields__}) for row in rows]
     keys = ("- command:", "- date:", "- machine:", "- kdkit commit:")
-    header = [line for line in table.read_text().splitlines() if line.startswith(keys)] if table.exists() else []
+    lines = table.read_text().splitlines() if table.exists() else []
+    header = [line.strip() for line in lines if line.startswith(tuple("  " + k for k in keys))] or \
+        [line for line in lines if line.startswith(keys)]
     return outcomes, header
 
 
 def report(outcomes: list[Outcome], workdir: Path, seconds: float, rerun: list[str] | None = None,
-           earlier: list[str] | None = None) -> str:
+           earlier: list[str] | None = None, earlier_dir: Path | None = None) -> str:
     passed = sum(o.ok for o in outcomes)
+    dirs = {workdir: "<work>", **({earlier_dir: "<earlier work>"} if earlier_dir else {})}
     merged = []
     if rerun is not None:  # --merge: say which rows this command ran and where the others come from
         merged = [f"- rows measured by this command: {', '.join(rerun)}; every other row is from the "
-                  "earlier full run:", *(f"  {line}" for line in earlier or [])]
+                  f"earlier full run (`<earlier work>` = {earlier_dir}):", *(f"  {line}" for line in earlier or [])]
     lines = [
         "# Fault injection: kill -9, signals, DDP rank death, damaged files, bad config values",
         "",
@@ -128,25 +135,25 @@ def report(outcomes: list[Outcome], workdir: Path, seconds: float, rerun: list[s
     ]
     for o in outcomes:
         status = "pass" if o.ok else ("FAIL (known bug)" if o.case in KNOWN_BUGS else "FAIL")
-        lines.append(f"| {cell(o.case, workdir)} | {cell(o.exit_code, workdir)} | "
-                     f"{cell(o.message, workdir)} | {cell(o.data_lost, workdir)} | {o.seconds:.1f} | "
+        lines.append(f"| {cell(o.case, dirs)} | {cell(o.exit_code, dirs)} | "
+                     f"{cell(o.message, dirs)} | {cell(o.data_lost, dirs)} | {o.seconds:.1f} | "
                      f"{status} |")
     failed = [o for o in outcomes if not o.ok]
     if failed:
         lines += ["", "## Failed checks", ""]
         for o in failed:
             known = f" *{KNOWN_BUGS[o.case][0]}*" if o.case in KNOWN_BUGS else ""
-            lines.append(f"- **{cell(o.case, workdir)}**:{known} " +
-                         "; ".join(cell(f, workdir) for f in o.failures))
+            lines.append(f"- **{cell(o.case, dirs)}**:{known} " +
+                         "; ".join(cell(f, dirs) for f in o.failures))
     ddp = [o for o in outcomes if "exit_seconds" in o.values]
     if ddp:
         lines += ["", "## Time to exit", "",
                   f"Seconds from the fault until every process of the run had exited (limit: "
                   f"{EXIT_LIMIT_S:.0f} s after a rank's death, {SLURM_GRACE_S:.0f} s after SIGTERM):", ""]
-        lines += [f"- {cell(o.case, workdir)}: {o.values['exit_seconds']:.1f} s" for o in ddp]
+        lines += [f"- {cell(o.case, dirs)}: {o.values['exit_seconds']:.1f} s" for o in ddp]
     notes = [(o, n) for o in outcomes for n in o.notes]
     if notes:
-        lines += ["", "## Notes", ""] + [f"- {cell(o.case, workdir)}: {cell(n, workdir)}" for o, n in notes]
+        lines += ["", "## Notes", ""] + [f"- {cell(o.case, dirs)}: {cell(n, dirs)}" for o, n in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -190,7 +197,8 @@ def main() -> None:
         fresh = {o.case: o for o in outcomes}
         merged = [fresh.pop(o.case, o) for o in earlier] + list(fresh.values())
         seconds += sum(o.seconds for o in merged if o.case not in {c.name for c in cases})
-        text = report(merged, workdir, seconds, rerun=[c.name for c in cases], earlier=header)
+        text = report(merged, workdir, seconds, rerun=[c.name for c in cases], earlier=header,
+                      earlier_dir=Path(args.merge).resolve().parent)
         outcomes = merged
     else:
         text = report(outcomes, workdir, seconds)

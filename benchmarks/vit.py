@@ -41,6 +41,7 @@ from benchmarks._common import (  # noqa: E402
     cpu_of,
     header,
     machine,
+    PAIRED_DELTA_NOTE,
     mean_std,
     paired_delta,
     raise_failures,
@@ -222,8 +223,7 @@ def report(logs: dict[str, RunLog]) -> None:
                      "alongside, and any time a run was paused), counted by the fit that finished the run: a run "
                      "resumed from its checkpoint counts only its last part. "
                      "They are no speed comparison: see the step times below for that.\n")
-        lines.append("Δ vs baseline: the row's mean minus the baseline's mean over the same seeds (each seed shares "
-                     "the student's init and data order), or over all of the baseline's seeds where it lacks one.\n")
+        lines.append(PAIRED_DELTA_NOTE + "\n")
         lines += ["| row | overrides | seeds | test acc (%) | Δ vs baseline | params | train time / run (s) |",
                   "|---|---|---|---|---|---|---|"]
         for method in [m for m in table if m in by_method]:

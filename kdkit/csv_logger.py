@@ -19,19 +19,19 @@ from kdkit.errors import say
 
 
 def _keep(row: dict, epoch: int, step: int) -> bool:
-    """Whether a row was logged before the checkpoint at (``epoch`` end, ``step``) was written.
+    """Whether a row was logged before the checkpoint at (``epoch``, ``step``) was written.
 
-    Rows at the checkpoint's own step are the epoch-end validation (kept: it ran before the
-    checkpoint) or the next epoch's learning-rate row, which has no epoch (dropped).
+    Lightning logs a training row after batch ``k`` at step ``k - 1`` and an epoch's validation
+    at its last batch's step; a checkpoint after ``step`` batches covers the rows at steps below
+    ``step``. A row at ``step`` itself belongs to the batch after the checkpoint (or to the
+    validation that follows it, when the checkpoint is mid-epoch), or is the next epoch's
+    learning-rate row: all of them run again after the resume. ``epoch`` is not needed.
     """
     try:
         row_step = int(float(row.get("step") or -1))
     except ValueError:
         return False
-    if row_step != step:
-        return row_step < step
-    row_epoch = row.get("epoch")
-    return bool(row_epoch) and int(float(row_epoch)) <= epoch
+    return row_step < step
 
 
 class _ResumingWriter(ExperimentWriter):

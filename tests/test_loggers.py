@@ -124,3 +124,18 @@ def test_probe_only_when_going_online(monkeypatch, tmp_path, mode, env_mode, key
         monkeypatch.setenv("WANDB_MODE", env_mode)
     loggers.wandb_logger("student", save_dir=str(tmp_path), mode=mode)
     assert calls == (["https://api.wandb.ai"] if probed else [])
+
+
+def test_a_resumed_log_keeps_exactly_the_rows_its_checkpoint_covers():
+    """Rows as Lightning writes them for 6-batch epochs: training rows after batch k at step k - 1,
+    epoch 0's validation at step 5, the learning-rate row of epoch 1 at step 6 (no epoch)."""
+    from kdkit.csv_logger import _keep
+
+    rows = [{"epoch": "0", "step": str(s), "train/loss": "1"} for s in range(6)]
+    rows += [{"epoch": "0", "step": "5", "val/acc": "0.5"}, {"epoch": "", "step": "6", "lr-SGD": "0.04"},
+             {"epoch": "1", "step": "6", "train/loss": "1"}]
+    kept = lambda epoch, step: [(r["step"], "val/acc" in r) for r in rows if _keep(r, epoch, step)]  # noqa: E731
+    # at epoch 0's end (6 batches): every row of epoch 0, validation included, nothing of epoch 1
+    assert kept(0, 6) == [(str(s), False) for s in range(6)] + [("5", True)]
+    # mid-epoch after 5 batches: batch 6's row and the validation after it run again
+    assert kept(0, 5) == [(str(s), False) for s in range(5)]
