@@ -58,6 +58,9 @@ PLAIN = ["student=vit_tiny"]  # no distillation token: it would average an untra
 # DeiT's own data recipe (Touvron et al. 2021, Table 8): RandAugment 2 ops of magnitude 9, random
 # erasing 0.25, Mixup 0.8 / CutMix 1.0 (one of the two per batch); the teacher sees the mixed images
 STRONG = ["data.randaugment_ops=2", "data.random_erasing=0.25", "data.mixup_alpha=0.8", "data.cutmix_alpha=1.0"]
+# MFD (pixel masking, ratio 0.5) on FitNet's taps: the ViT's last block <-> the CNN's last stage
+MFD_TAPS = [*PLAIN, "distiller=[mfd]", "task.task_loss_weight=1.0", "distiller.mfd.student_feature=blocks.3",
+            "distiller.mfd.student_prefix_tokens=1", "distiller.mfd.teacher_feature=layer3"]
 CNN_METHODS = {
     "baseline": [*PLAIN, "stages.student=false"],
     "kd": [*PLAIN, "distiller=[kd]", "task.task_loss_weight=1.0"],
@@ -82,17 +85,16 @@ CNN_METHODS = {
     "baseline_strong_aug": [*PLAIN, "stages.student=false", *STRONG],
     "kd_strong_aug": [*PLAIN, "distiller=[kd]", "task.task_loss_weight=1.0", *STRONG],
     "deit_hard_strong_aug": [*STRONG],
-    "mfd": [*PLAIN, "distiller=[mfd]", "task.task_loss_weight=1.0", "distiller.mfd.student_feature=blocks.3",
-            "distiller.mfd.student_prefix_tokens=1", "distiller.mfd.teacher_feature=layer3"],
+    "mfd": MFD_TAPS,
     # the same with MAE-style token dropping: the student's blocks encode only the visible patches
-    "mfd_tokens": [*PLAIN, "distiller=[mfd]", "task.task_loss_weight=1.0", "distiller.mfd.student_feature=blocks.3",
-                   "distiller.mfd.student_prefix_tokens=1", "distiller.mfd.teacher_feature=layer3",
-                   "distiller.mfd.masking=tokens"],
+    "mfd_tokens": [*MFD_TAPS, "distiller.mfd.masking=tokens"],
     # MFD at FitNet's loss weight (100, RepDistiller's; MFD's yaml keeps DMAE / CLIP-KD's 1.0): the
     # same taps, adapter and weight as `fitnet`, so it differs from it only by the masking
-    "mfd_fitnet_weight": [*PLAIN, "distiller=[mfd]", "task.task_loss_weight=1.0", "distiller.mfd.student_feature=blocks.3",
-                          "distiller.mfd.student_prefix_tokens=1", "distiller.mfd.teacher_feature=layer3",
-                          "distiller.mfd.weight=100.0"],
+    "mfd_fitnet_weight": [*MFD_TAPS, "distiller.mfd.weight=100.0"],
+    # ... and with the task loss on a second, unmasked forward: it differs from `fitnet` only in
+    # that the distilled features come from the masked view, at the visible patches
+    "mfd_full_view_fitnet_weight": [*MFD_TAPS, "distiller.mfd.weight=100.0", "distiller.mfd.task_view=full"],
+    "mfd_full_view": [*MFD_TAPS, "distiller.mfd.task_view=full"],
 }
 VIT_METHODS = {
     "baseline": ["stages.student=false"],

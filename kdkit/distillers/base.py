@@ -79,6 +79,9 @@ class Distiller(nn.Module):
     # rank 0 before every step, a copy of their whole size (CRD on ImageNet: 1.3 GB a step). The
     # task leaves them out of DDP's buffer sync and broadcasts them once when training starts.
     rank_synced_buffers: tuple[str, ...] = ()
+    # True when the task loss should see the clean batch although ``student_batch`` changes the
+    # student's input (MFD's ``task_view: full``): the task runs the student once more on it
+    task_on_full_view = False
 
     def __init__(self, weight: float = 1.0):
         super().__init__()

@@ -115,7 +115,7 @@ class MFD(FitNet):
       its patch, the teacher's map (or token grid) brought to the student's patch grid by
       ``resize_map`` (exact cell means when it is finer). The mask's grid must be the student's
       patch grid. The student's classifier then also reads only the visible tokens, so the task
-      loss in training sees the masked view (as in pixel masking).
+      loss in training sees the masked view (as in pixel masking), unless ``task_view: full``.
 
     The mask is drawn at the batch image's resolution: when the student resizes its input
     (``inputs.student.image_size``), set ``patch_size`` so that the mask grid is its patch grid
@@ -148,6 +148,12 @@ class MFD(FitNet):
         masking: ``"pixels"`` or ``"tokens"`` (see above).
         token_module: with ``masking: tokens``, the student module after which masked tokens are
             dropped: ``patch_drop`` for timm ViTs, ``visual.patch_dropout`` for open_clip.
+        task_view: what the task loss sees. ``"masked"``: the student's masked forward, the one
+            distilled (no extra cost; the classifier then trains on masked views only).
+            ``"full"``: a second student forward on the unmasked image, whose outputs only the
+            task loss reads, so the classifier trains on the views it meets at test time (as
+            DMAE's fine-tuning on whole images does, here within the same step). Costs one
+            more student forward and backward per step.
     """
 
     who = "mfd"
@@ -157,7 +163,7 @@ class MFD(FitNet):
                  teacher_prefix_tokens: int | None = None, mask_ratio: float = 0.5,
                  patch_size: int = 4, adapter: bool = True, loss: str = "mse",
                  normalize: bool = False, seed: int = 0, masking: str = "pixels",
-                 token_module: str = "patch_drop"):
+                 token_module: str = "patch_drop", task_view: str = "masked"):
         super().__init__(weight, student_feature, teacher_feature, adapter, student_prefix_tokens,
                          teacher_prefix_tokens)
         if not 0 <= float(mask_ratio) < 1:
@@ -168,6 +174,10 @@ class MFD(FitNet):
             raise KdkitError(f"mfd.loss must be 'mse' or 'l1', got {loss!r}")
         if masking not in ("pixels", "tokens"):
             raise KdkitError(f"mfd.masking must be 'pixels' or 'tokens', got {masking!r}")
+        if task_view not in ("masked", "full"):
+            raise KdkitError(f"mfd.task_view must be 'masked' or 'full', got {task_view!r}")
+        self.task_view = task_view
+        self.task_on_full_view = task_view == "full"
         self.mask_ratio, self.patch_size = float(mask_ratio), int(patch_size)
         self.masking, self.token_module = masking, str(token_module)
         self.student_grid: tuple[int, int] | None = None  # masking: tokens, set by build
@@ -295,4 +305,5 @@ class MFD(FitNet):
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, mask_ratio={self.mask_ratio}, patch_size={self.patch_size}, "
-                f"loss={self.loss!r}, normalize={self.normalize}, seed={self.seed}, masking={self.masking!r}")
+                f"loss={self.loss!r}, normalize={self.normalize}, seed={self.seed}, masking={self.masking!r}, "
+                f"task_view={self.task_view!r}")

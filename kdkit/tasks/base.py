@@ -404,12 +404,18 @@ class DistillationTask(L.LightningModule):
         needed = dict.fromkeys(n for names in step_routes.values() for n in names)
         ts = {name: plan.teacher[name] if name in plan.teacher else self.teacher_outputs(distill_batch, name)
               for name in needed}
+        clean = batch
         for distiller in self.distillers.values():  # e.g. masked images for the student only
             batch = distiller.student_batch(batch)
         s = self.student_outputs(batch)
         losses: dict[str, Tensor] = {}
         if self.task_loss_weight:
-            task = self.task_loss(s, batch)
+            task_out, task_batch = s, batch
+            if batch is not clean and any(d.task_on_full_view for d in self.distillers.values()):
+                # After the changed view's forward, never before: a token-dropping hook is armed
+                # for exactly the student's next forward (VisibleTokens).
+                task_out, task_batch = self.student_outputs(clean), clean
+            task = self.task_loss(task_out, task_batch)
             if task is not None:
                 losses["task"] = self.task_loss_weight * task
         s_distill = s if plan.distill_rows is None else s.rows(plan.distill_rows)

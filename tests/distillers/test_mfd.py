@@ -408,3 +408,41 @@ def test_token_masking_on_an_open_clip_tower_drops_after_its_patch_dropout():
     out = pair.student_outputs(d.student_batch(batch))
     assert out.features["visual.transformer.resblocks.1"].shape == (4, 1 + 8, 64)
     assert pair.student_outputs(batch).features["visual.transformer.resblocks.1"].shape == (4, 1 + 16, 64)
+
+
+@pytest.mark.parametrize("masking", ["pixels", "tokens"])
+def test_task_view_full_puts_the_task_loss_on_a_second_forward_of_the_unmasked_image(masking):
+    import torch.nn.functional as F
+
+    batch = images()
+    results = {}
+    for view in ("masked", "full"):
+        d = vit_mfd(masking=masking, task_view=view)
+        task = ClassificationTask(tiny_vit(0), tiny_vit(1, embed_dim=24), num_classes=5, distillers={"mfd": d},
+                                  optimizer=lambda groups: torch.optim.SGD(groups, lr=0.1))
+        seen = tokens_entering_blocks(task.student)
+        inputs = []
+        task.student.register_forward_pre_hook(lambda m, args, into=inputs: into.append(args[0].clone()))
+        task.build(batch)
+        seen.clear()
+        inputs.clear()
+        losses, _ = task.losses(batch)
+        fed, forwards = list(inputs), len(seen)
+        masked = d.student_batch(batch)  # step 0 again: the same mask (tokens: armed for one forward)
+        with torch.no_grad():
+            masked_ce = F.cross_entropy(task.student(masked["image"]), batch["label"])
+            clean_ce = F.cross_entropy(task.student(batch["image"]), batch["label"])
+        results[view] = {k: v.item() for k, v in losses.items()}
+        if view == "masked":  # one forward, which the task loss reads too
+            assert len(fed) == 1 and losses["task"].item() == pytest.approx(masked_ce.item(), rel=1e-6)
+        else:  # the distilled forward first (it consumes a token mask), then the clean one
+            assert len(fed) == 2 and torch.equal(fed[1], batch["image"])
+            assert losses["task"].item() == pytest.approx(clean_ce.item(), rel=1e-6)
+            assert abs(clean_ce.item() - masked_ce.item()) > 1e-4  # the two views do differ
+        if masking == "tokens":
+            assert [s.shape[1] for s in seen[:forwards]] == [1 + 8, 1 + 16][:forwards]
+        else:
+            assert not torch.equal(fed[0], batch["image"])
+    assert results["full"]["mfd"] == pytest.approx(results["masked"]["mfd"], rel=1e-6)  # same mask, same weights
+    with pytest.raises(KdkitError, match="task_view must be"):
+        MFD(task_view="clean")
