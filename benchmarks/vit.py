@@ -162,11 +162,26 @@ def main() -> None:
 
 def record_given_teacher(part: str, ckpt: Path, log: RunLog) -> None:
     """The teacher row of a ``--teacher-ckpt`` trained by a kdkit run, read from the
-    ``results.json`` beside it (once), so the report names the teacher every row distilled."""
+    ``results.json`` beside it (once), so the report names the teacher every row distilled.
+
+    The log's rows all distilled the teacher recorded first: a given teacher whose own run
+    measured another test accuracy or parameter count is refused (its rows would sit in one
+    table with rows of another teacher), e.g. one retrained on a machine where it came out
+    different, or on more data."""
     results = ckpt.parent / "results.json"
-    if (part, "teacher", 0) in log.done or not results.exists():
+    if not results.exists():
         return
     teacher = json.loads(results.read_text()).get("teacher")
+    recorded = log.done.get((part, "teacher", 0))
+    if recorded is not None:
+        if teacher and any(abs(float(teacher[k]) - float(recorded[k])) > 1e-6 for k in ("test/acc", "params")
+                           if k in teacher and k in recorded):
+            raise SystemExit(
+                f"--teacher-ckpt {ckpt}: its run measured test/acc {teacher.get('test/acc')} with "
+                f"{teacher.get('params')} parameters, but this log's rows distilled a teacher of test/acc "
+                f"{recorded.get('test/acc')} with {recorded.get('params')} parameters ({log.path}): give that "
+                "teacher, or --out a new folder for rows of this one")
+        return
     if teacher:
         machines = RunLog(ckpt.parent.parent / "results.jsonl", key=lambda row: row.get("method"), archive=False).done
         trained_on = machines.get("teacher", {}).get("machine")

@@ -51,6 +51,10 @@ def test_a_given_teacher_is_recorded_once_with_its_own_runs_accuracy_and_machine
     record_given_teacher("cnn", tmp_path / "elsewhere" / "teacher.pt", RunLog(tmp_path / "x.jsonl", key=key,
                                                                                archive=False))
     assert not (tmp_path / "x.jsonl").exists()  # no results.json beside it: nothing to name
+    # a teacher that came out different (retrained elsewhere) is refused: its rows would mix teachers
+    (teacher_dir / "results.json").write_text(json.dumps({"teacher": {"test/acc": 0.8127, "params": 272474}}))
+    with pytest.raises(SystemExit, match=r"test/acc 0.8127.*distilled a teacher of test/acc 0.8139"):
+        record_given_teacher("cnn", teacher_dir / "teacher.pt", log)
 
 
 def test_repeats_fill_free_workers_and_go_to_the_best_two_besides_kd(tmp_path, monkeypatch):
