@@ -18,14 +18,14 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from kdkit.errors import say
 
 
-def _keep(row: dict, epoch: int, step: int) -> bool:
-    """Whether a row was logged before the checkpoint at (``epoch``, ``step``) was written.
+def _keep(row: dict, step: int) -> bool:
+    """Whether a row was logged before the checkpoint after ``step`` optimizer steps was written.
 
     Lightning logs a training row after batch ``k`` at step ``k - 1`` and an epoch's validation
     at its last batch's step; a checkpoint after ``step`` batches covers the rows at steps below
     ``step``. A row at ``step`` itself belongs to the batch after the checkpoint (or to the
     validation that follows it, when the checkpoint is mid-epoch), or is the next epoch's
-    learning-rate row: all of them run again after the resume. ``epoch`` is not needed.
+    learning-rate row: all of them run again after the resume.
     """
     try:
         row_step = int(float(row.get("step") or -1))
@@ -47,7 +47,7 @@ class _ResumingWriter(ExperimentWriter):
             with open(self.metrics_file_path, newline="") as f:
                 reader = csv.DictReader(f)
                 header = list(reader.fieldnames or [])
-                rows = [row for row in reader if _keep(row, *self._resume_at)]
+                rows = [row for row in reader if _keep(row, self._resume_at[1])]  # (epoch, step)
             if "step" not in header:
                 raise ValueError("no 'step' column")
         except (OSError, UnicodeDecodeError, csv.Error, ValueError) as err:

@@ -134,8 +134,8 @@ def test_a_resumed_log_keeps_exactly_the_rows_its_checkpoint_covers():
     rows = [{"epoch": "0", "step": str(s), "train/loss": "1"} for s in range(6)]
     rows += [{"epoch": "0", "step": "5", "val/acc": "0.5"}, {"epoch": "", "step": "6", "lr-SGD": "0.04"},
              {"epoch": "1", "step": "6", "train/loss": "1"}]
-    kept = lambda epoch, step: [(r["step"], "val/acc" in r) for r in rows if _keep(r, epoch, step)]  # noqa: E731
+    kept = lambda step: [(r["step"], "val/acc" in r) for r in rows if _keep(r, step)]  # noqa: E731
     # at epoch 0's end (6 batches): every row of epoch 0, validation included, nothing of epoch 1
-    assert kept(0, 6) == [(str(s), False) for s in range(6)] + [("5", True)]
+    assert kept(6) == [(str(s), False) for s in range(6)] + [("5", True)]
     # mid-epoch after 5 batches: batch 6's row and the validation after it run again
-    assert kept(0, 5) == [(str(s), False) for s in range(5)]
+    assert kept(5) == [(str(s), False) for s in range(5)]

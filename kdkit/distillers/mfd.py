@@ -177,13 +177,16 @@ class MFD(FitNet):
         if task_view not in ("masked", "full"):
             raise KdkitError(f"mfd.task_view must be 'masked' or 'full', got {task_view!r}")
         self.task_view = task_view
-        self.task_on_full_view = task_view == "full"
         self.mask_ratio, self.patch_size = float(mask_ratio), int(patch_size)
         self.masking, self.token_module = masking, str(token_module)
         self.student_grid: tuple[int, int] | None = None  # masking: tokens, set by build
         self._tokens: VisibleTokens | None = None
         self.loss, self.normalize = loss, bool(normalize)
         self.seed = int(seed)
+
+    @property
+    def task_on_full_view(self) -> bool:
+        return self.task_view == "full"
 
     def student_batch(self, batch: dict) -> dict:
         """A new batch: ``image`` with the masked patches zeroed, ``"mfd/visible"`` the mask."""
