@@ -216,7 +216,25 @@ def die_with_parent() -> None:
 
 
 def _orphaned() -> bool:
-    return _parent is not None and os.getppid() != _parent
+    """Whether the process that started this worker is gone or dying.
+
+    ``getppid()`` alone is not enough: ``prctl``'s SIGTERM comes when the *thread* that started
+    the worker exits, and while the dying benchmark's other threads (the pool's manager) still
+    run, the worker is handed to one of them, so ``getppid()`` names the same process. In that
+    window a job queued in the pipe would start; the benchmark's main thread, a zombie by then,
+    tells (``tests/test_benchmark_workers.py`` holds the window open)."""
+    if _parent is None:
+        return False
+    return os.getppid() != _parent or _process_state(_parent) in {None, "Z", "X"}
+
+
+def _process_state(pid: int) -> str | None:
+    """The state letter of ``pid``'s main thread (``/proc/<pid>/stat``), None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]  # the command name in parentheses may hold spaces
 
 
 def _exit_when_orphaned(poll_s: float = 0.5) -> None:
