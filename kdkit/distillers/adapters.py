@@ -54,7 +54,11 @@ class ConvAdapter(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels)
 
     def forward(self, x: Tensor, size: Sequence[int] | None = None) -> Tensor:
-        return self.bn(self.conv(resize_map(x, self.size if size is None else size)))
+        # A map read from tokens (a transposed view) or a channels_last map gives the conv
+        # weight a channels_last gradient on CPU once the batch is large (>= 32 here), which
+        # DDP's reducer must copy into its buckets ("Grad strides do not match bucket view
+        # strides"): a contiguous input keeps the gradient in the weight's own layout.
+        return self.bn(self.conv(resize_map(x, self.size if size is None else size).contiguous()))
 
     def target(self, t: Tensor) -> Tensor:
         """The teacher feature as the adapted student feature is compared with it (as it is)."""

@@ -67,6 +67,23 @@ def test_tokens_to_map_adapter_is_reshape_then_conv():
     assert a.target(t) is t
 
 
+@pytest.mark.parametrize("layout", ["tokens", "channels_last"])
+def test_conv_adapter_gradients_keep_the_weights_layout(layout):
+    """Under DDP a gradient in another layout than its parameter is copied into the bucket with a
+    warning; a map read from tokens gave the 1x1 conv a channels_last gradient at batch 32."""
+    torch.manual_seed(0)
+    adapter = TokensToMap(1, (8, 8), 16, 8, (8, 8))
+    tokens = torch.randn(32, 1 + 64, 16)
+    if layout == "tokens":
+        loss = adapter(tokens).pow(2).mean()
+    else:
+        grid = tokens_to_map(tokens, 1, (8, 8)).contiguous(memory_format=torch.channels_last)
+        loss = adapter.map(grid).pow(2).mean()
+    loss.backward()
+    for name, p in adapter.named_parameters():
+        assert p.grad.stride() == p.stride(), name
+
+
 def test_map_to_tokens_adapter_compares_patch_tokens():
     torch.manual_seed(1)
     m = torch.randn(2, 3, 4, 4)  # CNN student map
