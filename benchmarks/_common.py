@@ -225,7 +225,12 @@ def _orphaned() -> bool:
     tells (``tests/test_benchmark_workers.py`` holds the window open)."""
     if _parent is None:
         return False
-    return os.getppid() != _parent or _process_state(_parent) in {None, "Z", "X"}
+    if os.getppid() != _parent:
+        return True
+    return _HAS_PROC and _process_state(_parent) in {None, "Z", "X"}
+
+
+_HAS_PROC = Path("/proc/self/stat").exists()  # Linux; elsewhere getppid() alone decides
 
 
 def _process_state(pid: int) -> str | None:
