@@ -163,7 +163,8 @@ def run_student(job: tuple) -> dict:
     res = run(compose([*over, "ckpt_path=last"], output_dir=output_dir))
     stage = row_stage(res)
     return {"method": method, "seed": seed, **res[stage], "wall_s": round(time.time() - start, 1),
-            "train_loss_by_epoch": epoch_means(Path(output_dir) / "logs" / stage / "metrics.csv")}
+            "train_loss_by_epoch": epoch_means(Path(output_dir) / "logs" / stage / "metrics.csv"),
+            "machine": machine()}  # read here: the thread count the run had, not its driver's
 
 
 def row_stage(results: dict) -> str:

@@ -96,6 +96,28 @@ def test_a_failing_run_does_not_hold_back_the_others_rows(monkeypatch, capsys):
     assert "run failed: bad seed 0" in capsys.readouterr().err  # said when it happens, not only at the end
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_row_names_the_thread_count_its_run_had(monkeypatch, tmp_path, threads):
+    """Rows of ``--jobs 2`` train in one-thread workers while their driver keeps its own count:
+    the row's machine line must give the run's."""
+    import torch
+
+    import kdkit.compose
+    import kdkit.pipeline
+
+    seen = {}
+    monkeypatch.setattr(kdkit.compose, "compose", lambda over, output_dir: over)
+    monkeypatch.setattr(kdkit.pipeline, "run", lambda cfg: seen.setdefault("threads", torch.get_num_threads())
+                        and {"student": {"test/acc": 0.5}})
+    before = torch.get_num_threads()
+    try:
+        row = _common.run_student(("kd", 0, [], str(tmp_path), threads))
+    finally:
+        torch.set_num_threads(before)
+    assert seen["threads"] == threads
+    assert f"{threads} torch threads" in row["machine"]
+
+
 def test_a_row_measures_its_student_or_else_its_baseline_whatever_the_row_is_called():
     from benchmarks._common import row_stage
 
