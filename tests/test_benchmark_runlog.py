@@ -106,9 +106,13 @@ def test_a_row_names_the_thread_count_its_run_had(monkeypatch, tmp_path, threads
     import kdkit.pipeline
 
     seen = {}
+
+    def fake_run(cfg):
+        seen["threads"] = torch.get_num_threads()
+        return {"student": {"test/acc": 0.5}}
+
     monkeypatch.setattr(kdkit.compose, "compose", lambda over, output_dir: over)
-    monkeypatch.setattr(kdkit.pipeline, "run", lambda cfg: seen.setdefault("threads", torch.get_num_threads())
-                        and {"student": {"test/acc": 0.5}})
+    monkeypatch.setattr(kdkit.pipeline, "run", fake_run)
     before = torch.get_num_threads()
     try:
         row = _common.run_student(("kd", 0, [], str(tmp_path), threads))
