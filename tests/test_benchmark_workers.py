@@ -107,11 +107,16 @@ def test_a_queued_job_does_not_start_while_the_benchmark_is_dying(tmp_path):
     driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
     worker = int(driver.stdout.readline())
-    assert driver.wait(timeout=60) == 0  # ended by its second thread, after the window
-    deadline = time.monotonic() + 10
-    while alive(worker) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not alive(worker)
+    try:
+        assert driver.wait(timeout=60) == 0  # ended by its second thread, after the window
+        deadline = time.monotonic() + 10
+        while alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(worker)
+    finally:  # a failing run must not leave a driver waiting on its worker's job forever
+        driver.kill()
+        if alive(worker):
+            os.kill(worker, signal.SIGKILL)
     assert (tmp_path / "first").read_text() == "checkpoint"
     assert not (tmp_path / "second.started").exists()
 
