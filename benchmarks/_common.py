@@ -216,6 +216,9 @@ def die_with_parent() -> None:
     threading.Thread(target=_exit_when_orphaned, daemon=True, name="orphan-watchdog").start()
 
 
+_HAS_PROC = Path("/proc/self/stat").exists()  # Linux; elsewhere getppid() alone decides
+
+
 def _orphaned() -> bool:
     """Whether the process that started this worker is gone or dying.
 
@@ -229,9 +232,6 @@ def _orphaned() -> bool:
     if os.getppid() != _parent:
         return True
     return _HAS_PROC and _process_state(_parent) in {None, "Z", "X"}
-
-
-_HAS_PROC = Path("/proc/self/stat").exists()  # Linux; elsewhere getppid() alone decides
 
 
 def _process_state(pid: int) -> str | None:

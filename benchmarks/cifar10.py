@@ -148,7 +148,7 @@ def main() -> None:
     def run_all(todo: list[tuple[str, int]]) -> None:
         jobs = [(m, s, overrides(m, s), str(out / f"{m}_s{s}")) for m, s in dict.fromkeys(todo) if (m, s) not in done]
         for row in run_all_jobs(jobs, args.jobs, args.threads, failed):  # recorded as each finishes: resumable
-            record({"machine": machine(), **row, "command": command()})
+            record({**row, "command": command()})
             print(f"[cifar10] {row['method']} seed {row['seed']}: test/acc {row['test/acc']:.4f} "
                   f"({row['wall_s']:.0f} s)", flush=True)
 

@@ -151,7 +151,7 @@ def main() -> None:
             jobs = [(m, s, [*over[m], f"seed={s}"], str(out / f"{m}_s{s}"))
                     for m, s in todo() if (args.part, m, s) not in log.done]
             for row in run_all_jobs(jobs, args.jobs, args.threads, failed):
-                log.record({"part": args.part, "machine": machine(), **row, "command": command()})
+                log.record({"part": args.part, **row, "command": command()})
                 print(f"[vit {args.part}] {row['method']} seed {row['seed']}: test/acc "
                       f"{row['test/acc']:.4f} ({row['wall_s']:.0f} s)", flush=True)
     logs = {part: RunLog(Path(f"benchmarks/runs/vit_{part}") / "results.jsonl", key=log.key) for part in PARTS}
