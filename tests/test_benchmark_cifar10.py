@@ -70,6 +70,34 @@ def test_repeats_known_in_advance_queue_with_seed_0_and_the_best_method_follows(
     ]
 
 
+def test_the_report_names_the_best_single_method_of_the_whole_log_not_of_this_invocation(tmp_path, monkeypatch):
+    """A run asked for one combination (``--methods kd+at``) over a log whose KD is better: the
+    report's best single method is KD (it once named the run's own ``kd+at``), while the repeats
+    still go to the best of the methods asked for."""
+    import json
+
+    from benchmarks import cifar10
+
+    out = tmp_path / "runs"
+    out.mkdir()
+    old = [{"method": m, "seed": 0, "test/acc": a} for m, a in [("baseline", 0.78), ("kd", 0.81), ("at", 0.77)]]
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+
+    def fake_jobs(jobs, n_jobs, threads, failed=None):
+        for m, s, _over, _dir in jobs:
+            yield {"method": m, "seed": s, "test/acc": 0.80, "wall_s": 1.0}
+
+    reported = []
+    monkeypatch.setattr(cifar10, "run_all_jobs", fake_jobs)
+    monkeypatch.setattr(cifar10, "report", lambda args, done, best: reported.append(best))
+    monkeypatch.setattr(cifar10, "machine", lambda: "test")
+    monkeypatch.setattr(cifar10, "steps_per_epoch", lambda common: 148)
+    monkeypatch.setattr("sys.argv", ["cifar10.py", "--teacher-ckpt", str(tmp_path / "teacher.pt"), "--seeds", "1",
+                                     "--methods", "kd+at", "--out", str(out)])
+    cifar10.main()
+    assert reported == ["kd"]
+
+
 def test_the_report_compares_each_method_with_the_baseline_at_its_own_seeds(tmp_path, monkeypatch):
     """A method run at seed 0 only is compared with the baseline's seed 0, not with a mean over
     baseline seeds it never ran (they share the student's init and data order seed by seed)."""
