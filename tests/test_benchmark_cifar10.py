@@ -72,8 +72,8 @@ def test_repeats_known_in_advance_queue_with_seed_0_and_the_best_method_follows(
 
 def test_the_report_names_the_best_single_method_of_the_whole_log_not_of_this_invocation(tmp_path, monkeypatch):
     """A run asked for one combination (``--methods kd+at``) over a log whose KD is better: the
-    report's best single method is KD (it once named the run's own ``kd+at``), while the repeats
-    still go to the best of the methods asked for."""
+    report's best single method is KD (it once named the run's own ``kd+at``). Which method gets
+    the repeats is the test above's."""
     import json
 
     from benchmarks import cifar10
