@@ -120,7 +120,7 @@ def main() -> None:
     args.steps_per_epoch = steps_per_epoch(common)
     methods = [m for m in args.methods.split(",") if m]
     if args.report_only:
-        return report(args, done, best_method(done, METHODS))
+        return report(args, done)
 
     teacher_ckpt = args.teacher_ckpt
     if teacher_ckpt is None:
@@ -161,12 +161,11 @@ def main() -> None:
     known = ["baseline", *methods] if args.all_seeds else ["baseline", "kd", *args.more_seeds.split(",")]
     run_all([(m, 0) for m in ["baseline", *methods]] + repeats(known))
     run_all(repeats([best_method(done, methods)]))
-    # the report's best single method is over everything recorded, not just this run's --methods
-    report(args, done, best_method(done, METHODS))
+    report(args, done)
     raise_failures(failed)
 
 
-def report(args, done: dict, best: str | None) -> None:
+def report(args, done: dict) -> None:
     teacher = done.get(("teacher", 0))
     by_method: dict[str, list[dict]] = {}
     for (method, _seed), row in sorted(done.items(), key=lambda kv: kv[0][1]):
@@ -207,7 +206,8 @@ def report(args, done: dict, best: str | None) -> None:
         fit = statistics.mean(r.get("fit_seconds", 0) for r in rows)
         lines.append(f"| {method} | {len(rows)} | {mean_std(accs)} | {delta:+.2f} | {convergence(rows)} | "
                      f"{rows[0]['params']:,} | {fit:.0f} |")
-    lines += ["", f"Best single method at seed 0: `{best}`.", ""]
+    # over every single method recorded, not only this run's --methods
+    lines += ["", f"Best single method at seed 0: `{best_method(done, METHODS)}`.", ""]
     notes = Path(args.notes or f"benchmarks/{Path(args.out).name}_notes.md")
     if notes.exists():
         lines += ["## Reading the table", "", notes.read_text().strip(), ""]

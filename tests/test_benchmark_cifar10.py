@@ -80,22 +80,24 @@ def test_the_report_names_the_best_single_method_of_the_whole_log_not_of_this_in
 
     out = tmp_path / "runs"
     out.mkdir()
-    old = [{"method": m, "seed": 0, "test/acc": a} for m, a in [("baseline", 0.78), ("kd", 0.81), ("at", 0.77)]]
+    old = [{"method": m, "seed": 0, "test/acc": a, "params": 78042}
+           for m, a in [("baseline", 0.78), ("kd", 0.81), ("at", 0.77)]]
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
 
     def fake_jobs(jobs, n_jobs, threads, failed=None):
         for m, s, _over, _dir in jobs:
-            yield {"method": m, "seed": s, "test/acc": 0.80, "wall_s": 1.0}
+            yield {"method": m, "seed": s, "test/acc": 0.80, "params": 78042, "wall_s": 1.0}
 
-    reported = []
+    written = {}
     monkeypatch.setattr(cifar10, "run_all_jobs", fake_jobs)
-    monkeypatch.setattr(cifar10, "report", lambda args, done, best: reported.append(best))
+    monkeypatch.setattr(cifar10, "write", lambda name, text: written.update({name: text}))
     monkeypatch.setattr(cifar10, "machine", lambda: "test")
     monkeypatch.setattr(cifar10, "steps_per_epoch", lambda common: 148)
     monkeypatch.setattr("sys.argv", ["cifar10.py", "--teacher-ckpt", str(tmp_path / "teacher.pt"), "--seeds", "1",
-                                     "--methods", "kd+at", "--out", str(out)])
+                                     "--methods", "kd+at", "--out", str(out),
+                                     "--notes", str(tmp_path / "none.md")])
     cifar10.main()
-    assert reported == ["kd"]
+    assert "Best single method at seed 0: `kd`." in written["runs.md"]
 
 
 def test_the_report_compares_each_method_with_the_baseline_at_its_own_seeds(tmp_path, monkeypatch):
@@ -113,7 +115,7 @@ def test_the_report_compares_each_method_with_the_baseline_at_its_own_seeds(tmp_
             ("sp", 2): row("sp", 2, 0.75)}
     args = argparse.Namespace(experiment="cifar10_resnet20_resnet8", epochs=60, teacher_epochs=40, extra=[],
                               steps_per_epoch=148, notes=str(tmp_path / "none.md"), out=str(tmp_path / "cifar10_x"))
-    cifar10.report(args, done, "kd")
+    cifar10.report(args, done)
     table = {line.split(" | ")[0].strip("| "): line.split(" | ")[3] for line in written["cifar10_x.md"].splitlines()
              if line.startswith("| ") and not line.startswith("| method")}
     assert table == {"baseline": "+0.00", "kd": "+3.00", "at": "+0.00",
